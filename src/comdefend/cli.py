@@ -1,0 +1,250 @@
+"""The ``comdefend`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from comdefend.errors import ComDefendError, InputError, UsageError
+
+app = typer.Typer(
+    name="comdefend",
+    help="ComDefend: compression-based defenses against adversarial examples.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _echo_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+def presets(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    channels: int = typer.Option(3, help="Image channels: 3 (RGB) or 1 (grayscale)."),
+) -> None:
+    """List the architecture presets with parameter counts and MACs per pixel."""
+    from comdefend.models.presets import PRESETS, preset_summary
+
+    if channels not in (1, 3):
+        raise UsageError("--channels must be 1 or 3")
+    rows = [preset_summary(preset, channels) for preset in PRESETS.values()]
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(
+        f"{'preset':<20}{'seed name':<10}{'enc params':>12}{'dec params':>12}"
+        f"{'enc MAC/px':>12}{'dec MAC/px':>12}"
+    )
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<20}{row['seed_name']:<10}{row['encoder_parameters']:>12,}"
+            f"{row['decoder_parameters']:>12,}{row['encoder_macs_per_pixel']:>12,}"
+            f"{row['decoder_macs_per_pixel']:>12,}"
+        )
+
+
+@app.command("import-official")
+def import_official_command(
+    encoder: Path = typer.Argument(..., help="The authors' encoder .npy (e.g. enc20_0.0001.npy)."),
+    decoder: Path = typer.Argument(..., help="The authors' decoder .npy (e.g. dec20_0.0001.npy)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output .safetensors checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Convert the authors' released TF/canton checkpoints into a comdefend checkpoint."""
+    from comdefend.official import import_official
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    model = import_official(encoder, decoder)
+    model.save(out)
+    config = model.config
+    typer.echo(
+        f"wrote {out}: {'RGB' if config.image_channels == 3 else 'grayscale'}, "
+        f"{config.bits_per_pixel} bits/pixel, channel order {config.channel_order}, "
+        f"purify mode {config.purify_mode} ({config.patch_size}px)"
+    )
+
+
+@app.command()
+def purify(
+    inputs: list[Path] = typer.Argument(..., help="Image files or folders (PNG/JPEG)."),
+    model_path: Path = typer.Option(..., "--model", "-m", help="Purifier checkpoint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNG files, same names)."),
+    mode: str | None = typer.Option(None, help="patch or full (default: the checkpoint's)."),
+    patch_size: int | None = typer.Option(None, help="Patch size for patch mode."),
+    noise_std: float | None = typer.Option(None, help="Test-time code noise std."),
+    seed: int = typer.Option(0, help="Seed of the test-time noise."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Purify image files with a ComDefend checkpoint."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from comdefend.data.images import collect_images, read_image, write_png
+    from comdefend.models.comdefend import ComDefend
+    from comdefend.training.run import resolve_device
+
+    overrides: dict = {}
+    if mode is not None:
+        if mode not in ("patch", "full"):
+            raise UsageError(f"--mode must be 'patch' or 'full', got {mode!r}")
+        overrides["purify_mode"] = mode
+    if patch_size is not None:
+        overrides["patch_size"] = patch_size
+    if noise_std is not None:
+        overrides["inference_noise_std"] = noise_std
+    model = ComDefend.from_checkpoint(model_path, resolve_device(device), **overrides)
+    model.binarizer.reseed(seed)
+    files = collect_images(inputs)
+    targets = [out / (file.stem + ".png") for file in files]
+    if len(set(targets)) != len(targets):
+        raise UsageError("two inputs share a file name; purify them into separate folders")
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not force:
+        raise UsageError(f"{len(existing)} output file(s) exist (e.g. {existing[0]}); pass --force")
+    channels = model.config.image_channels
+    images = []
+    for file in files:  # read everything first: a bad file stops the run before any output
+        image = read_image(file, channels=None)
+        if image.shape[0] != channels:
+            kind = {1: "grayscale", 3: "RGB"}
+            raise InputError(f"{file} is {kind[image.shape[0]]} but the model is {kind[channels]}")
+        images.append(image)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for image, target in tqdm(list(zip(images, targets, strict=True)), desc="purify", unit="img"):
+            purified = model.purify(image.unsqueeze(0).to(model_device(model)))[0]
+            write_png(target, purified, model.config.output_quantization)
+    typer.echo(f"wrote {len(targets)} image(s) to {out}")
+
+
+def model_device(model):  # noqa: ANN001, ANN201
+    return next(model.parameters()).device
+
+
+@app.command()
+def reconstruct(
+    model_path: Path = typer.Option(..., "--model", "-m", help="Purifier checkpoint."),
+    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10 or cifar100."),
+    split: str = typer.Option("test", help="train or test."),
+    n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
+    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    batch_size: int = typer.Option(250, help="Images per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Reconstruction quality of a purifier on a dataset: PSNR, bits/pixel, bit density."""
+    from comdefend.evaluation.reconstruction import reconstruction_report
+    from comdefend.models.comdefend import ComDefend
+
+    model = ComDefend.from_checkpoint(model_path)
+    report = reconstruction_report(model, dataset, split, n, data_dir, batch_size, progress=True)
+    report["model"] = str(model_path)
+    if as_json:
+        _echo_json(report)
+    else:
+        typer.echo(
+            f"{report['dataset']} {report['split']} ({report['images']} images): "
+            f"PSNR {report['psnr_db']:.2f} dB, {report['bits_per_pixel']} bits/pixel "
+            f"(compression {report['compression_ratio']:.1f}x), bit density "
+            f"{report['bit_density']:.3f}"
+        )
+
+
+@app.command("train")
+def train_command(
+    dataset: str = typer.Option("cifar10", help="fashion-mnist, cifar10, cifar100 or folder."),
+    preset: str = typer.Option("normal", help="Architecture preset (see 'comdefend presets')."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder, e.g. runs/NAME."),
+    iterations: int | None = typer.Option(None, help="Training iterations (default 7500)."),
+    epochs: float | None = typer.Option(None, help="Alternative to --iterations."),
+    batch_size: int = typer.Option(20, help="Batch size."),
+    lr: float | None = typer.Option(None, help="Initial learning rate (1e-3 for constant)."),
+    lr_schedule: str = typer.Option("constant", help="constant, piecewise or exponential."),
+    noise_std: float = typer.Option(20.0, help="Training noise std before the sigmoid."),
+    code_penalty: float = typer.Option(1e-4, help="lambda of the code penalty."),
+    code_channels: int | None = typer.Option(None, help="Code channels (bits/pixel)."),
+    seed: int = typer.Option(0, help="Random seed (init, batches, noise)."),
+    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    eval_every: int = typer.Option(500, help="Held-out evaluation interval (iterations)."),
+    eval_images: int = typer.Option(500, help="Held-out test images for evaluation."),
+    checkpoint_every: int = typer.Option(250, help="Checkpoint interval (iterations)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+) -> None:
+    """Train a ComDefend purifier (Ctrl-C saves a checkpoint; --resume continues exactly)."""
+    from comdefend.data.datasets import DATASETS
+    from comdefend.training.trainer import TrainConfig, train
+
+    if iterations is not None and epochs is not None:
+        raise UsageError("pass --iterations or --epochs, not both")
+    if epochs is not None:
+        if epochs <= 0:
+            raise UsageError("--epochs must be > 0")
+        if dataset not in DATASETS:
+            raise UsageError("--epochs needs a fixed-size dataset; use --iterations for folders")
+        from comdefend.data.datasets import load_dataset
+
+        size = len(load_dataset(dataset, "train", data_dir))
+        iterations = max(1, round(epochs * (size // batch_size)))
+    config = TrainConfig(
+        dataset=dataset,
+        out=str(out),
+        preset=preset,
+        code_channels=code_channels,
+        iterations=iterations or 7500,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        noise_std=noise_std,
+        code_penalty=code_penalty,
+        seed=seed,
+        data_dir=str(data_dir) if data_dir else None,
+        eval_every=eval_every,
+        eval_images=eval_images,
+        checkpoint_every=checkpoint_every,
+        device=device,
+        threads=threads,
+    )
+    summary = train(config, resume=resume)
+    heldout = summary["heldout"]
+    if heldout:
+        typer.echo(
+            f"done: {summary['iterations']} iterations, held-out PSNR {heldout['psnr_db']:.2f} dB, "
+            f"bit density {heldout['bit_density']:.3f}"
+        )
+    typer.echo(f"model: {summary['model']}")
+
+
+def main() -> None:
+    """Entry point: user-facing errors become one message and a non-zero exit code."""
+    try:
+        app(standalone_mode=False)
+    except ComDefendError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: state saved where applicable", err=True)
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

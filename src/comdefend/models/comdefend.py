@@ -1,0 +1,235 @@
+"""ComDefend: ComCNN -> binarizer -> RecCNN, as one ``nn.Module`` purifier."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.errors import CheckpointError, InputError, UsageError
+from comdefend.models.binarizer import Binarizer, BinarizerMode
+from comdefend.models.presets import (
+    DEFAULT_CODE_CHANNELS,
+    build_decoder,
+    build_encoder,
+    get_preset,
+    receptive_radius,
+)
+from comdefend.models.tiling import run_overlapping, run_patches
+
+PurifyMode = Literal["patch", "full"]
+PURIFIER_KIND = "purifier"
+
+
+@dataclass
+class ComDefendConfig:
+    """Everything needed to rebuild a ComDefend model; travels inside every checkpoint.
+
+    Attributes:
+        preset: architecture preset (canonical name or seed alias, see ``comdefend presets``).
+        image_channels: 3 (RGB) or 1 (grayscale).
+        code_channels: binary code channels = bits per pixel (12 for RGB, 4 for grayscale).
+        noise_std: std of the training noise before the sigmoid (20).
+        inference_noise_std: std of test-time noise before thresholding (0; authors' scripts 1.0).
+        threshold: threshold on the sigmoid output at inference (0.5).
+        inference_mode: binarizer mode in eval mode: hard, relaxed or straight_through.
+        purify_mode: ``patch`` (independent P x P tiles) or ``full`` (whole image).
+        patch_size: P for ``patch`` mode.
+        max_tile: in ``full`` mode, larger images are processed in overlapping tiles this size.
+        channel_order: order the network expects (``BGR`` for the authors' OpenCV pipeline);
+            inputs and outputs of the Python API are always RGB.
+        output_quantization: how ``comdefend purify`` turns [0, 1] into 8 bits: ``round`` or
+            ``floor`` (the authors' ``(x * 255).astype(uint8)``).
+        source: free text: where the weights came from.
+    """
+
+    preset: str = "plain"
+    image_channels: int = 3
+    code_channels: int | None = None
+    noise_std: float = 20.0
+    inference_noise_std: float = 0.0
+    threshold: float = 0.5
+    inference_mode: BinarizerMode = "hard"
+    purify_mode: PurifyMode = "full"
+    patch_size: int = 32
+    max_tile: int = 512
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    output_quantization: Literal["round", "floor"] = "round"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.preset = get_preset(self.preset).name
+        if self.image_channels not in DEFAULT_CODE_CHANNELS:
+            raise UsageError(f"image_channels must be 1 or 3, got {self.image_channels}")
+        if self.code_channels is None:
+            self.code_channels = DEFAULT_CODE_CHANNELS[self.image_channels]
+        if self.code_channels < 1:
+            raise UsageError(f"code_channels must be >= 1, got {self.code_channels}")
+        if self.purify_mode not in ("patch", "full"):
+            raise UsageError(f"purify_mode must be 'patch' or 'full', got {self.purify_mode!r}")
+        if self.patch_size < 1 or self.max_tile < 1:
+            raise UsageError("patch_size and max_tile must be >= 1")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise UsageError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.output_quantization not in ("round", "floor"):
+            raise UsageError("output_quantization must be 'round' or 'floor'")
+
+    @property
+    def bits_per_pixel(self) -> int:
+        """Code bits per pixel: one per code channel, the code being binary."""
+        return int(self.code_channels or 0)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Input bits (8 per channel) over code bits, per pixel."""
+        return 8 * self.image_channels / self.bits_per_pixel
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComDefendConfig:
+        known = {field.name for field in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"unknown ComDefend config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def check_images(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:
+    """Raise :class:`InputError` unless ``x`` is a finite NCHW float tensor in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise InputError(f"{name} must be NCHW (4 dimensions), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+        raise InputError(
+            f"{name} has {x.shape[1]} channels but this model expects {channels} ({kind})"
+        )
+    if x.numel() == 0:
+        raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"{name} contains NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < -1e-6 or high > 1 + 1e-6:
+        hint = " (8-bit values? divide by 255)" if high > 2 else ""
+        raise InputError(f"{name} must lie in [0, 1], found [{low:.4g}, {high:.4g}]{hint}")
+
+
+class ComDefend(nn.Module):
+    """The ComDefend purifier: ``purify(x)`` maps NCHW images in [0, 1] to [0, 1].
+
+    Args:
+        config: a :class:`ComDefendConfig` (architecture, binarizer and purification settings).
+
+    Shape:
+        - Input: ``(N, C, H, W)`` with C = ``config.image_channels``, any H and W.
+        - Output: same shape.
+
+    Example:
+        >>> model = ComDefend(ComDefendConfig(preset="normal")).eval()
+        >>> model.purify(torch.rand(2, 3, 40, 50)).shape
+        torch.Size([2, 3, 40, 50])
+    """
+
+    def __init__(self, config: ComDefendConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        config = config or ComDefendConfig()
+        if overrides:
+            config = ComDefendConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        preset = get_preset(config.preset)
+        code_channels = int(config.code_channels or 0)
+        self.encoder = build_encoder(preset, config.image_channels, code_channels)
+        self.binarizer = Binarizer(
+            noise_std=config.noise_std,
+            inference_mode=config.inference_mode,
+            inference_noise_std=config.inference_noise_std,
+            threshold=config.threshold,
+        )
+        self.decoder = build_decoder(preset, config.image_channels, code_channels)
+        self.receptive_radius = receptive_radius(self.encoder) + receptive_radius(self.decoder)
+
+    # -- the network, image-sized input, no tiling ------------------------------------------
+    def _to_model_order(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1) if self.config.channel_order == "BGR" else x
+
+    def code_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ComCNN's real-valued output (before noise and sigmoid)."""
+        return self.encoder(self._to_model_order(x))
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> code: {0, 1} in eval mode, noisy sigmoid in training mode."""
+        return self.binarizer(self.code_logits(x), generator=generator)
+
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        """Code -> images in [0, 1] (RGB order for RGB models)."""
+        return self._to_model_order(self.decoder(bits))
+
+    def reconstruct(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over image-sized input: returns ``(reconstruction, code)``."""
+        bits = self.encode(x, generator=generator)
+        return self.decode(bits), bits
+
+    # -- purification of any image size -----------------------------------------------------
+    def purify(self, x: torch.Tensor, mode: PurifyMode | None = None) -> torch.Tensor:
+        """Purify NCHW images in [0, 1] of any size (``mode`` overrides the configured one)."""
+        check_images(x, self.config.image_channels)
+        mode = mode or self.config.purify_mode
+        if mode == "patch":
+            return run_patches(self._reconstruction_only, x, self.config.patch_size)
+        if mode == "full":
+            return run_overlapping(
+                self._reconstruction_only, x, self.config.max_tile, self.receptive_radius
+            )
+        raise UsageError(f"purify mode must be 'patch' or 'full', got {mode!r}")
+
+    def _reconstruction_only(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purify(x)
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write weights and config as a safetensors checkpoint (atomically)."""
+        metadata = {"kind": PURIFIER_KIND, "config": self.config.to_dict(), **(extra or {})}
+        save_checkpoint(path, self.state_dict(), metadata)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        **overrides: Any,
+    ) -> ComDefend:
+        """Load a purifier checkpoint (safetensors only; nothing is unpickled) in eval mode.
+
+        ``overrides`` replace config fields, e.g. ``purify_mode="patch"`` or
+        ``inference_noise_std=1.0``.
+        """
+        tensors, metadata = load_checkpoint(path, expected_kind=PURIFIER_KIND)
+        if "config" not in metadata:
+            raise CheckpointError(f"{path} has no ComDefend config in its metadata")
+        config = ComDefendConfig.from_dict({**metadata["config"], **overrides})
+        model = cls(config)
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise CheckpointError(
+                f"{path}: weights do not fit the architecture its config describes "
+                f"(preset {config.preset}, {config.image_channels} image channels, "
+                f"{config.code_channels} code channels): {first}"
+            ) from error
+        model.checkpoint_metadata = metadata
+        return model.to(map_location).eval()

@@ -1,0 +1,179 @@
+"""A training run's folder: resumable checkpoints, a JSONL log, clean interruption.
+
+Layout of ``runs/NAME/``:
+    ``checkpoint.safetensors``  model and optimizer tensors + JSON state (atomic, overwritten)
+    ``log.jsonl``               one JSON object per logged event
+    ``model.safetensors``       the final weights (written when the run completes)
+    ``summary.json``            final metrics and provenance
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comdefend.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from comdefend.errors import CheckpointError, UsageError
+
+TRAINING_STATE_KIND = "training-state"
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (``optim.<param>.<name>``) plus JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{name}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], extra: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, entries in extra.get("scalars", {}).items():
+        state.setdefault(int(param_id), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+
+
+class RunDirectory:
+    """Checkpoints and logs of one run; refuses to clobber a finished or foreign run."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool, config: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.checkpoint_path = self.path / "checkpoint.safetensors"
+        self.log_path = self.path / "log.jsonl"
+        self.config = config
+        if self.checkpoint_path.exists() and not resume:
+            raise UsageError(
+                f"{self.path} already holds a run; pass --resume to continue it, "
+                "or choose another --out"
+            )
+        if resume and not self.checkpoint_path.exists():
+            raise UsageError(f"--resume: no checkpoint in {self.path}")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        iteration: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        optim_tensors, optim_extra = flatten_optimizer(optimizer)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | optim_tensors
+        metadata = {
+            "kind": TRAINING_STATE_KIND,
+            "iteration": iteration,
+            "train_config": self.config,
+            "optimizer": optim_extra,
+            **(extra or {}),
+        }
+        save_checkpoint(self.checkpoint_path, tensors, metadata)
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        tensors, metadata = load_checkpoint(self.checkpoint_path, TRAINING_STATE_KIND)
+        saved = metadata["train_config"]
+        differing = {
+            key
+            for key in set(saved) | set(self.config)
+            if key not in ("iterations", "device", "eval_every", "checkpoint_every", "resume")
+            and saved.get(key) != self.config.get(key)
+        }
+        if differing:
+            details = ", ".join(
+                f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in sorted(differing)
+            )
+            raise UsageError(f"--resume with settings that differ from the saved run ({details})")
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(model_state, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{self.checkpoint_path} does not fit this model: {error}"
+            ) from error
+        restore_optimizer(optimizer, tensors, metadata["optimizer"])
+        self.truncate_log(int(metadata["iteration"]))
+        return metadata
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, iteration: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        if not self.log_path.exists():
+            return
+        kept = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
+        atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C so that ``kill`` also saves a checkpoint before exiting."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def environment() -> dict[str, Any]:
+    """Hardware and versions, recorded with every run."""
+    import platform
+
+    from comdefend import __version__
+
+    info: dict[str, Any] = {
+        "comdefend": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info

@@ -1,0 +1,229 @@
+"""Training ComDefend (any preset) with the paper's objective.
+
+Usage from Python::
+
+    from comdefend.training import TrainConfig, train
+    summary = train(TrainConfig(dataset="cifar10", preset="normal", iterations=7500, out="runs/c"))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
+from comdefend.errors import UsageError
+from comdefend.losses import comdefend_loss
+from comdefend.metrics import mean_psnr, psnr_from_mse
+from comdefend.models.comdefend import ComDefend, ComDefendConfig
+from comdefend.models.presets import get_preset
+from comdefend.training.batches import EpochBatches, FolderPatches, iteration_generator
+from comdefend.training.run import RunDirectory, environment, resolve_device, sigterm_as_interrupt
+from comdefend.training.schedules import DEFAULT_LR, SCHEDULES, learning_rate
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a ComDefend training run (saved in its checkpoints and summary)."""
+
+    dataset: str = "cifar10"
+    out: str = "runs/comdefend"
+    preset: str = "plain"
+    code_channels: int | None = None
+    iterations: int = 7500
+    batch_size: int = 20
+    lr: float | None = None
+    lr_schedule: str = "constant"
+    noise_std: float = 20.0
+    code_penalty: float = 1e-4
+    seed: int = 0
+    data_dir: str | None = None
+    patch_size: int = 32
+    eval_every: int = 500
+    eval_images: int = 500
+    checkpoint_every: int = 250
+    device: str = "auto"
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.preset = get_preset(self.preset).name
+        if self.lr_schedule not in SCHEDULES:
+            raise UsageError(
+                f"unknown --lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"
+            )
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.lr_schedule]
+        if self.dataset not in DATASETS and self.dataset != "folder":
+            raise UsageError(
+                f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, folder"
+            )
+        for name in ("iterations", "batch_size", "eval_every", "checkpoint_every", "patch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0 or self.noise_std < 0 or self.code_penalty < 0:
+            raise UsageError("lr must be > 0; noise-std and code-penalty must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_channels_for(dataset: str) -> int:
+    return DATASETS[dataset].channels if dataset in DATASETS else 3
+
+
+def make_batches(config: TrainConfig) -> EpochBatches | FolderPatches:
+    if config.dataset == "folder":
+        if not config.data_dir:
+            raise UsageError("--dataset folder needs --data-dir pointing at an image folder")
+        return FolderPatches(config.data_dir, config.batch_size, config.patch_size, config.seed)
+    return EpochBatches(
+        load_dataset(config.dataset, "train", config.data_dir), config.batch_size, config.seed
+    )
+
+
+def held_out(config: TrainConfig) -> torch.Tensor | None:
+    """The first ``eval_images`` test images (None for image folders without a test split)."""
+    if config.dataset == "folder" or config.eval_images < 1:
+        return None
+    test: ImageSet = load_dataset(config.dataset, "test", config.data_dir)
+    return test.head(config.eval_images).float_images()
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    model: ComDefend, images: torch.Tensor, batch: int = 250
+) -> dict[str, float]:
+    """PSNR (8-bit, of the mean MSE) and fraction of 1-bits of ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs, ones, total = [], 0.0, 0
+    for chunk in images.split(batch):
+        chunk = chunk.to(device)
+        reconstruction, bits = model.reconstruct(chunk)
+        outputs.append(reconstruction.cpu())
+        ones += float(bits.sum())
+        total += bits.numel()
+    model.train(was_training)
+    return {"psnr_db": mean_psnr(torch.cat(outputs), images), "bit_density": ones / total}
+
+
+def build_model(config: TrainConfig) -> ComDefend:
+    return ComDefend(
+        ComDefendConfig(
+            preset=config.preset,
+            image_channels=image_channels_for(config.dataset),
+            code_channels=config.code_channels,
+            noise_std=config.noise_std,
+            source=f"trained:{config.dataset}:{config.preset}:{config.iterations}it:seed{config.seed}",
+        )
+    )
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a run; returns the summary written to ``summary.json``.
+
+    Ctrl-C or SIGTERM saves a checkpoint at the last finished iteration and re-raises
+    ``KeyboardInterrupt``; ``resume=True`` continues exactly from it.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    # Subnormal floats appear in saturated sigmoid/ELU gradients and are slow on CPUs.
+    torch.set_flush_denormal(True)
+    device = resolve_device(config.device)
+    run = RunDirectory(config.out, resume, config.to_dict())
+    torch.manual_seed(config.seed)  # weight initialisation
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(config.lr))
+    start = 0
+    if resume:
+        start = int(run.load(model, optimizer)["iteration"])
+    batches = make_batches(config)
+    evaluation_images = held_out(config)
+    if not resume:
+        run.log(
+            {"event": "start", "iteration": 0, "config": config.to_dict(), "env": environment()}
+        )
+
+    model.train()
+    iteration = start
+    last_eval: dict[str, float] = {}
+    bar = tqdm(
+        total=config.iterations, initial=start, disable=not progress, desc="train", unit="it"
+    )
+    started, images_seen = time.perf_counter(), 0
+    try:
+        with sigterm_as_interrupt():
+            while iteration < config.iterations:
+                lr = learning_rate(
+                    config.lr_schedule, float(config.lr), iteration, config.iterations
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = batches(iteration).to(device, non_blocking=True)
+                noise = iteration_generator(config.seed, iteration, stream=2)
+                reconstruction, code = model.reconstruct(x, generator=noise)
+                loss, mse, code_term = comdefend_loss(reconstruction, x, code, config.code_penalty)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                images_seen += x.shape[0]
+                record = {
+                    "iteration": iteration,
+                    "lr": lr,
+                    "loss": float(loss.detach()),
+                    "mse": float(mse.detach()),
+                    "code_term": float(code_term.detach()),
+                }
+                if iteration % config.eval_every == 0 or iteration == config.iterations:
+                    if evaluation_images is not None:
+                        last_eval = evaluate_reconstruction(model, evaluation_images)
+                        record.update({f"heldout_{k}": v for k, v in last_eval.items()})
+                if iteration % 10 == 0 or "heldout_psnr_db" in record:
+                    run.log(record)
+                if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                    run.save(model, optimizer, iteration)
+                rate = images_seen / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    psnr=f"{psnr_from_mse(record['mse']):.2f}",
+                    bits=f"{float((code > 0.5).float().mean()):.2f}",
+                    img_s=f"{rate:.0f}",
+                    refresh=False,
+                )
+                bar.update(1)
+    except KeyboardInterrupt:
+        run.save(model, optimizer, iteration)
+        run.log({"event": "interrupted", "iteration": iteration})
+        bar.close()
+        raise
+    bar.close()
+
+    final = (
+        evaluate_reconstruction(model, evaluation_images) if evaluation_images is not None else {}
+    )
+    model.eval()
+    model.save(
+        run.path / "model.safetensors",
+        extra={"training": {"config": config.to_dict(), "iterations": iteration, "metrics": final}},
+    )
+    summary = {
+        "config": config.to_dict(),
+        "iterations": iteration,
+        "heldout": final,
+        "model": str(run.path / "model.safetensors"),
+        "env": environment(),
+        "device": str(device),
+        "images_per_second_this_session": images_seen / max(time.perf_counter() - started, 1e-9),
+    }
+    run.log(
+        {"event": "done", "iteration": iteration, **{f"heldout_{k}": v for k, v in final.items()}}
+    )
+    run.write_summary(summary)
+    return summary
