@@ -119,7 +119,9 @@ def purify(
         images.append(image)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        for image, target in tqdm(list(zip(images, targets, strict=True)), desc="purify", unit="img"):
+        for image, target in tqdm(
+            list(zip(images, targets, strict=True)), desc="purify", unit="img"
+        ):
             purified = model.purify(image.unsqueeze(0).to(model_device(model)))[0]
             write_png(target, purified, model.config.output_quantization)
     typer.echo(f"wrote {len(targets)} image(s) to {out}")
@@ -223,27 +225,47 @@ def train_command(
     typer.echo(f"model: {summary['model']}")
 
 
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("reports/quickstart"), "--out", "-o", help="Report folder."),
+    iterations: int = typer.Option(100, help="Training iterations (batch 20)."),
+    eval_images: int = typer.Option(1000, help="Test images for the reconstruction report."),
+    data_dir: Path | None = typer.Option(None, help="Fashion-MNIST folder."),
+    seed: int = typer.Option(0, help="Random seed."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier quick-start run."),
+) -> None:
+    """Offline quick start: train a small ComDefend on Fashion-MNIST and write a report."""
+    from comdefend.quickstart import run_quickstart
+
+    result = run_quickstart(
+        out, iterations, eval_images, str(data_dir) if data_dir else None, seed, force
+    )
+    report = result["reconstruction"]
+    typer.echo(
+        f"Fashion-MNIST test ({report['images']} images): PSNR {report['psnr_db']:.2f} dB at "
+        f"{report['bits_per_pixel']} bits/pixel ({report['compression_ratio']:.1f}x), "
+        f"bit density {report['bit_density']:.3f}"
+    )
+    typer.echo(f"report: {out / 'report.md'}  grid: {result['grid']}")
+
+
+from comdefend.commands import register_all  # noqa: E402
+
+register_all(app)
+
+
 def main() -> None:
     """Entry point: user-facing errors become one message and a non-zero exit code."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: typer reports its own usage errors and exits
     except ComDefendError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted: state saved where applicable", err=True)
+        typer.echo(
+            "interrupted (a training run saved its checkpoint; --resume continues)", err=True
+        )
         sys.exit(130)
-    except Exception as error:  # click's own usage errors
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def check_images(x: torch.Tensor, channels: int | None = None, name: str = "inpu
         )
     if x.numel() == 0:
         raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
+    x = x.detach()  # the checks below must not warn inside an attack's autograd graph
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contains NaN or infinite values")
     low, high = float(x.min()), float(x.max())

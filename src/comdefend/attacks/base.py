@@ -1,0 +1,271 @@
+"""The :class:`Attack` base class and the argument checks every attack shares.
+
+An attack is built around a classifier (any ``nn.Module`` that maps NCHW float images in [0, 1]
+to logits; input normalisation lives inside the model) and called on a batch of images and their
+true labels. It returns detached adversarial images in [0, 1] of the same shape and dtype.
+
+Conventions kept by every attack:
+
+* the model's mode is left alone (no ``.eval()`` / ``.train()``): the caller decides;
+* gradients are taken with :func:`torch.autograd.grad` w.r.t. the input only, so no ``.grad``
+  ever appears on the model's parameters;
+* the loss is summed over the batch, so each example's step does not depend on the batch size;
+* randomness comes from a CPU :class:`torch.Generator` seeded afresh on every call, and the
+  samples are moved to the input's device: equal seeds give equal outputs, on CPU and CUDA alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comdefend.errors import UsageError
+
+Norm = Literal["linf", "l2"]
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite float, or raise :class:`UsageError` if it is out of range.
+
+    Args:
+        name: the argument's name, for the message.
+        value: an ``int``, ``float`` or 0-d tensor (``bool`` is refused).
+        low: smallest allowed value (``None``: no lower bound).
+        high: largest allowed value (``None``: no upper bound).
+        low_open: if True, ``low`` itself is not allowed.
+
+    Example:
+        >>> check_real("eps", 0.5, low=0.0, high=1.0)
+        0.5
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise UsageError(f"{name} must be finite, got {number}")
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and number > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}]"
+        raise UsageError(f"{name} must be in {left}{lo}, {hi}, got {number:g}")
+    return number
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> int:
+    """Return ``value`` as an int, or raise :class:`UsageError` if it is not an int >= ``low``.
+
+    Example:
+        >>> check_int("steps", 10)
+        10
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise UsageError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_linf_eps(eps: Any) -> float:
+    """Validate an L-inf budget: a number in [0, 1] (images live in [0, 1])."""
+    return check_real("eps", eps, low=0.0, high=1.0)
+
+
+def check_l2_eps(eps: Any) -> float | None:
+    """Validate an optional L2 budget: ``None`` (unbounded) or a number >= 0."""
+    if eps is None:
+        return None
+    return check_real("eps", eps, low=0.0)
+
+
+def check_batch(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check an attack's inputs and return them detached, ``y`` on ``x``'s device.
+
+    Args:
+        x: images, a 4-D floating tensor with values in [0, 1].
+        y: true labels, a 1-D int64 tensor with one non-negative entry per image.
+
+    Raises:
+        UsageError: on any violation, with a message that says which.
+
+    Shape:
+        - x: :math:`(N, C, H, W)`
+        - y: :math:`(N,)`
+    """
+    if not isinstance(x, torch.Tensor):
+        raise UsageError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise UsageError(f"x must be a 4-D (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise UsageError(f"x must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+    if not isinstance(y, torch.Tensor):
+        raise UsageError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise UsageError(f"y must be an int64 (long) tensor of labels, got dtype {y.dtype}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise UsageError(
+            f"y must be 1-D with one label per image ({x.shape[0]}), got shape {tuple(y.shape)}"
+        )
+    x = x.detach()
+    y = y.detach().to(x.device)
+    if x.numel() > 0:
+        if not bool(torch.isfinite(x).all()):
+            raise UsageError("x contains NaN or infinite values")
+        low, high = float(x.min()), float(x.max())
+        if low < 0.0 or high > 1.0:
+            raise UsageError(f"x must be in [0, 1], got values in [{low:g}, {high:g}]")
+    if y.numel() > 0 and int(y.min()) < 0:
+        raise UsageError("y must hold non-negative class indices")
+    return x, y
+
+
+class Attack:
+    """Base class of the untargeted evasion attacks (torchattacks-style API).
+
+    Subclasses set :attr:`name` and :attr:`norm`, validate their hyper-parameters in
+    ``__init__``, list them in :meth:`_hyperparameters` and implement :meth:`_attack`, which
+    receives already checked inputs.
+
+    Args:
+        model: classifier mapping NCHW float images in [0, 1] to logits of shape ``(N, K)``.
+        seed: seed of the generator behind every random choice of the attack; re-applied on
+            every call, so two calls on the same inputs give the same output.
+
+    Shape:
+        - x: :math:`(N, C, H, W)`, values in [0, 1]
+        - y: :math:`(N,)`, int64 true labels
+        - output: :math:`(N, C, H, W)`, detached, values in [0, 1], same dtype as ``x``
+
+    Example:
+        >>> from comdefend.attacks import FGSM
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+        >>> x, y = torch.rand(2, 3, 4, 4), torch.tensor([1, 7])
+        >>> FGSM(model, eps=4 / 255)(x, y).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    name: ClassVar[str] = "attack"
+    norm: ClassVar[Norm] = "linf"
+
+    def __init__(self, model: nn.Module, *, seed: int = 0) -> None:
+        if not callable(model):
+            raise UsageError(f"model must be a callable nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.seed = check_int("seed", seed, low=0)
+        self._num_labels = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return adversarial versions of ``x`` (true labels ``y``), detached and in [0, 1]."""
+        if torch.is_inference_mode_enabled():
+            raise UsageError("attacks need autograd: do not call them under torch.inference_mode")
+        x, y = check_batch(x, y)
+        if x.shape[0] == 0:
+            return x.clone()
+        self._num_labels = int(y.max()) + 1
+        with torch.enable_grad():
+            x_adv = self._attack(x, y)
+        return x_adv.detach().clamp(0.0, 1.0).to(x.dtype)
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        """Name, norm, seed and every hyper-parameter, as plain Python values (for reports).
+
+        Example:
+            >>> from comdefend.attacks import PGD
+            >>> PGD(nn.Linear(2, 2), eps=0.1, steps=5).settings()["steps"]
+            5
+        """
+        return {"name": self.name, "norm": self.norm, **self._hyperparameters(), "seed": self.seed}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items() if k not in ("name",))
+        return f"{type(self).__name__}({args})"
+
+    # ----------------------------------------------------------------- helpers for subclasses
+
+    def _generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with :attr:`seed` (one per call)."""
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(self.seed)
+        return generator
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the model and check that it returned ``(N, K)`` logits covering the labels."""
+        logits = self.model(x)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise UsageError(f"the model must return (N, K) logits, got {shape}")
+        if logits.shape[0] != x.shape[0]:
+            raise UsageError(
+                f"the model returned {logits.shape[0]} rows of logits for {x.shape[0]} images"
+            )
+        if logits.shape[1] < self._num_labels:
+            raise UsageError(
+                f"label {self._num_labels - 1} is out of range for a model with "
+                f"{logits.shape[1]} classes"
+            )
+        return logits
+
+    def _input_grad(
+        self, output: torch.Tensor, x: torch.Tensor, *, retain_graph: bool = False
+    ) -> torch.Tensor:
+        """Gradient of the scalar ``output`` w.r.t. ``x`` only (zeros where it does not depend)."""
+        if not output.requires_grad:
+            raise UsageError(
+                "the model's output does not depend differentiably on its input; "
+                "gradient-based attacks need a differentiable model"
+            )
+        (grad,) = torch.autograd.grad(output, x, retain_graph=retain_graph, allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad
+
+    def _loss_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the batch-summed cross-entropy w.r.t. ``x``, and the (detached) logits."""
+        x = x.detach().requires_grad_(True)
+        logits = self._forward(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        return self._input_grad(loss, x), logits.detach()
+
+
+def restrict_l2(x: torch.Tensor, x_adv: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """Return ``x`` in place of every example of ``x_adv`` that is farther than ``eps`` in L2.
+
+    Minimum-norm attacks (DeepFool, C&W) use it to respect an optional budget: an example whose
+    perturbation exceeds the budget counts as a failure and is returned unperturbed.
+
+    Args:
+        x: clean images.
+        x_adv: adversarial images.
+        eps: L2 budget (``None``: no budget, ``x_adv`` is returned as is).
+
+    Shape:
+        - x, x_adv, output: :math:`(N, C, H, W)`
+
+    Example:
+        >>> x = torch.zeros(2, 1, 1, 2)
+        >>> x_adv = torch.tensor([0.3, 0.4, 0.6, 0.8]).view(2, 1, 1, 2)
+        >>> restrict_l2(x, x_adv, 0.5).flatten().tolist()
+        [0.30000001192092896, 0.4000000059604645, 0.0, 0.0]
+    """
+    if eps is None:
+        return x_adv
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    return torch.where((norms > eps).view(-1, 1, 1, 1), x, x_adv)

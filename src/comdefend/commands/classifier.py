@@ -1,0 +1,159 @@
+"""Classifier commands: ``train-classifier``, ``classifiers`` and ``test-classifier``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from comdefend.errors import UsageError
+
+
+def _echo_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def train_classifier_command(
+    dataset: str = typer.Option("cifar10", help="fashion-mnist, cifar10 or cifar100."),
+    arch: str | None = typer.Option(
+        None, help="Architecture (see 'comdefend classifiers'; default by dataset)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder, e.g. runs/NAME."),
+    epochs: int = typer.Option(30, help="Epochs over the training set."),
+    batch_size: int = typer.Option(128, help="Batch size."),
+    lr: float = typer.Option(0.1, help="Peak learning rate (SGD, Nesterov momentum 0.9)."),
+    lr_schedule: str = typer.Option("cosine", help="cosine, onecycle or constant (per step)."),
+    warmup_epochs: float = typer.Option(0.0, help="Linear learning-rate warm-up (epochs)."),
+    weight_decay: float = typer.Option(5e-4, help="L2 weight decay."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random crop + flip."),
+    seed: int = typer.Option(0, help="Random seed (init, batch order, augmentation, dropout)."),
+    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    limit_train: int | None = typer.Option(None, help="Train on the first N images only."),
+    limit_test: int | None = typer.Option(None, help="Final test on the first N images only."),
+    eval_images: int = typer.Option(1000, help="Test images evaluated after every epoch."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint interval (iterations)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a classifier (Ctrl-C saves a checkpoint; --resume continues exactly)."""
+    from comdefend.training.classifier import ClassifierTrainConfig, train_classifier
+
+    config = ClassifierTrainConfig(
+        dataset=dataset,
+        arch=arch,
+        out=str(out),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        augment=augment,
+        seed=seed,
+        data_dir=str(data_dir) if data_dir else None,
+        limit_train=limit_train,
+        limit_test=limit_test,
+        eval_images=eval_images,
+        checkpoint_every=checkpoint_every,
+        device=device,
+        threads=threads,
+    )
+    try:
+        summary = train_classifier(config, resume=resume, progress=progress)
+    except KeyboardInterrupt:
+        # typer turns KeyboardInterrupt into a silent exit 130: say what was kept first.
+        if (out / "checkpoint.safetensors").exists():
+            typer.echo(
+                f"interrupted: checkpoint saved in {out}; add --resume to continue exactly",
+                err=True,
+            )
+        raise
+    typer.echo(
+        f"done: {summary['arch']} on {dataset}, {summary['iterations']} iterations, test accuracy "
+        f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"
+    )
+    typer.echo(f"model: {summary['model']}")
+
+
+def classifiers_command(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the classifier architectures with their inputs and parameter counts."""
+    from comdefend.models.classifiers import list_classifiers
+
+    rows = list_classifiers()
+    if as_json:
+        _echo_json(rows)
+        return
+    typer.echo(f"{'name':<16}{'dataset':<15}{'input':<10}{'params':>11}  description")
+    for row in rows:
+        shape = f"{row['input_channels']}x{row['image_size']}x{row['image_size']}"
+        typer.echo(
+            f"{row['name']:<16}{row['dataset']:<15}{shape:<10}{row['parameters']:>11,}  "
+            f"{row['description']}"
+        )
+
+
+def test_classifier_command(
+    classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
+    dataset: str | None = typer.Option(None, help="Dataset (default: the checkpoint's)."),
+    split: str = typer.Option("test", help="train or test."),
+    n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
+    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    batch_size: int = typer.Option(500, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Top-1 accuracy of a classifier checkpoint on a dataset."""
+    from comdefend.data.datasets import DATASETS, load_dataset
+    from comdefend.models.classifiers import load_classifier
+    from comdefend.training.classifier import evaluate_accuracy
+    from comdefend.training.run import resolve_device
+
+    if n is not None and n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    model = load_classifier(classifier, resolve_device(device))
+    assert model.config is not None  # set by load_classifier
+    name = dataset or model.config.dataset
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    if spec.channels != model.in_channels:
+        raise UsageError(
+            f"{classifier} takes {model.in_channels}-channel images but {name} has {spec.channels}"
+        )
+    if spec.num_classes != model.config.num_classes:
+        raise UsageError(
+            f"{classifier} has {model.config.num_classes} classes but {name} has {spec.num_classes}"
+        )
+    data = load_dataset(name, split, data_dir).head(n)
+    result = evaluate_accuracy(model, data, batch_size=batch_size, progress=not as_json)
+    report = {
+        "classifier": str(classifier),
+        "arch": model.config.arch,
+        "dataset": name,
+        "split": split,
+        **result,
+        "recorded_metrics": (model.checkpoint_metadata or {}).get("metrics", {}),
+    }
+    if as_json:
+        _echo_json(report)
+    else:
+        typer.echo(
+            f"{report['arch']} on {name} {split}: accuracy {result['accuracy']:.4f} "
+            f"({result['correct']}/{result['images']})"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the classifier commands to ``app``."""
+    app.command("train-classifier")(train_classifier_command)
+    app.command("classifiers")(classifiers_command)
+    app.command("test-classifier")(test_classifier_command)

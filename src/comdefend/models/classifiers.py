@@ -1,0 +1,595 @@
+"""Image classifiers that the defenses protect and the attacks target.
+
+Every classifier takes NCHW float images in [0, 1] and returns logits; the per-channel
+normalization (mean / std) is a buffer inside the model, so attacks and defenses never need to
+know about it (the torchattacks convention). Architectures:
+
+* ``fashion-cnn``: a small VGG-style CNN for 1x28x28 Fashion-MNIST (~0.87M parameters).
+* ``resnet20``: the CIFAR ResNet of He et al. 2016 (3 stages of 3 basic blocks, 16/32/64 channels,
+  parameter-free "option A" shortcuts, ~0.27M parameters) for 3x32x32 images.
+* ``resnet20-wide``: the same network with twice the channels (32/64/128, ~1.1M parameters).
+
+ImageNet classifiers come from torchvision (an optional dependency) with locally stored weights:
+see :func:`load_torchvision_classifier`.
+
+Example::
+
+    model = build_classifier("resnet20")             # CIFAR-10 normalization inside
+    logits = model(torch.rand(8, 3, 32, 32))         # (8, 10)
+    save_classifier(model, "resnet20.safetensors")
+    same = load_classifier("resnet20.safetensors")   # eval mode, same logits
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.errors import CheckpointError, InputError, UsageError
+
+CLASSIFIER_KIND = "classifier"
+TORCHVISION_PREFIX = "torchvision:"
+
+# Per-channel statistics of the training images, used as the default normalization.
+DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+DATASET_IMAGE_SIZE: dict[str, int] = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with mean and std stored as buffers."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise UsageError(f"mean has {len(mean)} values but std has {len(std)}")
+        if any(value <= 0 for value in std):
+            raise UsageError(f"std values must be > 0, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class ClassifierConfig:
+    """Everything needed to rebuild a classifier; travels inside every classifier checkpoint.
+
+    Attributes:
+        arch: registry name (see :data:`CLASSIFIERS`) or ``torchvision:NAME``.
+        dataset: what it was (or will be) trained on; chooses the default normalization.
+        num_classes: size of the logit vector.
+        mean, std: per-channel normalization applied inside the model (default: the dataset's).
+    """
+
+    arch: str
+    dataset: str
+    num_classes: int = 10
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise UsageError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.mean is None or self.std is None:
+            if self.dataset not in DATASET_NORMALIZATION:
+                raise UsageError(
+                    f"no default normalization for dataset {self.dataset!r}; pass mean and std "
+                    f"(datasets with defaults: {', '.join(DATASET_NORMALIZATION)})"
+                )
+            default_mean, default_std = DATASET_NORMALIZATION[self.dataset]
+            self.mean = default_mean if self.mean is None else self.mean
+            self.std = default_std if self.std is None else self.std
+        self.mean = tuple(float(value) for value in self.mean)
+        self.std = tuple(float(value) for value in self.std)
+        if len(self.mean) != len(self.std):
+            raise UsageError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
+        known = {item.name for item in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"unknown classifier config fields: {sorted(unknown)}")
+        values = dict(data)
+        for key in ("mean", "std"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+class Classifier(nn.Module):
+    """Base class: checks the input layout, normalizes, then :meth:`classify` gives logits.
+
+    Shape:
+        input ``(N, in_channels, H, W)`` float in [0, 1]; output ``(N, num_classes)`` logits.
+    """
+
+    def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != in_channels:
+            raise UsageError(
+                f"normalization has {len(mean)} channel(s) but the model takes {in_channels}"
+            )
+        self.in_channels = in_channels
+        self.normalize = Normalize(mean, std)
+        self.config: ClassifierConfig | None = None
+        self.checkpoint_metadata: dict[str, Any] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shape checks only: a value-range check would synchronise the GPU on every call.
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise InputError(
+                f"classifier expects NCHW images with {self.in_channels} channel(s), "
+                f"got shape {tuple(x.shape)}"
+            )
+        return self.classify(self.normalize(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of already normalized images."""
+        raise NotImplementedError
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class FashionCNN(Classifier):
+    """conv32-conv32-pool-conv64-conv64-pool-fc256-dropout-fc for 1x28x28 images.
+
+    Every convolution is 3x3 with BatchNorm and ReLU; about 0.87M parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        mean: Sequence[float] = DATASET_NORMALIZATION["fashion-mnist"][0],
+        std: Sequence[float] = DATASET_NORMALIZATION["fashion-mnist"][1],
+        in_channels: int = 1,
+        image_size: int = 28,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__(in_channels, mean, std)
+        if image_size % 4:
+            raise UsageError(f"FashionCNN needs an image size divisible by 4, got {image_size}")
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 32),
+            *_conv_bn_relu(32, 32),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(32, 64),
+            *_conv_bn_relu(64, 64),
+            nn.MaxPool2d(2),
+        )
+        flat = 64 * (image_size // 4) ** 2
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, 256, bias=False),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class _ZeroPadShortcut(nn.Module):
+    """He et al.'s parameter-free "option A" shortcut: subsample, then zero-pad channels."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.extra = c_out - c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            before = self.extra // 2
+            x = nn.functional.pad(x, (0, 0, 0, 0, before, self.extra - before))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut; ReLU after the sum."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = (
+            _ZeroPadShortcut(c_in, c_out, stride) if stride != 1 or c_in != c_out else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(Classifier):
+    """The CIFAR ResNet of He et al. 2016: depth ``6n + 2``, three stages of ``n`` basic blocks.
+
+    Args:
+        depth: 20, 32, 44, 56, 110, ...
+        width: channels of the first stage (16 in the paper; stages use w, 2w, 4w).
+    """
+
+    def __init__(
+        self,
+        depth: int = 20,
+        width: int = 16,
+        num_classes: int = 10,
+        mean: Sequence[float] = DATASET_NORMALIZATION["cifar10"][0],
+        std: Sequence[float] = DATASET_NORMALIZATION["cifar10"][1],
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__(in_channels, mean, std)
+        if (depth - 2) % 6 or depth < 8:
+            raise UsageError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 56, ...), got {depth}")
+        blocks = (depth - 2) // 6
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        c_in = width
+        for index, c_out in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks):
+                stride = 2 if index > 0 and block == 0 else 1
+                stages.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+class ResNet20(CifarResNet):
+    """ResNet-20 (16/32/64 channels, 3 blocks per stage, ~0.27M parameters)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        mean: Sequence[float] = DATASET_NORMALIZATION["cifar10"][0],
+        std: Sequence[float] = DATASET_NORMALIZATION["cifar10"][1],
+        in_channels: int = 3,
+        width: int = 16,
+    ) -> None:
+        super().__init__(20, width, num_classes, mean, std, in_channels)
+
+
+class TorchvisionClassifier(Classifier):
+    """A torchvision ImageNet network behind the ImageNet normalization."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        mean: Sequence[float] = DATASET_NORMALIZATION["imagenet"][0],
+        std: Sequence[float] = DATASET_NORMALIZATION["imagenet"][1],
+    ) -> None:
+        super().__init__(3, mean, std)
+        self.network = network
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+ClassifierBuilder = Callable[[int, Sequence[float], Sequence[float]], Classifier]
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A registered architecture and the images it is made for."""
+
+    name: str
+    builder: ClassifierBuilder
+    in_channels: int
+    image_size: int
+    dataset: str
+    description: str
+    fixed_size: bool  # True when the head only works for ``image_size`` inputs
+
+    def summary(self) -> dict[str, Any]:
+        model = self.builder(10, *DATASET_NORMALIZATION[self.dataset])
+        return {
+            "name": self.name,
+            "dataset": self.dataset,
+            "input_channels": self.in_channels,
+            "image_size": self.image_size,
+            "parameters": count_parameters(model),
+            "description": self.description,
+        }
+
+
+CLASSIFIERS: dict[str, ClassifierSpec] = {
+    "fashion-cnn": ClassifierSpec(
+        "fashion-cnn",
+        lambda classes, mean, std: FashionCNN(classes, mean, std),
+        1,
+        28,
+        "fashion-mnist",
+        "conv32-conv32-pool-conv64-conv64-pool-fc256-dropout-fc with BatchNorm",
+        True,
+    ),
+    "resnet20": ClassifierSpec(
+        "resnet20",
+        lambda classes, mean, std: ResNet20(classes, mean, std),
+        3,
+        32,
+        "cifar10",
+        "CIFAR ResNet-20 (He et al. 2016): 3x3 basic blocks, 16/32/64 channels",
+        False,
+    ),
+    "resnet20-wide": ClassifierSpec(
+        "resnet20-wide",
+        lambda classes, mean, std: ResNet20(classes, mean, std, width=32),
+        3,
+        32,
+        "cifar10",
+        "ResNet-20 with doubled widths 32/64/128: more accurate in fewer epochs",
+        False,
+    ),
+}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def get_classifier_spec(name: str) -> ClassifierSpec:
+    """The registry entry of ``name``; a :class:`UsageError` lists the valid names."""
+    if name not in CLASSIFIERS:
+        raise UsageError(f"unknown classifier {name!r}; valid: {', '.join(CLASSIFIERS)}")
+    return CLASSIFIERS[name]
+
+
+def list_classifiers() -> list[dict[str, Any]]:
+    """One summary row (name, dataset, input size, parameters, description) per architecture."""
+    return [spec.summary() for spec in CLASSIFIERS.values()]
+
+
+def check_dataset_fits(arch: str, dataset: str) -> None:
+    """Raise :class:`UsageError` when ``dataset`` images cannot be fed to ``arch``."""
+    from comdefend.data.datasets import DATASETS
+
+    spec = get_classifier_spec(arch)
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    channels = DATASETS[dataset].channels
+    if channels != spec.in_channels:
+        fitting = [name for name, other in CLASSIFIERS.items() if other.in_channels == channels]
+        raise UsageError(
+            f"classifier {arch} takes {spec.in_channels}-channel images but {dataset} has "
+            f"{channels}; architectures for {dataset}: {', '.join(fitting)}"
+        )
+    size = DATASET_IMAGE_SIZE.get(dataset)
+    if spec.fixed_size and size is not None and size != spec.image_size:
+        raise UsageError(
+            f"classifier {arch} takes {spec.image_size}x{spec.image_size} images but {dataset} "
+            f"images are {size}x{size}"
+        )
+
+
+def classifier_from_config(config: ClassifierConfig) -> Classifier:
+    """A freshly initialised classifier described by ``config`` (``model.config`` is set)."""
+    if config.arch.startswith(TORCHVISION_PREFIX):
+        network = _torchvision_network(config.arch[len(TORCHVISION_PREFIX) :], config.num_classes)
+        model: Classifier = TorchvisionClassifier(network, config.mean or (), config.std or ())
+    else:
+        spec = get_classifier_spec(config.arch)
+        if len(config.mean or ()) != spec.in_channels:
+            raise UsageError(
+                f"classifier {config.arch} takes {spec.in_channels}-channel images but the "
+                f"normalization has {len(config.mean or ())} channel(s) (dataset {config.dataset})"
+            )
+        model = spec.builder(config.num_classes, config.mean or (), config.std or ())
+    model.config = config
+    return model
+
+
+def build_classifier(
+    name: str,
+    num_classes: int = 10,
+    *,
+    dataset: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Classifier:
+    """A freshly initialised registered classifier.
+
+    Args:
+        name: registry name, see :data:`CLASSIFIERS` / ``comdefend classifiers``.
+        num_classes: number of logits.
+        dataset: chooses the default normalization (default: the architecture's dataset).
+        mean, std: explicit per-channel normalization, overriding the dataset's.
+    """
+    spec = get_classifier_spec(name)
+    config = ClassifierConfig(
+        arch=name,
+        dataset=dataset or spec.dataset,
+        num_classes=num_classes,
+        mean=tuple(mean) if mean is not None else None,
+        std=tuple(std) if std is not None else None,
+    )
+    return classifier_from_config(config)
+
+
+def save_classifier(
+    model: Classifier,
+    path: str | os.PathLike,
+    config: ClassifierConfig | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights and config (``kind: classifier``) as a safetensors checkpoint, atomically.
+
+    ``config`` defaults to ``model.config``; ``extra`` (JSON-serialisable, e.g. ``metrics`` or
+    ``training``) is merged into the metadata.
+    """
+    config = config or getattr(model, "config", None)
+    if config is None:
+        raise UsageError("save_classifier needs a ClassifierConfig (the model has none)")
+    metadata = {
+        "kind": CLASSIFIER_KIND,
+        "config": config.to_dict(),
+        "parameters": count_parameters(model),
+        **(extra or {}),
+    }
+    return save_checkpoint(path, model.state_dict(), metadata)
+
+
+def load_classifier(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Classifier:
+    """Load a classifier checkpoint (safetensors only) in eval mode.
+
+    The returned model carries ``config`` and ``checkpoint_metadata`` (e.g. ``metrics``).
+    Raises :class:`CheckpointError` for other kinds of checkpoint or weights that do not fit.
+    """
+    tensors, metadata = load_checkpoint(path, expected_kind=CLASSIFIER_KIND)
+    if "config" not in metadata:
+        raise CheckpointError(f"{path} has no classifier config in its metadata")
+    try:
+        config = ClassifierConfig.from_dict(metadata["config"])
+        model = classifier_from_config(config)
+    except UsageError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture its config describes "
+            f"({config.arch}, {config.num_classes} classes): {first}"
+        ) from error
+    model.checkpoint_metadata = metadata
+    return model.to(map_location).eval()
+
+
+def _import_torchvision() -> Any:
+    try:
+        import torchvision  # optional dependency, imported on demand
+    except ImportError as error:
+        raise UsageError(
+            "ImageNet classifiers need torchvision: pip install 'comdefend[vision]' "
+            "(or pip install torchvision matching your torch version)"
+        ) from error
+    return torchvision
+
+
+def _torchvision_network(name: str, num_classes: int = 1000) -> nn.Module:
+    torchvision = _import_torchvision()
+    models = torchvision.models
+    if hasattr(models, "list_models"):
+        valid = models.list_models(module=models)
+        if name not in valid:
+            raise UsageError(f"unknown torchvision classifier {name!r}; e.g. resnet50, resnet101")
+        return models.get_model(name, weights=None, num_classes=num_classes)
+    builder = getattr(models, name, None)
+    if builder is None or not callable(builder):
+        raise UsageError(f"unknown torchvision classifier {name!r}; e.g. resnet50, resnet101")
+    return builder(weights=None, num_classes=num_classes)
+
+
+def _find_torchvision_weights(name: str) -> Path | None:
+    """A ``NAME-*.pth`` file in torch's hub cache (where torchvision keeps downloads), if any."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    matches = sorted(folder.glob(f"{name}-*.pth")) if folder.is_dir() else []
+    return matches[-1] if matches else None
+
+
+def load_torchvision_classifier(
+    name: str = "resnet101",
+    weights_path: str | os.PathLike | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Classifier:
+    """An ImageNet classifier from torchvision with local weights, ImageNet normalization inside.
+
+    Nothing is downloaded. ``weights_path`` is a ``.pth`` state_dict (loaded with
+    ``torch.load(weights_only=True)``, so no code is unpickled); by default the newest
+    ``NAME-*.pth`` in torch's hub cache (``$TORCH_HOME/hub/checkpoints``) is used. Inputs are
+    NCHW RGB in [0, 1], typically 224x224; the model does not resize.
+    """
+    network = _torchvision_network(name)
+    path = Path(weights_path) if weights_path is not None else _find_torchvision_weights(name)
+    if path is None:
+        raise CheckpointError(
+            f"no local weights for torchvision {name}: pass weights_path (a .pth state_dict) or "
+            f"put {name}-*.pth in {Path(torch.hub.get_dir()) / 'checkpoints'}; "
+            "comdefend never downloads weights"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"{path} is not a loadable state_dict: {error}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"{path} does not fit torchvision {name}: {first}") from error
+    model = TorchvisionClassifier(network)
+    model.config = ClassifierConfig(
+        arch=f"{TORCHVISION_PREFIX}{name}", dataset="imagenet", num_classes=1000
+    )
+    model.checkpoint_metadata = {"source": str(path)}
+    return model.to(map_location).eval()
+
+
+__all__ = [
+    "CLASSIFIERS",
+    "CLASSIFIER_KIND",
+    "DATASET_IMAGE_SIZE",
+    "DATASET_NORMALIZATION",
+    "BasicBlock",
+    "CifarResNet",
+    "Classifier",
+    "ClassifierConfig",
+    "ClassifierSpec",
+    "FashionCNN",
+    "Normalize",
+    "ResNet20",
+    "TorchvisionClassifier",
+    "build_classifier",
+    "check_dataset_fits",
+    "classifier_from_config",
+    "count_parameters",
+    "get_classifier_spec",
+    "list_classifiers",
+    "load_classifier",
+    "load_torchvision_classifier",
+    "save_classifier",
+]

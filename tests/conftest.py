@@ -1,0 +1,38 @@
+"""Shared fixtures: real data locations and a tiny-thread torch for fast, quiet tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COMDEFEND_SHARED", REPO.parent / "shared"))
+OFFICIAL = SHARED / "official"
+CIFAR_DIR = SHARED / "data" / "cifar10"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is not available on this machine")
+    return path
+
+
+@pytest.fixture(scope="session")
+def official_dir() -> Path:
+    return _need(OFFICIAL)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    return _need(CIFAR_DIR / "cifar-10-batches-py")
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    return _need(FASHION_DIR)

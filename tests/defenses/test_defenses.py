@@ -1,0 +1,421 @@
+"""Purifiers, ComDefend as a defense, BPDA / EOT and the threat-model helper, spec parsing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comdefend.defenses import (
+    BPDA,
+    EOT,
+    JPEG,
+    THREAT_MODELS,
+    BitDepthReduction,
+    ComDefendDefense,
+    Compose,
+    DefendedClassifier,
+    Defense,
+    Identity,
+    MedianSmoothing,
+    eot_grad,
+    make_threat_model_defense,
+    parse_defense,
+)
+from comdefend.errors import InputError, UsageError
+from comdefend.models import ComDefend, ComDefendConfig
+
+
+def smooth_images(n: int = 2, channels: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Low-frequency random images: bilinear upsampling of 4 x 4 noise."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, channels, 4, 4, generator=generator) * 0.8 + 0.1
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return 10 * math.log10(1.0 / mse) if mse > 0 else math.inf
+
+
+@pytest.fixture(scope="module")
+def tiny_comdefend() -> ComDefend:
+    torch.manual_seed(0)
+    return ComDefend(ComDefendConfig(preset="plain", image_channels=1)).eval()
+
+
+# -- purifiers ---------------------------------------------------------------------------------
+def test_identity_returns_input() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    assert Identity()(x) is x
+    assert Identity().name == "none"
+
+
+def test_jpeg_changes_smooth_image_a_little() -> None:
+    x = smooth_images()
+    y = JPEG(75)(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert not torch.equal(y, x)
+    assert psnr(x, y) > 25.0
+    # Output is on the 8-bit grid.
+    torch.testing.assert_close(y * 255, (y * 255).round(), rtol=0, atol=1e-4)
+
+
+def test_jpeg_quality_100_is_nearly_lossless_and_lower_quality_is_worse() -> None:
+    x = smooth_images(channels=1)
+    error_100 = float((JPEG(100)(x) - x).abs().max())
+    assert error_100 <= 3 / 255
+    assert psnr(x, JPEG(100)(x)) > psnr(x, JPEG(10)(x))
+
+
+def test_jpeg_grayscale_and_dtype() -> None:
+    x = smooth_images(n=3, channels=1, size=16).double()
+    y = JPEG(50)(x)
+    assert y.shape == (3, 1, 16, 16) and y.dtype == torch.float64
+    assert psnr(x, y) > 25.0
+
+
+def test_jpeg_is_not_differentiable_and_rejects_bad_input() -> None:
+    jpeg = JPEG(75)
+    assert jpeg.differentiable is False and jpeg.randomized is False
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    assert not jpeg(x).requires_grad  # detached: attack it through BPDA
+    with pytest.raises(InputError, match="channels"):
+        jpeg(torch.rand(1, 2, 8, 8))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        jpeg(torch.full((1, 3, 8, 8), 2.0))
+    with pytest.raises(UsageError):
+        JPEG(0)
+
+
+def test_bit_depth_one_gives_binary_values_and_eight_bits_the_grid() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    y = BitDepthReduction(1)(x)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(y, (x > 0.5).float())
+    y4 = BitDepthReduction(4)(x)
+    assert (y4 - x).abs().max() <= 0.5 / 15 + 1e-6
+    assert len(y4.unique()) <= 16
+    assert BitDepthReduction(4).differentiable is False
+    with pytest.raises(UsageError):
+        BitDepthReduction(9)
+
+
+def test_median_removes_a_salt_pixel() -> None:
+    for k in (2, 3):
+        x = torch.full((1, 1, 6, 6), 0.25)
+        x[0, 0, 3, 3] = 1.0
+        y = MedianSmoothing(k)(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, torch.full_like(x, 0.25))
+
+
+def test_median_2x2_window_and_even_padding() -> None:
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    # bottom_right: window = pixel and its right/bottom neighbours; upper median of 4 values.
+    y = MedianSmoothing(2)(x)
+    assert float(y[0, 0, 0, 0]) == 4.0  # {0, 1, 4, 5} -> 4
+    # top_left + symmetric padding = scipy.ndimage.median_filter(size=2, mode="reflect").
+    y = MedianSmoothing(2, padding="symmetric", even_padding="top_left")(x)
+    assert y[0, 0].tolist()[1] == [4.0, 4.0, 5.0, 6.0]
+
+
+def test_median_matches_scipy() -> None:
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(2, 3, 7, 9, generator=torch.Generator().manual_seed(1))
+    for k in (2, 3):
+        ours = MedianSmoothing(k, padding="symmetric", even_padding="top_left")(x)
+        ref = ndimage.median_filter(x.numpy(), size=(1, 1, k, k), mode="reflect")
+        torch.testing.assert_close(ours, torch.from_numpy(ref))
+
+
+def test_median_is_differentiable_and_tiny_images_work() -> None:
+    x = torch.rand(2, 1, 5, 5, requires_grad=True)
+    MedianSmoothing(3)(x).sum().backward()
+    assert x.grad is not None and float(x.grad.sum()) == pytest.approx(2 * 25)
+    assert MedianSmoothing(3).differentiable is True
+    assert MedianSmoothing(3)(torch.rand(1, 1, 1, 2)).shape == (1, 1, 1, 2)
+
+
+def test_compose_name_flags_order_and_flattening() -> None:
+    chain = Compose(JPEG(75), MedianSmoothing(2))
+    assert chain.name == "jpeg:75+median:2"
+    assert chain.differentiable is False and chain.randomized is False
+    assert Compose(MedianSmoothing(2), Identity()).differentiable is True
+    nested = Compose(chain, BitDepthReduction(3))
+    assert nested.name == "jpeg:75+median:2+bits:3" and len(nested.parts) == 3
+    x = smooth_images(n=1, size=16)
+    torch.testing.assert_close(chain(x), MedianSmoothing(2)(JPEG(75)(x)))
+    settings = chain.settings()
+    assert settings["name"] == "jpeg:75+median:2"
+    assert [p["name"] for p in settings["parts"]] == ["jpeg:75", "median:2"]
+    with pytest.raises(UsageError):
+        Compose()
+    with pytest.raises(UsageError):
+        Compose(nn.Identity())  # type: ignore[arg-type]
+
+
+def test_settings_describe_each_defense() -> None:
+    assert JPEG(60).settings()["quality"] == 60
+    assert BitDepthReduction(5).settings() == {
+        "name": "bits:5",
+        "type": "BitDepthReduction",
+        "differentiable": False,
+        "randomized": False,
+        "bits": 5,
+    }
+
+
+# -- ComDefend ---------------------------------------------------------------------------------
+def test_comdefend_defense_output_and_flags(tiny_comdefend: ComDefend) -> None:
+    defense = ComDefendDefense(tiny_comdefend)
+    x = torch.rand(3, 1, 8, 8)
+    y = defense(x).detach()
+    assert y.shape == x.shape
+    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert defense.randomized is False and defense.differentiable is False
+    assert defense.name == "comdefend:plain"
+    torch.testing.assert_close(defense(x), y)  # deterministic without noise
+
+
+def test_comdefend_noise_is_reproducible_by_seed(tiny_comdefend: ComDefend) -> None:
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    a = ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=3)
+    b = ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=3)
+    assert a.randomized is True
+    first = a(x)
+    torch.testing.assert_close(b(x), first)
+    second = a(x)
+    assert not torch.equal(first, second)  # fresh noise on every call
+    a.reseed(3)
+    torch.testing.assert_close(a(x), first)
+    c = ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=4)
+    assert not torch.equal(c(x), first)
+    # The shared model's binarizer is left as it was.
+    assert tiny_comdefend.binarizer.inference_noise_std == 0.0
+    assert tiny_comdefend.binarizer.generator is None
+
+
+def test_comdefend_gradient_mode_and_training_flag(tiny_comdefend: ComDefend) -> None:
+    defense = ComDefendDefense(tiny_comdefend)
+    with defense.gradient_mode("relaxed") as relaxed:
+        assert relaxed.differentiable is True
+        assert relaxed.name == "comdefend:plain@binarizer=relaxed"
+    assert defense.binarizer_mode == "hard"
+    with pytest.raises(UsageError):
+        with defense.gradient_mode("noisy"):
+            pass
+    defense.train()
+    assert not tiny_comdefend.training
+    with pytest.raises(UsageError):
+        ComDefendDefense(tiny_comdefend, noise_std=-1.0)
+
+
+def test_straight_through_gradient_is_nonzero_where_hard_is_zero(
+    tiny_comdefend: ComDefend,
+) -> None:
+    defense = ComDefendDefense(tiny_comdefend)
+    x = torch.rand(1, 1, 8, 8, requires_grad=True)
+    (hard_grad,) = torch.autograd.grad(defense(x).sum(), x, allow_unused=True)
+    assert hard_grad is None or float(hard_grad.abs().sum()) == 0.0
+    view = make_threat_model_defense(defense, "bpda")
+    assert isinstance(view, ComDefendDefense) and view.binarizer_mode == "straight_through"
+    out = view(x)
+    torch.testing.assert_close(out, defense(x))  # same forward as the defense
+    (st_grad,) = torch.autograd.grad(out.sum(), x)
+    assert float(st_grad.abs().sum()) > 0.0
+    relaxed = make_threat_model_defense(defense, "relaxed")
+    assert isinstance(relaxed, ComDefendDefense) and relaxed.binarizer_mode == "relaxed"
+    (relaxed_grad,) = torch.autograd.grad(relaxed(x).sum(), x)
+    assert float(relaxed_grad.abs().sum()) > 0.0
+
+
+# -- BPDA, EOT, threat models ------------------------------------------------------------------
+def test_bpda_gradient_equals_identity_gradient() -> None:
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    for inner in (JPEG(75), BitDepthReduction(3)):
+        wrapped = BPDA(inner)
+        out = wrapped(x)
+        torch.testing.assert_close(out, inner(x))
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(grad, torch.ones_like(x))
+    assert BPDA(JPEG(75)).name == "bpda(jpeg:75)" and BPDA(JPEG(75)).differentiable
+
+
+def test_bpda_uses_the_forward_substitute_gradient() -> None:
+    x = torch.rand(1, 1, 4, 4, requires_grad=True)
+    wrapped = BPDA(BitDepthReduction(2), forward_substitute=lambda t: 3 * t)
+    (grad,) = torch.autograd.grad(wrapped(x).sum(), x)
+    torch.testing.assert_close(grad, torch.full_like(x, 3.0))
+    torch.testing.assert_close(wrapped(x), BitDepthReduction(2)(x))
+
+
+class RandomShift(Defense):
+    """A randomized differentiable test defense: ``x + std * noise``."""
+
+    randomized = True
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    @property
+    def name(self) -> str:
+        return f"shift:{self.std}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x)
+
+
+def test_eot_averages_draws_and_reduces_gradient_variance() -> None:
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = DefendedClassifier(RandomShift(0.5), classifier)
+    x = torch.rand(1, 1, 4, 4)
+    y = torch.tensor([1])
+
+    def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def spread(samples: int) -> float:
+        grads = torch.stack([eot_grad(model, x, loss_fn, samples)[0] for _ in range(12)])
+        return float(grads.var(dim=0).sum())
+
+    assert spread(16) < 0.5 * spread(1)
+
+    eot = EOT(model, samples=16)
+    grads = []
+    for _ in range(12):
+        leaf = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(loss_fn(eot(leaf)), leaf)[0])
+    single = []
+    for _ in range(12):
+        leaf = x.clone().requires_grad_(True)
+        single.append(torch.autograd.grad(loss_fn(model(leaf)), leaf)[0])
+    assert float(torch.stack(grads).var(0).sum()) < 0.5 * float(torch.stack(single).var(0).sum())
+
+
+def test_eot_of_deterministic_module_is_the_module() -> None:
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(EOT(classifier, 4)(x), classifier(x))
+    torch.testing.assert_close(EOT(classifier, 4, batched=True)(x), classifier(x))
+    grad, loss = eot_grad(classifier, x, lambda z: z[:, 0].sum(), samples=3)
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(classifier(leaf)[:, 0].sum(), leaf)
+    torch.testing.assert_close(grad, expected)
+    assert float(loss) == pytest.approx(float(classifier(x)[:, 0].sum()), abs=1e-5)
+    with pytest.raises(UsageError):
+        EOT(classifier, 0)
+
+
+def test_threat_models_for_classic_defenses() -> None:
+    assert THREAT_MODELS == ("oblivious", "bpda", "bpda+eot", "relaxed")
+    defense = Compose(JPEG(75), MedianSmoothing(2))
+    assert make_threat_model_defense(defense, "oblivious") is None
+    view = make_threat_model_defense(defense, "bpda")
+    assert view is not None and view.name == "bpda(jpeg:75)+median:2"
+    x = smooth_images(n=1, size=8).requires_grad_(True)
+    out = view(x)
+    torch.testing.assert_close(out, defense(x))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert float(grad.sum()) == pytest.approx(x.numel())  # identity then median: sum preserved
+    # bpda+eot on a deterministic defense = bpda.
+    eot_view = make_threat_model_defense(defense, "bpda+eot")
+    assert eot_view is not None and eot_view.name == view.name
+    assert make_threat_model_defense(MedianSmoothing(3), "bpda").name == "median:3"
+    with pytest.raises(UsageError, match="ComDefend"):
+        make_threat_model_defense(defense, "relaxed")
+    with pytest.raises(UsageError, match="oblivious, bpda"):
+        make_threat_model_defense(defense, "whitebox")
+
+
+def test_threat_models_with_classifier(tiny_comdefend: ComDefend) -> None:
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    noisy = Compose(ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=5), JPEG(90))
+    assert make_threat_model_defense(noisy, "oblivious", classifier) is classifier
+    with pytest.raises(UsageError, match="classifier"):
+        make_threat_model_defense(noisy, "bpda+eot")
+    model = make_threat_model_defense(noisy, "bpda+eot", classifier, eot_samples=3)
+    assert isinstance(model, EOT) and model.samples == 3
+    inner = model.module
+    assert isinstance(inner, DefendedClassifier)
+    view_name = "comdefend:plain@noise=1,seed=6,binarizer=straight_through+bpda(jpeg:90)"
+    assert inner.defense.name == view_name  # attacker noise stream: seed + 1
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    assert float(grad.abs().sum()) > 0
+    plain = make_threat_model_defense(noisy, "bpda", classifier)
+    assert isinstance(plain, DefendedClassifier)
+
+
+# -- spec parsing ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spec", ["none", "jpeg:75", "bits:4", "median:2", "median:5", "jpeg:75+median:2", "bits:1"]
+)
+def test_parse_defense_round_trip(spec: str) -> None:
+    defense = parse_defense(spec)
+    assert defense.name == spec
+    assert parse_defense(defense.name).name == spec
+
+
+def test_parse_defense_types_and_case() -> None:
+    assert isinstance(parse_defense("JPEG:30"), JPEG) and parse_defense("JPEG:30").quality == 30
+    assert isinstance(parse_defense(" bits:3 + median:3 "), Compose)
+    assert isinstance(parse_defense("none"), Identity)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("blur:3", "unknown defense 'blur'.*jpeg:Q"),
+        ("jpeg:0", "out of range.*1..100"),
+        ("jpeg:101", "out of range"),
+        ("jpeg:abc", "integer"),
+        ("jpeg", "needs a quality"),
+        ("bits:9", "1..8"),
+        ("bits:0", "out of range"),
+        ("median:1", "2..5"),
+        ("median:6", "2..5"),
+        ("", "empty defense spec"),
+        ("jpeg:75+", "empty part"),
+        ("none:3", "no argument"),
+        ("comdefend:", "checkpoint path"),
+    ],
+)
+def test_parse_defense_errors(spec: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_defense(spec)
+
+
+def test_parse_comdefend_checkpoint_with_options(tiny_comdefend: ComDefend, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    tiny_comdefend.save(path)
+    defense = parse_defense(f"comdefend:{path}")
+    assert isinstance(defense, ComDefendDefense)
+    assert defense.name == f"comdefend:{path}" and not defense.randomized
+    x = torch.rand(1, 1, 8, 8)
+    torch.testing.assert_close(defense(x), ComDefendDefense(tiny_comdefend)(x))
+
+    spec = f"comdefend:{path}@noise=1.5,seed=7,purify=patch"
+    noisy = parse_defense(spec)
+    assert isinstance(noisy, ComDefendDefense)
+    assert noisy.noise_std == 1.5 and noisy.seed == 7 and noisy.randomized
+    assert noisy.model.config.purify_mode == "patch"
+    assert noisy.name == spec
+    assert parse_defense(noisy.name).name == spec
+
+    chain = parse_defense(f"jpeg:80+comdefend:{path}@noise=1")
+    assert isinstance(chain, Compose) and chain.randomized and not chain.differentiable
+
+    with pytest.raises(UsageError, match="unknown option"):
+        parse_defense(f"comdefend:{path}@strength=2")
+    with pytest.raises(UsageError, match="noise"):
+        parse_defense(f"comdefend:{path}@noise=-1")
+    with pytest.raises(UsageError, match="binarizer"):
+        parse_defense(f"comdefend:{path}@binarizer=soft")

@@ -1,0 +1,230 @@
+"""The CLI end to end on real Fashion-MNIST slices, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comdefend import ComDefend, ComDefendConfig
+from comdefend.data import load_dataset, write_png
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "comdefend.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def gray_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "gray.safetensors"
+    torch.manual_seed(0)
+    ComDefend(ComDefendConfig(image_channels=1)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fashion_pngs(fashion_dir: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pngs")
+    images = load_dataset("fashion-mnist", "test").head(3).float_images()
+    for index, image in enumerate(images):
+        write_png(folder / f"img{index}.png", image)
+    return folder
+
+
+def test_presets_json() -> None:
+    result = run_cli("presets", "--json")
+    assert result.returncode == 0
+    rows = json.loads(result.stdout)
+    assert {row["seed_name"] for row in rows} >= {"normal", "1_on_off", "3_3"}
+    assert all(row["encoder_macs_per_pixel"] > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_train_reconstruct_purify_end_to_end(fashion_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "fm"
+    result = run_cli(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--preset",
+        "normal",
+        "--iterations",
+        "4",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "2",
+        "--eval-images",
+        "16",
+        "--out",
+        str(run),
+    )
+    assert result.returncode == 0, result.stderr
+    model = run / "model.safetensors"
+    assert model.exists() and (run / "summary.json").exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any("heldout_psnr_db" in record for record in log)
+
+    result = run_cli(
+        "reconstruct", "--model", str(model), "--dataset", "fashion-mnist", "--n", "20", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 20 and report["bits_per_pixel"] == 4
+    assert report["compression_ratio"] == 2.0
+
+    images = tmp_path / "in"
+    data = load_dataset("fashion-mnist", "test").head(2).float_images()
+    for index, image in enumerate(data):
+        write_png(images / f"{index}.png", image)
+    result = run_cli("purify", str(images), "--model", str(model), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
+
+
+def test_purify_never_overwrites_without_force(
+    gray_checkpoint: Path, fashion_pngs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert (
+        run_cli(
+            "purify", str(fashion_pngs), "--model", str(gray_checkpoint), "--out", str(out)
+        ).returncode
+        == 0
+    )
+    before = (out / "img0.png").read_bytes()
+    result = run_cli(
+        "purify",
+        str(fashion_pngs),
+        "--model",
+        str(gray_checkpoint),
+        "--out",
+        str(out),
+        "--noise-std",
+        "3",
+    )
+    assert_clean_failure(result, "--force")
+    assert (out / "img0.png").read_bytes() == before
+    result = run_cli(
+        "purify",
+        str(fashion_pngs),
+        "--model",
+        str(gray_checkpoint),
+        "--out",
+        str(out),
+        "--noise-std",
+        "3",
+        "--force",
+    )
+    assert result.returncode == 0
+
+
+def test_purify_rejects_rgb_for_gray_model(gray_checkpoint: Path, tmp_path: Path) -> None:
+    write_png(tmp_path / "rgb.png", torch.rand(3, 8, 8))
+    result = run_cli(
+        "purify",
+        str(tmp_path / "rgb.png"),
+        "--model",
+        str(gray_checkpoint),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_failure(result, "is RGB but the model is grayscale")
+    assert not (tmp_path / "o").exists()
+
+
+def test_purify_rejects_truncated_image(gray_checkpoint: Path, tmp_path: Path) -> None:
+    write_png(tmp_path / "a.png", torch.rand(1, 16, 16))
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    result = run_cli(
+        "purify",
+        str(tmp_path / "a.png"),
+        "--model",
+        str(gray_checkpoint),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_failure(result, "cannot read image")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "model.pt")
+    write_png(tmp_path / "a.png", torch.rand(1, 8, 8))
+    result = run_cli(
+        "purify",
+        str(tmp_path / "a.png"),
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert_clean_failure(result, "never unpickles")
+
+
+def test_import_official_cli(official_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "official.safetensors"
+    result = run_cli(
+        "import-official",
+        str(official_dir / "enc_mnist.npy"),
+        str(official_dir / "dec_mnist.npy"),
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "grayscale, 4 bits/pixel" in result.stdout
+    result = run_cli(
+        "import-official",
+        str(official_dir / "enc_mnist.npy"),
+        str(official_dir / "dec_mnist.npy"),
+        "-o",
+        str(out),
+    )
+    assert_clean_failure(result, "--force")
+    result = run_cli(
+        "import-official",
+        str(official_dir / "dev.csv"),
+        str(official_dir / "dec_mnist.npy"),
+        "-o",
+        str(tmp_path / "x.safetensors"),
+    )
+    assert_clean_failure(result, "error:")
+
+
+def test_bad_arguments_exit_nonzero(tmp_path: Path) -> None:
+    assert_clean_failure(
+        run_cli("train", "--preset", "nope", "--out", str(tmp_path / "r")), "unknown preset"
+    )
+    assert_clean_failure(
+        run_cli(
+            "train",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path),
+            "--iterations",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+        ),
+        "not found",
+    )
+    assert_clean_failure(
+        run_cli("reconstruct", "--model", str(tmp_path / "none.safetensors")), "not found"
+    )

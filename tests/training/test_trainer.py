@@ -1,0 +1,114 @@
+"""Trainer: schedules, loss goes down, interrupted + resumed == uninterrupted, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comdefend.errors import UsageError
+from comdefend.training import TrainConfig, learning_rate, train
+from comdefend.training import trainer as trainer_module
+
+
+def test_piecewise_schedule_of_the_seed() -> None:
+    values = [learning_rate("piecewise", 0.01, i, 100) for i in (0, 24, 25, 74, 75, 89, 90, 99)]
+    assert values == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0005, 0.0005, 0.0001, 0.0001])
+
+
+def test_exponential_schedule_is_a_staircase() -> None:
+    assert learning_rate("exponential", 0.01, 0, 1000) == 0.01
+    assert learning_rate("exponential", 0.01, 9, 1000) == 0.01
+    assert learning_rate("exponential", 0.01, 10, 1000) == pytest.approx(0.0096)
+    assert learning_rate("exponential", 0.01, 999, 1000) == pytest.approx(0.01 * 0.96**99)
+
+
+def test_default_learning_rates() -> None:
+    assert TrainConfig(lr_schedule="constant").lr == 1e-3
+    assert TrainConfig(lr_schedule="piecewise").lr == 1e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr_schedule": "cosine"}, {"dataset": "mnist"}, {"iterations": 0}, {"preset": "x"}]
+)
+def test_bad_config(kwargs: dict) -> None:
+    with pytest.raises(UsageError):
+        TrainConfig(**kwargs)
+
+
+def _config(out: Path, iterations: int, **kwargs) -> TrainConfig:
+    base = dict(
+        dataset="fashion-mnist",
+        out=str(out),
+        iterations=iterations,
+        batch_size=8,
+        eval_every=10,
+        eval_images=16,
+        checkpoint_every=2,
+        seed=5,
+    )
+    return TrainConfig(**{**base, **kwargs})
+
+
+def test_training_lowers_the_loss(fashion_dir: Path, tmp_path: Path) -> None:
+    summary = train(_config(tmp_path / "run", 25, lr=3e-3), progress=False)
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    ]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert summary["heldout"]["psnr_db"] > 0 and 0 <= summary["heldout"]["bit_density"] <= 1
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_resume_is_bit_identical(fashion_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    train(_config(tmp_path / "straight", 6), progress=False)
+
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th step never finishes: Ctrl-C arrives during it
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path / "resumed", 6), progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    state = (tmp_path / "resumed" / "log.jsonl").read_text()
+    assert '"event": "interrupted", "iteration": 3' in state
+    train(_config(tmp_path / "resumed", 6), resume=True, progress=False)
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_existing_run_is_not_overwritten(fashion_dir: Path, tmp_path: Path) -> None:
+    train(_config(tmp_path / "run", 2), progress=False)
+    with pytest.raises(UsageError, match="--resume"):
+        train(_config(tmp_path / "run", 2), progress=False)
+    with pytest.raises(UsageError, match="differ"):
+        train(_config(tmp_path / "run", 4, code_penalty=1.0), resume=True, progress=False)
+
+
+def test_residual_preset_trains_on_cifar(cifar_dir: Path, tmp_path: Path) -> None:
+    summary = train(
+        _config(
+            tmp_path / "r",
+            2,
+            dataset="cifar10",
+            data_dir=str(cifar_dir.parent),
+            preset="1_on_off",
+            batch_size=4,
+        ),
+        progress=False,
+    )
+    assert summary["iterations"] == 2
+    assert trainer_module.image_channels_for("cifar10") == 3
