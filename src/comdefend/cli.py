@@ -249,6 +249,18 @@ def quickstart(
     typer.echo(f"report: {out / 'report.md'}  grid: {result['grid']}")
 
 
+@app.command()
+def download(
+    dataset: str = typer.Argument(..., help="cifar10, cifar100 or fashion-mnist."),
+    data_dir: Path = typer.Option(Path("data"), help="Where to put it."),
+) -> None:
+    """Download a dataset (needs internet; checksums are verified)."""
+    from comdefend.data.download import download_dataset
+
+    folder = download_dataset(dataset, data_dir)
+    typer.echo(f"{dataset} is in {folder}; use --data-dir {data_dir}")
+
+
 from comdefend.commands import register_all  # noqa: E402
 
 register_all(app)

@@ -228,7 +228,7 @@ DATASETS: dict[str, DatasetSpec] = {
         1,
         10,
         ("", "fashion-mnist", "FashionMNIST/raw"),
-        ("/usr/share/datasets/fashion-mnist",),
+        ("/usr/share/datasets/fashion-mnist", "data", "~/.cache/comdefend/data"),
         "install the Debian package 'dataset-fashion-mnist' (apt-get install "
         "dataset-fashion-mnist) or run 'comdefend download fashion-mnist --data-dir DIR'",
     ),

@@ -1,0 +1,679 @@
+"""Adversarial-robustness evaluation of classifier + defense pipelines over a grid of cells.
+
+A *cell* is one (attack, eps, defense, threat model). For every cell the harness crafts
+adversarial examples against the attacker's model of the threat model and measures the real
+pipeline ``classifier(defense(x_adv))``.
+
+Budgets (``eps``) are given in units of 1/255 (pixel levels of an 8-bit image): ``eps = 8``
+means an L-inf budget of 8/255 on images in [0, 1]. ``eps = 0`` is allowed and leaves the images
+untouched. The L2 minimum-norm attacks (``deepfool``, ``cw``) take no budget here: they run once
+per cell without one and are reported under the eps label ``"min-norm"``.
+
+Threat models (see :mod:`comdefend.defenses.adaptive`):
+
+``oblivious``
+    Adversarial examples of the undefended classifier, computed once per (attack, eps) and
+    shared by every defense, then purified by the defense.
+``bpda``, ``bpda+eot``, ``relaxed``
+    The attacker differentiates through
+    :func:`~comdefend.defenses.make_threat_model_defense` ``(defense, tm, classifier)``; the
+    result is evaluated on the real (hard) defense.
+
+Decisions recorded in every cell (``status`` and ``note``):
+
+* defense ``none``: every threat model equals ``oblivious``; the oblivious result is reused
+  (``status = "reused"``).
+* ``bpda+eot`` on a non-randomized defense: falls back to ``bpda`` exactly as the helper does
+  (no EOT wrapper); the ``bpda`` result is reused (``status = "reused"``).
+* ``relaxed`` on a defense without ComDefend: not applicable, ``status = "skipped"`` with the
+  helper's reason; such cells are left out of the worst case.
+* a differentiable defense (e.g. ``median``) under ``bpda``: the attacker gets exact gradients.
+
+Randomized defenses (ComDefend with test-time noise) are evaluated ``eot_draws`` times with
+different, fixed noise seeds; accuracies are averaged and their standard deviation over draws is
+reported. The draw seeds depend only on (seed, defense, draw, batch), so clean and adversarial
+evaluations see the same noise (common random numbers): ``eps = 0`` gives exactly the clean
+accuracy.
+
+Example:
+    >>> config = EvaluationConfig(dataset="fashion-mnist", classifier="cls.safetensors",
+    ...     defenses=["none", "jpeg:75"], attacks=["fgsm"], eps=[0, 8], n=100)  # doctest: +SKIP
+    >>> results = evaluate(config)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from comdefend.attacks import ATTACKS, make_attack
+from comdefend.checkpoint import sha256_of
+from comdefend.defenses import (
+    THREAT_MODELS,
+    ComDefendDefense,
+    Defense,
+    FeatureSqueezingDetector,
+    Identity,
+    PCADetector,
+    detection_metrics,
+    make_threat_model_defense,
+    parse_defense,
+)
+from comdefend.errors import UsageError
+from comdefend.metrics import mse_per_image, psnr_from_mse, quantize_8bit
+
+#: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
+MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
+MIN_NORM = "min-norm"
+#: Detector names accepted by ``--detector``.
+DETECTORS: tuple[str, ...] = ("pca", "squeeze")
+#: One line per threat model, for reports.
+THREAT_MODEL_MEANINGS: dict[str, str] = {
+    "oblivious": "attacker differentiates the undefended classifier only; the defense is "
+    "applied at test time (adversarials shared by all defenses)",
+    "bpda": "attacker differentiates classifier(defense) with non-differentiable parts replaced "
+    "by identity on the backward pass (ComDefend: straight-through binarizer)",
+    "bpda+eot": "as bpda, plus Expectation over Transformation (classifier outputs averaged over "
+    "noise draws) for randomized defenses; identical to bpda for deterministic ones",
+    "relaxed": "ComDefend's hard threshold replaced by its sigmoid (forward and backward); only "
+    "for defenses containing ComDefend",
+}
+DETECTOR_TRAIN_IMAGES = 2000
+DETECTOR_FPR = 0.05
+GRID_IMAGES = 8
+
+
+@dataclass
+class EvaluationConfig:
+    """Everything one evaluation run needs; serialised verbatim into ``results.json``.
+
+    Attributes:
+        dataset: ``fashion-mnist``, ``cifar10`` or ``cifar100`` (test split is evaluated).
+        classifier: classifier checkpoint path.
+        defenses: defense specs (see :func:`comdefend.defenses.parse_defense`).
+        attacks: attack names (see :data:`comdefend.attacks.ATTACKS`).
+        eps: L-inf budgets in units of 1/255, each in [0, 255].
+        threat_models: subset of :data:`comdefend.defenses.THREAT_MODELS`.
+        n: number of test images (the first ``n``).
+        seed: master seed of every random choice.
+        batch_size: images per attack / forward call.
+        data_dir: dataset folder (``None``: ``$COMDEFEND_DATA`` or the defaults).
+        out: output folder for :func:`comdefend.evaluation.report.write_report` (optional).
+        force: allow writing into an existing ``out`` folder.
+        eot_samples: EOT draws of the attacker under ``bpda+eot``.
+        eot_draws: evaluation draws of randomized defenses.
+        detectors: subset of :data:`DETECTORS`.
+        attack_params: extra hyper-parameters per attack, e.g. ``{"pgd": {"steps": 20}}``.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        progress: show a tqdm bar.
+    """
+
+    dataset: str
+    classifier: str
+    defenses: list[str] = field(default_factory=lambda: ["none"])
+    attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
+    eps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
+    threat_models: list[str] = field(default_factory=lambda: ["oblivious"])
+    n: int = 1000
+    seed: int = 0
+    batch_size: int = 100
+    data_dir: str | None = None
+    out: str | None = None
+    force: bool = False
+    eot_samples: int = 8
+    eot_draws: int = 3
+    detectors: list[str] = field(default_factory=list)
+    attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"
+    progress: bool = True
+
+
+def derive_seed(seed: int, *key: object) -> int:
+    """A seed in [0, 2**31) determined by ``seed`` and ``key`` (stable across runs)."""
+    text = "|".join([str(seed), *map(str, key)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % (2**31)
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def validate_config(config: EvaluationConfig) -> EvaluationConfig:
+    """Check every cheap argument (no files read) and return a normalised copy.
+
+    Raises:
+        UsageError: unknown attack, threat model or detector; eps outside [0, 255]; n < 1;
+            bad batch size or EOT counts; the output folder exists without ``force``. Messages
+            list the valid choices.
+    """
+    attacks = [a.strip().lower() for a in config.attacks]
+    if not attacks:
+        raise UsageError(f"give at least one attack; valid: {', '.join(ATTACKS)}")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise UsageError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    for name in config.attack_params:
+        if name.lower() not in attacks:
+            raise UsageError(f"parameters given for attack {name!r}, which is not evaluated")
+    tms = [t.strip().lower() for t in config.threat_models]
+    if not tms:
+        raise UsageError(f"give at least one threat model; valid: {', '.join(THREAT_MODELS)}")
+    for tm in tms:
+        if tm not in THREAT_MODELS:
+            raise UsageError(f"unknown threat model {tm!r}; valid: {', '.join(THREAT_MODELS)}")
+    eps: list[float] = []
+    for value in config.eps:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"eps must be numbers (units of 1/255), got {value!r}")
+        number = float(value)
+        if not math.isfinite(number) or not 0.0 <= number <= 255.0:
+            raise UsageError(
+                f"eps {value:g} is out of range: eps are in units of 1/255 and must lie in "
+                "[0, 255] (e.g. 8 means 8/255)"
+            )
+        eps.append(number)
+    if not eps and any(a not in MIN_NORM_ATTACKS for a in attacks):
+        raise UsageError("give at least one eps for the L-inf attacks (units of 1/255)")
+    detectors = [d.strip().lower() for d in config.detectors]
+    for name in detectors:
+        if name not in DETECTORS:
+            raise UsageError(f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}")
+    if not config.defenses:
+        raise UsageError("give at least one defense (e.g. none, jpeg:75, comdefend:PATH)")
+    _int_at_least("n", config.n, 1)
+    _int_at_least("batch size", config.batch_size, 1)
+    _int_at_least("eot samples", config.eot_samples, 1)
+    _int_at_least("eot draws", config.eot_draws, 1)
+    _int_at_least("seed", config.seed, 0)
+    if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
+        raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
+    if config.out is not None and Path(config.out).exists() and not config.force:
+        raise UsageError(f"output folder {config.out} exists; pass --force to overwrite it")
+    return EvaluationConfig(
+        **{
+            **asdict(config),
+            "attacks": list(dict.fromkeys(attacks)),
+            "threat_models": [t for t in THREAT_MODELS if t in tms],
+            "eps": sorted(set(eps)),
+            "detectors": list(dict.fromkeys(detectors)),
+            "defenses": [d.strip() for d in config.defenses],
+            "attack_params": {k.lower(): dict(v) for k, v in config.attack_params.items()},
+        }
+    )
+
+
+def _check_classifier_fits(classifier: nn.Module, path: str, dataset: str) -> None:
+    from comdefend.data.datasets import DATASETS
+
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    config = getattr(classifier, "config", None)
+    channels = getattr(classifier, "in_channels", None)
+    trained_on = getattr(config, "dataset", None)
+    if channels is not None and channels != spec.channels:
+        raise UsageError(
+            f"classifier {path} takes {channels}-channel images (trained on {trained_on}) but "
+            f"{dataset} has {spec.channels}; pass --dataset {trained_on} or another classifier"
+        )
+    classes = getattr(config, "num_classes", None)
+    if classes is not None and classes != spec.num_classes:
+        raise UsageError(
+            f"classifier {path} has {classes} classes (trained on {trained_on}) but {dataset} "
+            f"has {spec.num_classes}"
+        )
+    if trained_on in DATASETS and trained_on != dataset:
+        raise UsageError(
+            f"classifier {path} was trained on {trained_on}, not {dataset}; valid --dataset for "
+            f"it: {trained_on}"
+        )
+
+
+def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
+    return [m for m in defense.modules() if isinstance(m, ComDefendDefense)]
+
+
+def _checkpoint_paths(defense: nn.Module) -> list[str]:
+    return [p.label for p in _comdefend_parts(defense) if p.label and Path(p.label).is_file()]
+
+
+def _resolve_device(name: str) -> torch.device:
+    from comdefend.training.run import resolve_device
+
+    return resolve_device(name)
+
+
+def _jsonable(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class _Evaluator:
+    """State of one run: models, data, seeds and caches (internal)."""
+
+    def __init__(self, config: EvaluationConfig) -> None:
+        from comdefend.data.datasets import load_dataset
+        from comdefend.models.classifiers import load_classifier
+
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.classifier = load_classifier(config.classifier, self.device).eval()
+        _check_classifier_fits(self.classifier, config.classifier, config.dataset)
+        self.classifier.requires_grad_(False)
+        self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
+        test = load_dataset(config.dataset, "test", config.data_dir)
+        for spec, defense in zip(config.defenses, self.defenses, strict=True):
+            for part in _comdefend_parts(defense):
+                part.model.requires_grad_(False)
+                if part.model.config.image_channels != test.channels:
+                    raise UsageError(
+                        f"defense {spec} takes {part.model.config.image_channels}-channel images "
+                        f"but {config.dataset} has {test.channels}"
+                    )
+        self.test = test
+        data = test.head(config.n)
+        self.x = data.float_images()
+        self.y = data.labels.long()
+        self.n = len(data)
+        self.data_source = data.source
+        self.original_seeds = [[p.seed for p in _comdefend_parts(d)] for d in self.defenses]
+
+    # -- helpers -----------------------------------------------------------------------------
+    def draws(self, index: int) -> int:
+        return self.config.eot_draws if self.defenses[index].randomized else 1
+
+    def _batches(self) -> list[slice]:
+        size = self.config.batch_size
+        return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
+
+    def _reseed_defense(self, index: int, draw: int, batch: int) -> None:
+        key = ("defense", self.config.defenses[index], draw, batch)
+        torch.manual_seed(derive_seed(self.config.seed, *key))
+        for part_index, part in enumerate(_comdefend_parts(self.defenses[index])):
+            if part.seed is not None:
+                part.reseed(derive_seed(self.config.seed, *key, part_index))
+
+    def restore_seeds(self) -> None:
+        for defense, seeds in zip(self.defenses, self.original_seeds, strict=True):
+            for part, seed in zip(_comdefend_parts(defense), seeds, strict=True):
+                part.reseed(seed)
+
+    @torch.no_grad()
+    def defended(self, index: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Correctness ``(draws, n)`` of classifier(defense(images)) and the quantized MSE
+        ``(draws, n)`` of the purified images against the clean ones."""
+        defense = self.defenses[index]
+        correct = torch.zeros(self.draws(index), self.n, dtype=torch.bool)
+        mse = torch.zeros(self.draws(index), self.n, dtype=torch.float64)
+        for draw in range(self.draws(index)):
+            for b, part in enumerate(self._batches()):
+                self._reseed_defense(index, draw, b)
+                purified = defense(images[part].to(self.device))
+                logits = self.classifier(purified)
+                correct[draw, part] = (logits.argmax(1).cpu() == self.y[part]).cpu()
+                clean = quantize_8bit(self.x[part].double())
+                mse[draw, part] = mse_per_image(quantize_8bit(purified.cpu().double()), clean)
+        self.restore_seeds()
+        return correct, mse
+
+    def purified_sample(self, index: int, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self._reseed_defense(index, 0, 0)
+            out = self.defenses[index](images.to(self.device)).cpu()
+        self.restore_seeds()
+        return out
+
+    def attack(
+        self, name: str, eps: float | None, model: nn.Module, key: tuple[Any, ...]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Adversarial versions of all images against ``model`` and the attack's settings."""
+        kwargs = dict(self.config.attack_params.get(name, {}))
+        accepted = inspect.signature(ATTACKS[name].__init__).parameters
+        num_classes = getattr(getattr(self.classifier, "config", None), "num_classes", None)
+        if "num_classes" in accepted and "num_classes" not in kwargs and num_classes:
+            kwargs["num_classes"] = num_classes
+        torch.manual_seed(derive_seed(self.config.seed, "attack", *key))
+        attack = make_attack(name, model, eps, seed=self.config.seed, **kwargs)
+        outputs = []
+        for part in self._batches():
+            x = self.x[part].to(self.device)
+            y = self.y[part].to(self.device)
+            outputs.append(attack(x, y).cpu())
+        return torch.cat(outputs), attack.settings()
+
+
+def _accuracy_stats(correct: torch.Tensor) -> tuple[float, float]:
+    per_draw = correct.double().mean(dim=1)
+    std = float(per_draw.std(unbiased=False)) if per_draw.numel() > 1 else 0.0
+    return float(per_draw.mean()), std
+
+
+def _success_rate(clean: torch.Tensor, adversarial: torch.Tensor) -> float | None:
+    rates = []
+    for c0, c1 in zip(clean, adversarial, strict=True):
+        total = int(c0.sum())
+        if total:
+            rates.append(int((c0 & ~c1).sum()) / total)
+    return sum(rates) / len(rates) if rates else None
+
+
+def _cell_metrics(
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    clean_correct: torch.Tensor,
+    correct: torch.Tensor,
+    mse: torch.Tensor,
+) -> dict[str, Any]:
+    delta = (x_adv - x).flatten(1).double()
+    robust, robust_std = _accuracy_stats(correct)
+    clean, clean_std = _accuracy_stats(clean_correct)
+    return {
+        "clean_accuracy": clean,
+        "clean_accuracy_std": clean_std,
+        "robust_accuracy": robust,
+        "robust_accuracy_std": robust_std,
+        "attack_success_rate": _success_rate(clean_correct, correct),
+        "mean_l2": float(delta.norm(dim=1).mean()),
+        "mean_linf": float(delta.abs().amax(dim=1).mean()),
+        "psnr_purified_db": _jsonable(psnr_from_mse(float(mse.mean()))),
+        "n": int(x.shape[0]),
+        "draws": int(correct.shape[0]),
+    }
+
+
+def _eps_plan(config: EvaluationConfig, attack: str) -> list[tuple[float | str, float | None]]:
+    if attack in MIN_NORM_ATTACKS:
+        return [(MIN_NORM, None)]
+    return [(e, e / 255.0) for e in config.eps]
+
+
+def _plan_cell(defense: Defense, tm: str) -> tuple[str, str | None, str | None]:
+    """(effective threat model or ``"skip"``, note, reason for a skip)."""
+    if isinstance(defense, Identity):
+        if tm == "oblivious":
+            return "oblivious", None, None
+        return "oblivious", "no defense: every threat model equals oblivious (reused)", None
+    if tm == "oblivious":
+        return "oblivious", None, None
+    if tm == "relaxed" and not _comdefend_parts(defense):
+        try:
+            make_threat_model_defense(defense, tm)
+        except UsageError as error:
+            return "skip", None, str(error)
+    if tm == "bpda+eot" and not defense.randomized:
+        return "bpda", "defense not randomized: bpda+eot falls back to bpda (reused)", None
+    if bool(getattr(defense, "differentiable", False)) and tm == "bpda":
+        return tm, "defense differentiable: the attacker uses exact gradients", None
+    return tm, None, None
+
+
+def _fit_detectors(ev: _Evaluator) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit and calibrate the requested detectors; returns (detectors, info)."""
+    from comdefend.data.datasets import load_dataset
+
+    config = ev.config
+    detectors: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    if not config.detectors:
+        return detectors, info
+    train = load_dataset(config.dataset, "train", config.data_dir)
+    train_x = train.head(DETECTOR_TRAIN_IMAGES).float_images()
+    holdout_n = min(1000, len(ev.test) - ev.n)
+    if holdout_n < 2:
+        info["skipped"] = (
+            f"no held-out clean test images after the first {ev.n} to calibrate the detectors"
+        )
+        return detectors, info
+    holdout = ev.test.subset(torch.arange(ev.n, ev.n + holdout_n)).float_images()
+    for name in config.detectors:
+        detector: PCADetector | FeatureSqueezingDetector
+        if name == "pca":
+            detector = PCADetector().fit(train_x)
+        else:
+            detector = FeatureSqueezingDetector(ev.classifier, batch_size=config.batch_size)
+        threshold = detector.calibrate(holdout.to(ev.device), DETECTOR_FPR)
+        clean_scores = detector.score(ev.x.to(ev.device))
+        detectors[name] = (detector, clean_scores)
+        info[name] = {
+            "settings": detector.settings(),
+            "fit_images": int(train_x.shape[0]) if name == "pca" else 0,
+            "calibration_images": holdout_n,
+            "threshold": threshold,
+            "target_fpr": DETECTOR_FPR,
+            "fpr_on_evaluated_clean": float((clean_scores > threshold).double().mean()),
+        }
+    return detectors, info
+
+
+def evaluate(config: EvaluationConfig) -> dict[str, Any]:
+    """Run the evaluation grid; return the results (``results.json``'s content).
+
+    If ``config.out`` is set, also write ``results.json``, ``results.csv``, ``report.md`` and
+    ``report.html`` (plus PNG figures) there with
+    :func:`comdefend.evaluation.report.write_report`.
+
+    Raises:
+        UsageError: see :func:`validate_config`; a classifier or ComDefend checkpoint that does
+            not fit the dataset; an unknown defense spec.
+        CheckpointError, DatasetNotFoundError: unreadable checkpoint, missing dataset.
+    """
+    from tqdm.auto import tqdm
+
+    from comdefend.evaluation.grids import amplified_difference
+    from comdefend.training.run import environment
+
+    config = validate_config(config)
+    started = time.time()
+    ev = _Evaluator(config)
+    detectors, detector_info = _fit_detectors(ev)
+
+    clean: list[tuple[torch.Tensor, torch.Tensor]] = [
+        ev.defended(i, ev.x) for i in range(len(ev.defenses))
+    ]
+    clean_rows = []
+    for spec, defense, (correct, mse) in zip(config.defenses, ev.defenses, clean, strict=True):
+        accuracy, std = _accuracy_stats(correct)
+        clean_rows.append(
+            {
+                "defense": spec,
+                "accuracy": accuracy,
+                "accuracy_std": std,
+                "draws": int(correct.shape[0]),
+                "psnr_purified_db": _jsonable(psnr_from_mse(float(mse.mean()))),
+                "randomized": bool(defense.randomized),
+            }
+        )
+
+    plan = [
+        (attack, eps_label, eps_value, tm, index)
+        for attack in config.attacks
+        for eps_label, eps_value in _eps_plan(config, attack)
+        for tm in config.threat_models
+        for index in range(len(ev.defenses))
+    ]
+    cells: list[dict[str, Any]] = []
+    correctness: dict[tuple[Any, ...], torch.Tensor] = {}
+    detection: list[dict[str, Any]] = []
+    grid_attack = config.attacks[0]
+    grid_eps = _eps_plan(config, grid_attack)[-1][0]
+    grid: dict[str, Any] = {}
+    bar = tqdm(total=len(plan), desc="evaluate", unit="cell", disable=not config.progress)
+    current: tuple[str, float | str] | None = None
+    memo: dict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = {}
+    oblivious: tuple[torch.Tensor, dict[str, Any]] | None = None
+    for attack, eps_label, eps_value, tm, index in plan:
+        if current != (attack, eps_label):
+            current, memo, oblivious = (attack, eps_label), {}, None
+            if detectors:
+                oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
+                detection.append(_detect(detectors, attack, eps_label, oblivious[0], ev))
+        spec = config.defenses[index]
+        defense = ev.defenses[index]
+        effective, note, reason = _plan_cell(defense, tm)
+        cell: dict[str, Any] = {
+            "attack": attack,
+            "eps": eps_label,
+            "eps_value": eps_value,
+            "defense": spec,
+            "threat_model": tm,
+            "effective_threat_model": None if effective == "skip" else effective,
+            "status": "ok",
+            "note": note,
+        }
+        if effective == "skip":
+            cell.update(status="skipped", note=reason)
+            cells.append(cell)
+            bar.update(1)
+            continue
+        key = (index, effective)
+        if key in memo:
+            metrics, correct = memo[key]
+            cell["status"] = "reused" if tm != effective else "ok"
+        else:
+            if effective == "oblivious":
+                if oblivious is None:
+                    oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
+                x_adv, settings = oblivious
+                attacker = "classifier"
+            else:
+                model = make_threat_model_defense(
+                    defense, effective, ev.classifier, eot_samples=config.eot_samples
+                )
+                assert model is not None
+                model.eval()
+                attacker = getattr(model, "name", type(model).__name__)
+                x_adv, settings = ev.attack(
+                    attack, eps_value, model, (attack, eps_label, spec, effective)
+                )
+                ev.restore_seeds()
+            correct, mse = ev.defended(index, x_adv)
+            metrics = {
+                **_cell_metrics(ev.x, x_adv, clean[index][0], correct, mse),
+                "attacker_model": attacker,
+                "attack_settings": settings,
+            }
+            memo[key] = (metrics, correct)
+            if attack == grid_attack and eps_label == grid_eps and effective == "oblivious":
+                k = min(GRID_IMAGES, ev.n)
+                grid.setdefault("clean", ev.x[:k])
+                grid.setdefault("adversarial", x_adv[:k])
+                grid.setdefault("difference", amplified_difference(x_adv[:k], ev.x[:k]))
+                if not isinstance(defense, Identity):
+                    grid.setdefault("purified", {})[spec] = ev.purified_sample(index, x_adv[:k])
+        cell.update(metrics)
+        correctness[(attack, eps_label, index, tm)] = correct
+        cells.append(cell)
+        bar.update(1)
+    bar.close()
+
+    results: dict[str, Any] = {
+        "format": "comdefend-evaluation/1",
+        "config": asdict(config),
+        "eps_unit": "1/255 (an eps of 8 is an L-inf budget of 8/255 on images in [0, 1])",
+        "environment": _environment(environment),
+        "checkpoints": _checkpoint_hashes(config, ev),
+        "classifier": _classifier_info(ev),
+        "dataset": {"name": config.dataset, "split": "test", "n": ev.n, "source": ev.data_source},
+        "defenses": [
+            {"spec": s, "name": d.name, "settings": d.settings()}
+            for s, d in zip(config.defenses, ev.defenses, strict=True)
+        ],
+        "threat_models": {tm: THREAT_MODEL_MEANINGS[tm] for tm in config.threat_models},
+        "clean": clean_rows,
+        "cells": cells,
+        "worst_case": _worst_case(config, cells, correctness),
+        "detectors": {"info": detector_info, "results": detection} if config.detectors else {},
+        "elapsed_s": round(time.time() - started, 3),
+    }
+    if config.out is not None:
+        from comdefend.evaluation.report import write_report
+
+        results["files"] = write_report(results, config.out, grid=grid)
+    return results
+
+
+def _detect(
+    detectors: dict[str, Any], attack: str, eps_label: float | str, x_adv: torch.Tensor, ev: Any
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"attack": attack, "eps": eps_label}
+    for name, (detector, clean_scores) in detectors.items():
+        scores = detector.score(x_adv.to(ev.device))
+        metrics = detection_metrics(clean_scores, scores, DETECTOR_FPR)
+        row[name] = {
+            "roc_auc": metrics["roc_auc"],
+            "tpr_at_5fpr": float((scores > detector.threshold).double().mean()),
+            "roc_tpr_at_5fpr": metrics["tpr_at_fpr"],
+            "roc_fpr": metrics["roc_fpr"],
+            "roc_tpr": metrics["roc_tpr"],
+        }
+    return row
+
+
+def _worst_case(
+    config: EvaluationConfig,
+    cells: list[dict[str, Any]],
+    correctness: dict[tuple[Any, ...], torch.Tensor],
+) -> list[dict[str, Any]]:
+    """Per (defense, threat model, eps): an image is robust only if correct under every attack.
+
+    L-inf eps and ``min-norm`` are separate groups; skipped cells are left out. Randomized
+    defenses: the conjunction is taken per evaluation draw (same noise for every attack), then
+    averaged over draws.
+    """
+    groups: dict[tuple[str, str, Any], list[tuple[str, torch.Tensor]]] = {}
+    for cell in cells:
+        key = (cell["attack"], cell["eps"], config.defenses.index(cell["defense"]))
+        correct = correctness.get((*key, cell["threat_model"]))
+        if correct is None:
+            continue
+        group = (cell["defense"], cell["threat_model"], cell["eps"])
+        groups.setdefault(group, []).append((cell["attack"], correct))
+    rows = []
+    for (defense, tm, eps), members in groups.items():
+        combined = members[0][1].clone()
+        for _, correct in members[1:]:
+            combined &= correct
+        accuracy, std = _accuracy_stats(combined)
+        rows.append(
+            {
+                "defense": defense,
+                "threat_model": tm,
+                "eps": eps,
+                "attacks": [name for name, _ in members],
+                "worst_case_robust_accuracy": accuracy,
+                "worst_case_robust_accuracy_std": std,
+                "n": int(combined.shape[1]),
+            }
+        )
+    return rows
+
+
+def _environment(environment: Any) -> dict[str, Any]:
+    info = dict(environment())
+    info.pop("cpu_threads", None)  # varies between machines; not a setting of the run
+    return info
+
+
+def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
+    paths = [config.classifier]
+    for defense in ev.defenses:
+        paths.extend(_checkpoint_paths(defense))
+    return {path: sha256_of(path) for path in dict.fromkeys(paths)}
+
+
+def _classifier_info(ev: _Evaluator) -> dict[str, Any]:
+    config = getattr(ev.classifier, "config", None)
+    return {
+        "path": ev.config.classifier,
+        "config": config.to_dict() if config is not None else None,
+        "recorded_metrics": (ev.classifier.checkpoint_metadata or {}).get("metrics", {}),
+    }

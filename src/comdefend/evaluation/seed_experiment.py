@@ -1,0 +1,572 @@
+"""The seed study's experiment: accuracy after defending, per preset, along training.
+
+Protocol (the seed study's ``PAPER.md``):
+
+1. Adversarial examples are made once with BIM (L-inf, ``eps`` in [0, 1] pixel units) against
+   the *undefended* classifier, from the first ``n`` test images. Only the images that the
+   classifier gets right *and* that the attack fools are kept: the "fooling set".
+2. For every preset, ComDefend is trained with :func:`comdefend.training.train` (run folder
+   ``OUT/runs/<preset>``). At every held-out evaluation (every ``eval_every`` iterations and at
+   the end) the evaluation hook measures
+
+   * ``accuracy_after_defense``: the fraction of the fooling set that
+     ``classifier(model.purify(x_adv))`` classifies correctly, and
+   * ``clean_accuracy_defended``: the same for the clean versions of those images.
+
+   Both land in the run's ``log.jsonl`` records, next to the trainer's ``heldout_psnr_db``;
+   the log is the source of truth when results are collected, so resumed runs keep the points
+   measured before an interruption.
+
+Outputs in ``OUT`` (all written atomically, refreshed after every preset):
+
+* ``adversarial.safetensors``: the cached fooling set. The adversarial images are stored as the
+  exact float32 tensors the attack returned (not re-quantised to uint8, not regenerated: BIM on
+  a GPU is not bit-reproducible), with their test-set indices and labels; the clean images are
+  re-read from the dataset by index (they are uint8 there, hence exact). The metadata records
+  the classifier's sha256 and the attack settings; ``--resume`` refuses a cache that does not
+  match the current settings.
+* ``results.json``: settings, classifier provenance, fooling-set size, and per preset its names,
+  parameter counts, every evaluation point and the final values.
+* ``accuracy_vs_iteration.png``: one line per preset (accuracy after defending vs. iteration).
+* ``table.md``: the final table.
+
+Usage from Python::
+
+    from comdefend.evaluation.seed_experiment import SeedExperimentConfig, run_seed_experiment
+    results = run_seed_experiment(SeedExperimentConfig(classifier="c.safetensors", out="r/x"))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comdefend.attacks import BIM
+from comdefend.attacks.base import check_real
+from comdefend.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_of,
+)
+from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
+from comdefend.errors import UsageError
+from comdefend.models.classifiers import Classifier, load_classifier
+from comdefend.models.comdefend import ComDefend
+from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
+from comdefend.training.run import resolve_device
+from comdefend.training.trainer import TrainConfig, train
+
+ADVERSARIAL_KIND = "seed-adversarial-set"
+ADVERSARIAL_FILE = "adversarial.safetensors"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy_vs_iteration.png"
+TABLE_FILE = "table.md"
+RUNS_FOLDER = "runs"
+# Training settings that may differ between a finished run and the current request.
+_IGNORED_TRAIN_KEYS = ("device", "threads", "checkpoint_every")
+
+
+@dataclass
+class SeedExperimentConfig:
+    """Every setting of a seed experiment (saved in ``results.json``).
+
+    Attributes:
+        dataset: ``cifar10``, ``cifar100`` or ``fashion-mnist`` (the classifier's dataset).
+        classifier: path of the classifier checkpoint (``comdefend train-classifier``).
+        presets: ``"all"`` or comma-separated preset names / seed aliases.
+        out: experiment folder.
+        iterations: training iterations of every preset.
+        eval_every: evaluation interval (iterations); the last iteration is always evaluated.
+        batch_size: training batch size.
+        lr: learning rate (``None``: the schedule's default).
+        lr_schedule: learning-rate schedule (see ``comdefend.training.schedules``).
+        attack_eps: BIM L-inf budget, in (0, 1].
+        attack_steps: BIM iterations.
+        n: the first ``n`` test images are attacked.
+        seed: training seed (and the attack's, which is deterministic anyway).
+        data_dir: dataset folder (else ``$COMDEFEND_DATA`` / defaults).
+        eval_images: held-out images for the trainer's PSNR.
+        inference_batch: images per forward pass when attacking and measuring accuracy.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        threads: CPU threads for torch.
+    """
+
+    classifier: str
+    out: str
+    dataset: str = "cifar10"
+    presets: str = "all"
+    iterations: int = 7500
+    eval_every: int = 1000
+    batch_size: int = 20
+    lr: float | None = None
+    lr_schedule: str = "constant"
+    attack_eps: float = 0.03
+    attack_steps: int = 10
+    n: int = 1000
+    seed: int = 0
+    data_dir: str | None = None
+    eval_images: int = 500
+    inference_batch: int = 250
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        parse_presets(self.presets)
+        for name in ("iterations", "eval_every", "batch_size", "attack_steps", "n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+        if self.inference_batch < 1:
+            raise UsageError(f"inference batch must be >= 1, got {self.inference_batch}")
+        if self.eval_images < 0:
+            raise UsageError(f"--eval-images must be >= 0, got {self.eval_images}")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        try:
+            self.attack_eps = check_real("eps", self.attack_eps, low=0.0, high=1.0, low_open=True)
+        except UsageError as error:
+            raise UsageError(
+                f"--attack-eps is an L-inf budget in [0, 1] pixel units and must be in (0, 1], "
+                f"got {self.attack_eps!r} ({error})"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values."""
+        return asdict(self)
+
+    def train_config(self, preset: Preset) -> TrainConfig:
+        """The :class:`TrainConfig` of ``preset``'s run in ``OUT/runs/<preset>``."""
+        return TrainConfig(
+            dataset=self.dataset,
+            out=str(Path(self.out) / RUNS_FOLDER / preset.name),
+            preset=preset.name,
+            iterations=self.iterations,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            seed=self.seed,
+            data_dir=self.data_dir,
+            eval_every=self.eval_every,
+            eval_images=self.eval_images,
+            device=self.device,
+            threads=self.threads,
+        )
+
+
+def parse_presets(spec: str | list[str] | tuple[str, ...]) -> list[Preset]:
+    """``"all"`` or comma-separated names/aliases -> presets (in the given order, no repeats).
+
+    Raises:
+        UsageError: empty list or unknown name (the message lists the valid presets).
+
+    Example:
+        >>> [p.name for p in parse_presets("normal, 1_on_off,plain")]
+        ['plain', 'residual-encoder-1']
+    """
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise UsageError("--presets is empty; pass 'all' or comma-separated preset names")
+    if names == ["all"]:
+        return list(PRESETS.values())
+    chosen: list[Preset] = []
+    for name in names:
+        preset = get_preset(name)  # UsageError listing the valid presets
+        if preset not in chosen:
+            chosen.append(preset)
+    return chosen
+
+
+# --------------------------------------------------------------------------- adversarial set
+
+
+@dataclass
+class AdversarialSet:
+    """The fooling set: clean and adversarial images (float32 in [0, 1]) and true labels.
+
+    ``indices`` are positions in the test split; ``stats`` counts attacked, correctly
+    classified and fooled images.
+    """
+
+    clean: torch.Tensor
+    adversarial: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    stats: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@torch.no_grad()
+def predict(
+    classifier: torch.nn.Module, images: torch.Tensor, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Top-1 predictions (CPU int64) of ``classifier`` on ``images``, ``batch`` at a time."""
+    outputs = [
+        classifier(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch)
+    ]
+    return torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long)
+
+
+def make_adversarial_set(
+    classifier: Classifier, data: ImageSet, config: SeedExperimentConfig, device: torch.device
+) -> tuple[AdversarialSet, dict[str, Any]]:
+    """Attack the first ``n`` test images with BIM; keep those correct before and fooled after.
+
+    Returns the set and the attack's settings.
+    """
+    attack = BIM(classifier, eps=config.attack_eps, steps=config.attack_steps, seed=config.seed)
+    head = data.head(config.n)
+    clean = head.float_images()
+    labels = head.labels
+    correct = predict(classifier, clean, config.inference_batch, device) == labels
+    kept = torch.nonzero(correct).flatten()
+    adversarial = torch.zeros((0, *clean.shape[1:]), dtype=torch.float32)
+    fooled = torch.zeros(0, dtype=torch.bool)
+    if kept.numel():
+        chunks = [
+            attack(clean[index].to(device), labels[index].to(device)).cpu()
+            for index in kept.split(config.inference_batch)
+        ]
+        adversarial = torch.cat(chunks)
+        fooled = predict(classifier, adversarial, config.inference_batch, device) != labels[kept]
+    chosen = kept[fooled]
+    stats = {
+        "attacked_images": len(head),
+        "clean_correct": int(kept.numel()),
+        "clean_accuracy": int(kept.numel()) / len(head),
+        "fooled": int(chosen.numel()),
+        "attack_success_rate": int(chosen.numel()) / max(int(kept.numel()), 1),
+        "size": int(chosen.numel()),
+    }
+    result = AdversarialSet(
+        clean[chosen], adversarial[fooled].contiguous(), labels[chosen], chosen, stats
+    )
+    return result, attack.settings()
+
+
+def _adversarial_identity(
+    config: SeedExperimentConfig, classifier_sha: str, attack: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "dataset": config.dataset,
+        "n": config.n,
+        "classifier_sha256": classifier_sha,
+        "attack": attack,
+    }
+
+
+def save_adversarial_set(path: Path, adv: AdversarialSet, identity: dict[str, Any]) -> None:
+    """Write the fooling set (exact float32 adversarial images, indices, labels) atomically."""
+    tensors = {
+        "adversarial": adv.adversarial,
+        "indices": adv.indices.to(torch.int64),
+        "labels": adv.labels.to(torch.int64),
+    }
+    save_checkpoint(path, tensors, {"kind": ADVERSARIAL_KIND, **identity, "stats": adv.stats})
+
+
+def load_adversarial_set(
+    path: Path, data: ImageSet, identity: dict[str, Any]
+) -> AdversarialSet:
+    """Read a cached fooling set; :class:`UsageError` if it was made with other settings."""
+    tensors, metadata = load_checkpoint(path, ADVERSARIAL_KIND)
+    differing = sorted(key for key in identity if metadata.get(key) != identity[key])
+    if differing:
+        details = ", ".join(f"{k}: {metadata.get(k)!r} -> {identity[k]!r}" for k in differing)
+        raise UsageError(
+            f"{path} was made with other settings ({details}); use another --out or delete it"
+        )
+    indices = tensors["indices"].to(torch.int64)
+    labels = tensors["labels"].to(torch.int64)
+    if indices.numel() and not torch.equal(data.labels[indices], labels):
+        raise UsageError(f"{path} does not match the labels of the {data.name} test split")
+    return AdversarialSet(
+        data.float_images(indices), tensors["adversarial"], labels, indices, metadata["stats"]
+    )
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def defended_accuracy(
+    purifier: ComDefend,
+    classifier: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+) -> float:
+    """Fraction of ``images`` that ``classifier(purifier.purify(x))`` labels correctly."""
+    device = next(purifier.parameters()).device
+    correct = 0
+    for chunk, truth in zip(images.split(batch), labels.split(batch), strict=True):
+        purified = purifier.purify(chunk.to(device))
+        correct += int((classifier(purified).argmax(dim=1).cpu() == truth).sum())
+    return correct / max(int(labels.numel()), 1)
+
+
+def make_evaluation_hook(
+    classifier: torch.nn.Module, adv: AdversarialSet, batch: int
+) -> Any:
+    """The ``on_evaluation`` hook for :func:`train`: accuracies after defending."""
+
+    def hook(iteration: int, model: ComDefend) -> dict[str, Any]:  # noqa: ARG001
+        return {
+            "accuracy_after_defense": defended_accuracy(
+                model, classifier, adv.adversarial, adv.labels, batch
+            ),
+            "clean_accuracy_defended": defended_accuracy(
+                model, classifier, adv.clean, adv.labels, batch
+            ),
+            "fooling_set_size": len(adv),
+        }
+
+    return hook
+
+
+def read_evaluations(run: Path) -> list[dict[str, Any]]:
+    """Every evaluation point of a run, from its ``log.jsonl`` (last record per iteration)."""
+    points: dict[int, dict[str, Any]] = {}
+    log = run / "log.jsonl"
+    if not log.exists():
+        return []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "accuracy_after_defense" not in record:
+            continue
+        points[int(record["iteration"])] = {
+            "iteration": int(record["iteration"]),
+            "accuracy_after_defense": record["accuracy_after_defense"],
+            "clean_accuracy_defended": record.get("clean_accuracy_defended"),
+            "heldout_psnr_db": record.get("heldout_psnr_db"),
+        }
+    return [points[key] for key in sorted(points)]
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def write_table(path: Path, results: dict[str, Any]) -> None:
+    """The final table (Markdown), one row per preset."""
+    adv = results["adversarial_set"]
+    lines = [
+        f"# Seed experiment: accuracy after defending ({results['settings']['dataset']})",
+        "",
+        f"BIM L-inf eps {results['attack']['eps']:g}, {results['attack']['steps']} steps, "
+        f"against the undefended classifier; fooling set: {adv['size']} of "
+        f"{adv['attacked_images']} test images (clean accuracy {adv['clean_accuracy']:.4f}).",
+        "",
+        "| preset | seed name | iterations | accuracy after defending | clean accuracy "
+        "(defended) | held-out PSNR (dB) | encoder params | decoder params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results["presets"].values():
+        final = entry.get("final") or {}
+        lines.append(
+            f"| {entry['name']} | {entry['seed_name']} | {_fmt(final.get('iteration'), 'd')} | "
+            f"{_fmt(final.get('accuracy_after_defense'), '.4f')} | "
+            f"{_fmt(final.get('clean_accuracy_defended'), '.4f')} | "
+            f"{_fmt(final.get('heldout_psnr_db'), '.2f')} | "
+            f"{entry['encoder_parameters']:,} | {entry['decoder_parameters']:,} |"
+        )
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, results: dict[str, Any]) -> None:
+    """Accuracy after defending vs. iteration, one line per preset (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for entry in results["presets"].values():
+        points = entry["evaluations"]
+        if not points:
+            continue
+        axes.plot(
+            [point["iteration"] for point in points],
+            [point["accuracy_after_defense"] for point in points],
+            marker="o",
+            markersize=3,
+            label=f"{entry['seed_name']} ({entry['name']})",
+        )
+    axes.set_xlabel("training iteration")
+    axes.set_ylabel("accuracy after defending")
+    axes.set_ylim(0.0, 1.0)
+    axes.grid(alpha=0.3)
+    adv = results["adversarial_set"]
+    axes.set_title(
+        f"{results['settings']['dataset']}: BIM eps {results['attack']['eps']:g}, "
+        f"{adv['size']} fooling examples"
+    )
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    """``results.json``, ``table.md`` and ``accuracy_vs_iteration.png``, each atomically."""
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    write_table(out / TABLE_FILE, results)
+    write_plot(out / PLOT_FILE, results)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def load_checked_classifier(config: SeedExperimentConfig, device: torch.device) -> Classifier:
+    """Load the classifier; :class:`UsageError` if it was not made for ``config.dataset``."""
+    path = Path(config.classifier)
+    if not path.is_file():
+        raise UsageError(f"--classifier {path} does not exist")
+    model = load_classifier(path, device)
+    assert model.config is not None  # set by load_classifier
+    spec = DATASETS[config.dataset]
+    if model.config.dataset != config.dataset:
+        raise UsageError(
+            f"classifier {path} was trained on {model.config.dataset}, but --dataset is "
+            f"{config.dataset}; pass a {config.dataset} classifier or --dataset "
+            f"{model.config.dataset}"
+        )
+    if model.in_channels != spec.channels or model.config.num_classes != spec.num_classes:
+        raise UsageError(
+            f"classifier {path} takes {model.in_channels}-channel images with "
+            f"{model.config.num_classes} classes, but {config.dataset} has {spec.channels} "
+            f"channel(s) and {spec.num_classes} classes"
+        )
+    return model
+
+
+def _finished_run(run: Path, train_config: TrainConfig) -> bool:
+    """True when ``run`` holds a completed run of exactly ``train_config``."""
+    summary_path = run / "summary.json"
+    if not summary_path.exists():
+        return False
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    saved = summary.get("config", {})
+    wanted = train_config.to_dict()
+    differing = sorted(
+        key
+        for key in set(saved) | set(wanted)
+        if key not in _IGNORED_TRAIN_KEYS and saved.get(key) != wanted.get(key)
+    )
+    if differing == ["iterations"] and int(summary.get("iterations", 0)) < wanted["iterations"]:
+        return False  # a shorter finished run: resume extends it
+    if differing:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in differing)
+        raise UsageError(f"--resume: {run} was trained with other settings ({details})")
+    return True
+
+
+def run_seed_experiment(
+    config: SeedExperimentConfig, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) the seed experiment; returns what is written to ``results.json``.
+
+    With ``resume``, finished presets are skipped (their results are read from their logs), an
+    interrupted preset continues from its checkpoint, and the cached fooling set is reused.
+    Without it, an ``out`` folder that already holds an experiment is refused.
+
+    Raises:
+        UsageError: bad settings, classifier/dataset mismatch, an existing experiment without
+            ``resume``, a cache or run made with other settings, or an empty fooling set.
+    """
+    presets = parse_presets(config.presets)
+    out = Path(config.out)
+    if not resume and (
+        (out / RESULTS_FILE).exists()
+        or (out / ADVERSARIAL_FILE).exists()
+        or (out / RUNS_FOLDER).exists()
+    ):
+        raise UsageError(
+            f"{out} already holds a seed experiment; pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    classifier = load_checked_classifier(config, device)
+    classifier_sha = sha256_of(config.classifier)
+    test = load_dataset(config.dataset, "test", config.data_dir)
+
+    attack_settings = BIM(
+        classifier, eps=config.attack_eps, steps=config.attack_steps, seed=config.seed
+    ).settings()
+    identity = _adversarial_identity(config, classifier_sha, attack_settings)
+    cache = out / ADVERSARIAL_FILE
+    if resume and cache.exists():
+        adv = load_adversarial_set(cache, test, identity)
+    else:
+        adv, _ = make_adversarial_set(classifier, test, config, device)
+        save_adversarial_set(cache, adv, identity)
+    if len(adv) == 0:
+        raise UsageError(
+            f"the fooling set is empty: of the first {config.n} test images, "
+            f"{adv.stats['clean_correct']} are classified correctly and none is fooled by BIM "
+            f"(eps {config.attack_eps:g}); raise --n or --attack-eps"
+        )
+
+    image_channels = DATASETS[config.dataset].channels
+    results: dict[str, Any] = {
+        "kind": "seed-experiment",
+        "complete": False,
+        "settings": config.to_dict(),
+        "classifier": {
+            "path": str(config.classifier),
+            "sha256": classifier_sha,
+            "arch": classifier.config.arch if classifier.config else None,
+            "dataset": config.dataset,
+        },
+        "attack": attack_settings,
+        "adversarial_set": {"file": str(cache), **adv.stats},
+        "presets": {},
+    }
+    hook = make_evaluation_hook(classifier, adv, config.inference_batch)
+    for preset in presets:
+        train_config = config.train_config(preset)
+        run = Path(train_config.out)
+        if resume and _finished_run(run, train_config):
+            status = "reused"
+        else:
+            continue_run = resume and (run / "checkpoint.safetensors").exists()
+            train(train_config, resume=continue_run, progress=progress, on_evaluation=hook)
+            status = "resumed" if continue_run else "trained"
+        summary = preset_summary(preset, image_channels)
+        evaluations = read_evaluations(run)
+        results["presets"][preset.name] = {
+            "name": preset.name,
+            "seed_name": preset.seed_name,
+            "aliases": list(preset.names),
+            "description": preset.description,
+            "encoder_parameters": summary["encoder_parameters"],
+            "decoder_parameters": summary["decoder_parameters"],
+            "code_channels": summary["code_channels"],
+            "run": str(run),
+            "status": status,
+            "evaluations": evaluations,
+            "final": evaluations[-1] if evaluations else None,
+        }
+        write_reports(out, results)
+    results["complete"] = True
+    write_reports(out, results)
+    return results
