@@ -50,8 +50,12 @@ def trainer_rate(dataset: str, data_dir: str | None, iterations: int, batch: int
     with tempfile.TemporaryDirectory() as folder:
         summary = train(
             TrainConfig(
-                dataset=dataset, out=str(Path(folder) / "run"), iterations=iterations,
-                batch_size=batch, eval_images=0, data_dir=data_dir,
+                dataset=dataset,
+                out=str(Path(folder) / "run"),
+                iterations=iterations,
+                batch_size=batch,
+                eval_images=0,
+                data_dir=data_dir,
                 checkpoint_every=max(iterations // 2, 1),
             ),
             progress=False,

@@ -30,8 +30,9 @@ def _tarball() -> bytes:
 def test_download_verifies_checksum_and_extracts(tmp_path: Path, monkeypatch) -> None:
     payload = _tarball()
     good = hashlib.md5(payload).hexdigest()
-    monkeypatch.setattr(download_module.urllib.request, "urlopen",
-                        lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setattr(
+        download_module.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload)
+    )
     monkeypatch.setitem(download_module.SOURCES, "cifar10", [("https://x/c.tar.gz", good)])
     download_module.download_dataset("cifar10", tmp_path)
     assert (tmp_path / "cifar-10-batches-py" / "readme.txt").read_text() == "hello"
@@ -65,11 +66,16 @@ def test_folder_patches_are_random_crops_and_deterministic(image_folder: Path) -
 
 def test_training_on_an_image_folder(image_folder: Path, tmp_path: Path) -> None:
     summary = train(
-        TrainConfig(dataset="folder", data_dir=str(image_folder), out=str(tmp_path / "run"),
-                    iterations=2, batch_size=2, checkpoint_every=1),
+        TrainConfig(
+            dataset="folder",
+            data_dir=str(image_folder),
+            out=str(tmp_path / "run"),
+            iterations=2,
+            batch_size=2,
+            checkpoint_every=1,
+        ),
         progress=False,
     )
     assert summary["iterations"] == 2 and (tmp_path / "run" / "model.safetensors").exists()
     with pytest.raises(UsageError, match="data-dir"):
-        train(TrainConfig(dataset="folder", out=str(tmp_path / "r2"), iterations=1),
-              progress=False)
+        train(TrainConfig(dataset="folder", out=str(tmp_path / "r2"), iterations=1), progress=False)

@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("classifier", "evaluation")
+COMMAND_MODULES = ("classifier", "evaluation", "seed")
 
 
 def register_all(app: typer.Typer) -> None:

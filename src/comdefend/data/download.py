@@ -19,12 +19,16 @@ from comdefend.errors import ComDefendError, UsageError
 _FASHION = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SOURCES: dict[str, list[tuple[str, str]]] = {
     "cifar10": [
-        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-         "c58f30108f718f92721af3b95e74349a"),
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+        ),
     ],
     "cifar100": [
-        ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-         "eb9058c3a382ffc7106e4002c42a8d85"),
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "eb9058c3a382ffc7106e4002c42a8d85",
+        ),
     ],
     "fashion-mnist": [
         (_FASHION + "train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),

@@ -111,6 +111,8 @@ class EvaluationConfig:
         eot_samples: EOT draws of the attacker under ``bpda+eot``.
         eot_draws: evaluation draws of randomized defenses.
         detectors: subset of :data:`DETECTORS`.
+        detector_holdout: clean test images after the first ``n`` used to calibrate the
+            detectors' thresholds (at most; fewer if the test set ends).
         attack_params: extra hyper-parameters per attack, e.g. ``{"pgd": {"steps": 20}}``.
         device: ``cpu``, ``cuda`` or ``auto``.
         progress: show a tqdm bar.
@@ -131,6 +133,7 @@ class EvaluationConfig:
     eot_samples: int = 8
     eot_draws: int = 3
     detectors: list[str] = field(default_factory=list)
+    detector_holdout: int = 1000
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
     progress: bool = True
@@ -195,6 +198,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     _int_at_least("eot samples", config.eot_samples, 1)
     _int_at_least("eot draws", config.eot_draws, 1)
     _int_at_least("seed", config.seed, 0)
+    _int_at_least("detector holdout", config.detector_holdout, 2)
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
     if config.out is not None and Path(config.out).exists() and not config.force:
@@ -206,7 +210,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
             "threat_models": [t for t in THREAT_MODELS if t in tms],
             "eps": sorted(set(eps)),
             "detectors": list(dict.fromkeys(detectors)),
-            "defenses": [d.strip() for d in config.defenses],
+            "defenses": list(dict.fromkeys(d.strip() for d in config.defenses)),
             "attack_params": {k.lower(): dict(v) for k, v in config.attack_params.items()},
         }
     )
@@ -427,7 +431,7 @@ def _fit_detectors(ev: _Evaluator) -> tuple[dict[str, Any], dict[str, Any]]:
         return detectors, info
     train = load_dataset(config.dataset, "train", config.data_dir)
     train_x = train.head(DETECTOR_TRAIN_IMAGES).float_images()
-    holdout_n = min(1000, len(ev.test) - ev.n)
+    holdout_n = min(config.detector_holdout, len(ev.test) - ev.n)
     if holdout_n < 2:
         info["skipped"] = (
             f"no held-out clean test images after the first {ev.n} to calibrate the detectors"
@@ -602,7 +606,11 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
 
 
 def _detect(
-    detectors: dict[str, Any], attack: str, eps_label: float | str, x_adv: torch.Tensor, ev: Any
+    detectors: dict[str, Any],
+    attack: str,
+    eps_label: float | str,
+    x_adv: torch.Tensor,
+    ev: _Evaluator,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"attack": attack, "eps": eps_label}
     for name, (detector, clean_scores) in detectors.items():

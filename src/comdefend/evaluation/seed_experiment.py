@@ -60,7 +60,7 @@ from comdefend.models.classifiers import Classifier, load_classifier
 from comdefend.models.comdefend import ComDefend
 from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.run import resolve_device
-from comdefend.training.trainer import TrainConfig, train
+from comdefend.training.trainer import EvaluationHook, TrainConfig, train
 
 ADVERSARIAL_KIND = "seed-adversarial-set"
 ADVERSARIAL_FILE = "adversarial.safetensors"
@@ -211,9 +211,7 @@ def predict(
     classifier: torch.nn.Module, images: torch.Tensor, batch: int, device: torch.device
 ) -> torch.Tensor:
     """Top-1 predictions (CPU int64) of ``classifier`` on ``images``, ``batch`` at a time."""
-    outputs = [
-        classifier(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch)
-    ]
+    outputs = [classifier(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch)]
     return torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long)
 
 
@@ -275,9 +273,7 @@ def save_adversarial_set(path: Path, adv: AdversarialSet, identity: dict[str, An
     save_checkpoint(path, tensors, {"kind": ADVERSARIAL_KIND, **identity, "stats": adv.stats})
 
 
-def load_adversarial_set(
-    path: Path, data: ImageSet, identity: dict[str, Any]
-) -> AdversarialSet:
+def load_adversarial_set(path: Path, data: ImageSet, identity: dict[str, Any]) -> AdversarialSet:
     """Read a cached fooling set; :class:`UsageError` if it was made with other settings."""
     tensors, metadata = load_checkpoint(path, ADVERSARIAL_KIND)
     differing = sorted(key for key in identity if metadata.get(key) != identity[key])
@@ -317,7 +313,7 @@ def defended_accuracy(
 
 def make_evaluation_hook(
     classifier: torch.nn.Module, adv: AdversarialSet, batch: int
-) -> Any:
+) -> EvaluationHook:
     """The ``on_evaluation`` hook for :func:`train`: accuracies after defending."""
 
     def hook(iteration: int, model: ComDefend) -> dict[str, Any]:  # noqa: ARG001
@@ -395,6 +391,7 @@ def write_plot(path: Path, results: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
@@ -411,7 +408,8 @@ def write_plot(path: Path, results: dict[str, Any]) -> None:
         )
     axes.set_xlabel("training iteration")
     axes.set_ylabel("accuracy after defending")
-    axes.set_ylim(0.0, 1.0)
+    axes.set_ylim(-0.02, 1.02)  # a margin keeps lines at exactly 0 or 1 visible
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     adv = results["adversarial_set"]
     axes.set_title(

@@ -1,0 +1,138 @@
+"""Evaluation command: ``evaluate`` (attacks × eps × defenses × threat models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from comdefend.errors import UsageError
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (options accept repeats and commas)."""
+    return [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+
+
+def _parse_eps(values: list[str] | None) -> list[float]:
+    eps = []
+    for item in _split_list(values):
+        try:
+            eps.append(float(item))
+        except ValueError:
+            raise UsageError(
+                f"--eps takes numbers in units of 1/255 (e.g. 2,4,8,16), got {item!r}"
+            ) from None
+    return eps
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_attack_params(values: list[str] | None) -> dict[str, dict[str, Any]]:
+    params: dict[str, dict[str, Any]] = {}
+    for item in values or []:
+        name, dot, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not dot or not eq or not name.strip() or not key.strip():
+            raise UsageError(
+                f"--attack-param takes ATTACK.KEY=VALUE (e.g. pgd.steps=20), got {item!r}"
+            )
+        params.setdefault(name.strip().lower(), {})[key.strip()] = _parse_value(value.strip())
+    return params
+
+
+def evaluate_command(
+    dataset: str = typer.Option(..., help="fashion-mnist, cifar10 or cifar100 (test split)."),
+    classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
+    defense: list[str] = typer.Option(
+        ["none"],
+        "--defense",
+        "-d",
+        help="Defense spec, repeatable: none, jpeg:Q, bits:B, median:K, comdefend:PATH[@opts], "
+        "or a+b.",
+    ),
+    attack: list[str] = typer.Option(
+        ["fgsm", "pgd"],
+        "--attack",
+        "-a",
+        help="Attack, repeatable or comma separated: fgsm, bim, pgd, mifgsm, deepfool, cw.",
+    ),
+    eps: list[str] = typer.Option(
+        ["2,4,8,16"],
+        "--eps",
+        help="L-inf budgets in units of 1/255 (8 means 8/255), in [0, 255], comma separated; "
+        "floats allowed. Ignored by deepfool and cw (minimum-norm, reported as 'min-norm').",
+    ),
+    threat_model: list[str] = typer.Option(
+        ["oblivious"],
+        "--threat-model",
+        "-t",
+        help="oblivious, bpda, bpda+eot, relaxed; comma separated or repeated.",
+    ),
+    n: int = typer.Option(1000, help="Evaluate the first N test images."),
+    seed: int = typer.Option(0, help="Master seed (attacks, noise draws)."),
+    batch_size: int = typer.Option(100, help="Images per attack / forward call."),
+    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder, e.g. reports/NAME."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report folder."),
+    eot_samples: int = typer.Option(8, help="EOT draws of the attacker under bpda+eot."),
+    eot_draws: int = typer.Option(3, help="Evaluation draws of randomized defenses."),
+    detector: list[str] = typer.Option(
+        [], "--detector", help="Detectors to evaluate, repeatable: pca, squeeze."
+    ),
+    detector_holdout: int = typer.Option(
+        1000, help="Clean test images after the first N that calibrate the detectors (5% FPR)."
+    ),
+    attack_param: list[str] = typer.Option(
+        [], "--attack-param", help="Attack hyper-parameter ATTACK.KEY=VALUE, e.g. pgd.steps=20."
+    ),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Robust accuracy of classifier + defenses under attacks, written as JSON/CSV/MD/HTML."""
+    from comdefend.evaluation.harness import EvaluationConfig, evaluate
+
+    config = EvaluationConfig(
+        dataset=dataset,
+        classifier=str(classifier),
+        defenses=list(defense),  # not split on commas: comdefend options contain them
+        attacks=_split_list(attack),
+        eps=_parse_eps(eps),
+        threat_models=_split_list(threat_model),
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        out=str(out),
+        force=force,
+        eot_samples=eot_samples,
+        eot_draws=eot_draws,
+        detectors=_split_list(detector),
+        detector_holdout=detector_holdout,
+        attack_params=_parse_attack_params(attack_param),
+        device=device,
+        progress=progress,
+    )
+    results = evaluate(config)
+    typer.echo(
+        f"evaluated {len(results['cells'])} cells on {results['dataset']['n']} images; "
+        f"wrote {', '.join(results['files'])} to {out}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the evaluation commands to ``app``."""
+    app.command("evaluate")(evaluate_command)

@@ -1,0 +1,362 @@
+"""Outputs of an evaluation run: ``results.json``, ``results.csv``, ``report.md``, ``report.html``.
+
+Every file is written atomically. Figures (PNG, also embedded in the HTML as base64) need
+matplotlib, imported lazily with the Agg backend: ``pip install comdefend[report]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comdefend.checkpoint import atomic_write, atomic_write_text
+from comdefend.defenses.detectors import MissingDependencyError
+
+CSV_FIELDS: tuple[str, ...] = (
+    "attack",
+    "eps",
+    "eps_value",
+    "defense",
+    "threat_model",
+    "effective_threat_model",
+    "status",
+    "clean_accuracy",
+    "clean_accuracy_std",
+    "robust_accuracy",
+    "robust_accuracy_std",
+    "attack_success_rate",
+    "mean_l2",
+    "mean_linf",
+    "psnr_purified_db",
+    "n",
+    "draws",
+    "attacker_model",
+    "note",
+)
+
+
+def import_pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or a :class:`MissingDependencyError`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise MissingDependencyError(
+            "evaluation reports need matplotlib: pip install comdefend[report]"
+        ) from error
+    return plt
+
+
+def _percent(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "—"
+    text = f"{100 * value:.1f}"
+    if std:
+        text += f" ± {100 * std:.1f}"
+    return text
+
+
+def _eps_text(eps: Any) -> str:
+    return eps if isinstance(eps, str) else f"{eps:g}"
+
+
+def _table_rows(results: dict[str, Any], tm: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of one threat model's table (robust accuracy %, defenses as columns)."""
+    defenses = [d["spec"] for d in results["defenses"]]
+    header = ["attack", "eps (/255)", *defenses]
+    rows = [["clean", "—", *(_percent(c["accuracy"], c["accuracy_std"]) for c in results["clean"])]]
+    by_key = {
+        (c["attack"], _eps_text(c["eps"]), c["defense"]): c
+        for c in results["cells"]
+        if c["threat_model"] == tm
+    }
+    order = list(dict.fromkeys((c["attack"], _eps_text(c["eps"])) for c in results["cells"]))
+    for attack, eps in order:
+        row = [attack, eps]
+        for defense in defenses:
+            cell = by_key.get((attack, eps, defense))
+            if cell is None or cell["status"] == "skipped":
+                row.append("n/a")
+            else:
+                row.append(_percent(cell["robust_accuracy"], cell["robust_accuracy_std"]))
+        rows.append(row)
+    worst = {
+        (w["eps"] if isinstance(w["eps"], str) else f"{w['eps']:g}", w["defense"]): w
+        for w in results["worst_case"]
+        if w["threat_model"] == tm
+    }
+    for eps in dict.fromkeys(eps for _, eps in order):
+        row = ["worst case", eps]
+        for defense in defenses:
+            w = worst.get((eps, defense))
+            row.append(
+                "n/a"
+                if w is None
+                else _percent(w["worst_case_robust_accuracy"], w["worst_case_robust_accuracy_std"])
+            )
+        rows.append(row)
+    return header, rows
+
+
+def _settings_lines(results: dict[str, Any]) -> list[str]:
+    config = results["config"]
+    lines = [
+        f"dataset: {config['dataset']} test, first {results['dataset']['n']} images",
+        f"classifier: {config['classifier']}",
+        f"defenses: {', '.join(config['defenses'])}",
+        f"attacks: {', '.join(config['attacks'])}",
+        f"eps: {', '.join(f'{e:g}' for e in config['eps'])} (units of 1/255; L-inf); "
+        "deepfool and cw are minimum-norm L2 attacks reported as 'min-norm'",
+        f"threat models: {', '.join(config['threat_models'])}",
+        f"seed {config['seed']}, batch size {config['batch_size']}, EOT samples "
+        f"{config['eot_samples']}, evaluation draws of randomized defenses {config['eot_draws']}",
+    ]
+    attack_settings: dict[str, Any] = {}
+    for cell in results["cells"]:
+        if "attack_settings" in cell:
+            settings = {k: v for k, v in cell["attack_settings"].items() if k != "eps"}
+            attack_settings[cell["attack"]] = settings  # the last (largest eps) wins
+    for name, settings in attack_settings.items():
+        lines.append(f"attack {name}: {json.dumps(settings, default=str)}")
+    env = results["environment"]
+    lines.append(f"comdefend {env.get('comdefend')}, torch {env.get('torch')}")
+    for path, digest in results["checkpoints"].items():
+        lines.append(f"sha256 {digest[:16]}… {path}")
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The paper-style tables: one per threat model, rows attack × eps, columns defenses."""
+    out = ["# Adversarial robustness evaluation", "", "## Settings", ""]
+    out += [f"- {line}" for line in _settings_lines(results)]
+    out += ["", "Values: accuracy in % (± std over evaluation draws for randomized defenses).", ""]
+    for tm, meaning in results["threat_models"].items():
+        header, rows = _table_rows(results, tm)
+        out += [f"## Threat model: {tm}", "", f"{meaning}.", ""]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" for _ in header) + "|")
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        notes = sorted(
+            {
+                f"{c['defense']}: {c['note']}"
+                for c in results["cells"]
+                if c["threat_model"] == tm and c.get("note")
+            }
+        )
+        if notes:
+            out += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+        out.append("")
+    detectors = results.get("detectors") or {}
+    if detectors.get("results"):
+        out += ["## Detectors (oblivious adversarials of the undefended classifier)", ""]
+        names = [k for k in detectors["info"] if k != "skipped"]
+        columns = " | ".join(f"{n} AUC | {n} TPR@5%FPR" for n in names)
+        out.append(f"| attack | eps | {columns} |")
+        out.append("|---|---|" + "---|---|" * len(names))
+        for row in detectors["results"]:
+            values = []
+            for name in names:
+                values += [f"{row[name]['roc_auc']:.3f}", _percent(row[name]["tpr_at_5fpr"])]
+            out.append(f"| {row['attack']} | {_eps_text(row['eps'])} | {' | '.join(values)} |")
+        out.append("")
+    elif detectors.get("info", {}).get("skipped"):
+        out += ["## Detectors", "", f"Skipped: {detectors['info']['skipped']}", ""]
+    return "\n".join(out)
+
+
+def write_csv(path: str | os.PathLike, cells: list[dict[str, Any]]) -> Path:
+    """One row per cell (:data:`CSV_FIELDS`)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for cell in cells:
+        writer.writerow({k: ("" if cell.get(k) is None else cell.get(k)) for k in CSV_FIELDS})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def _save_figure(figure: Any, path: Path) -> Path:
+    plt = import_pyplot()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return path
+
+
+def accuracy_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Worst-case robust accuracy vs eps per defense, one subplot per threat model."""
+    rows = [w for w in results["worst_case"] if not isinstance(w["eps"], str)]
+    if not rows:
+        return None
+    plt = import_pyplot()
+    tms = list(results["threat_models"])
+    figure, axes = plt.subplots(1, len(tms), figsize=(4.5 * len(tms), 3.6), squeeze=False)
+    for ax, tm in zip(axes[0], tms, strict=True):
+        for number, defense in enumerate(d["spec"] for d in results["defenses"]):
+            points = sorted(
+                (w["eps"], 100 * w["worst_case_robust_accuracy"])
+                for w in rows
+                if w["threat_model"] == tm and w["defense"] == defense
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=defense, color=f"C{number % 10}")
+        ax.set_title(tm)
+        ax.set_xlabel("eps (/255)")
+        ax.set_ylabel("worst-case robust accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
+def roc_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Detector ROC curves, one subplot per detector, one curve per (attack, eps)."""
+    detectors = results.get("detectors") or {}
+    if not detectors.get("results"):
+        return None
+    plt = import_pyplot()
+    names = [k for k in detectors["info"] if k != "skipped"]
+    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for row in detectors["results"]:
+            data = row[name]
+            label = f"{row['attack']} {_eps_text(row['eps'])} (AUC {data['roc_auc']:.2f})"
+            ax.plot(data["roc_fpr"], data["roc_tpr"], label=label)
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
+        ax.set_title(name)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.legend(fontsize=6)
+    figure.tight_layout()
+    return _save_figure(figure, path)
+
+
+def grid_figure(grid: dict[str, Any], path: Path) -> Path | None:
+    """Clean / adversarial / amplified difference / purified rows (see ``save_grid``)."""
+    from comdefend.evaluation.grids import save_grid
+
+    if not grid:
+        return None
+    rows: list[torch.Tensor] = [grid["clean"], grid["adversarial"], grid["difference"]]
+    labels = ["clean", "adversarial", "diff x10"]
+    for spec, images in grid.get("purified", {}).items():
+        rows.append(images)
+        labels.append(f"purified {spec}"[:18])
+    return save_grid(path, rows, labels=labels)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _embedded(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(alt)} ({html.escape(path.name)})</figcaption></figure>"
+    )
+
+
+def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
+    """The Markdown report's tables as HTML, with the figures embedded as base64 PNG."""
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        "<title>Adversarial robustness evaluation</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
+        "padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+        "<h1>Adversarial robustness evaluation</h1><h2>Settings</h2><ul>",
+        *(f"<li>{html.escape(line)}</li>" for line in _settings_lines(results)),
+        "</ul><p>Values: accuracy in % (± std over evaluation draws for randomized defenses).</p>",
+    ]
+    for tm, meaning in results["threat_models"].items():
+        header, rows = _table_rows(results, tm)
+        parts += [f"<h2>Threat model: {html.escape(tm)}</h2><p>{html.escape(meaning)}.</p>"]
+        parts.append(_html_table(header, rows))
+        notes = sorted(
+            {
+                f"{c['defense']}: {c['note']}"
+                for c in results["cells"]
+                if c["threat_model"] == tm and c.get("note")
+            }
+        )
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    detectors = results.get("detectors") or {}
+    if detectors.get("results"):
+        names = [k for k in detectors["info"] if k != "skipped"]
+        header = ["attack", "eps"] + [f"{n} {m}" for n in names for m in ("AUC", "TPR@5%FPR")]
+        rows = []
+        for row in detectors["results"]:
+            values = [row["attack"], _eps_text(row["eps"])]
+            for name in names:
+                values += [f"{row[name]['roc_auc']:.3f}", _percent(row[name]["tpr_at_5fpr"])]
+            rows.append(values)
+        parts += ["<h2>Detectors</h2>", _html_table(header, rows)]
+    titles = {
+        "accuracy": "Worst-case robust accuracy vs eps",
+        "grid": "Clean / adversarial / amplified difference / purified",
+        "roc": "Detector ROC curves",
+    }
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [_embedded(path, titles.get(name, name)) for name, path in figures.items()]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def write_report(
+    results: dict[str, Any], out: str | os.PathLike, grid: dict[str, Any] | None = None
+) -> list[str]:
+    """Write every output of an evaluation run into ``out``; returns the file names.
+
+    Raises:
+        MissingDependencyError: matplotlib is missing (``pip install comdefend[report]``).
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    for name, maker in (("accuracy", accuracy_figure), ("roc", roc_figure)):
+        path = maker(results, folder / f"{name}.png")
+        if path is not None:
+            figures[name] = path
+    grid_path = grid_figure(grid or {}, folder / "grid.png")
+    if grid_path is not None:
+        figures["grid"] = grid_path
+    files = ["results.json", "results.csv", "report.md", "report.html"]
+    files += [p.name for p in figures.values()]
+    results["files"] = files
+    atomic_write_text(
+        folder / "results.json",
+        json.dumps(finite_json(results), indent=2, default=str, allow_nan=False),
+    )
+    write_csv(folder / "results.csv", results["cells"])
+    atomic_write_text(folder / "report.md", render_markdown(results))
+    atomic_write_text(folder / "report.html", render_html(results, figures))
+    return files

@@ -1,0 +1,257 @@
+"""Evaluation harness: invariants on a tiny Fashion-MNIST classifier, CLI end to end, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comdefend.errors import UsageError
+from comdefend.evaluation.harness import EvaluationConfig, evaluate, validate_config
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+FAST_PGD = {"pgd": {"steps": 3}, "bim": {"steps": 3}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One torch thread: on a shared, loaded 2-core machine two threads are much slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A fashion-cnn trained for a few Adam steps on 512 images, and an untrained ComDefend."""
+    if not FASHION.exists():
+        pytest.skip(f"{FASHION} is not available")
+    from comdefend.data.datasets import load_dataset
+    from comdefend.models.classifiers import build_classifier, save_classifier
+    from comdefend.models.comdefend import ComDefend, ComDefendConfig
+
+    torch.manual_seed(0)
+    data = load_dataset("fashion-mnist", "train", FASHION).head(512)
+    x, y = data.float_images(), data.labels.long()
+    model = build_classifier("fashion-cnn")
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(30):  # about 70 % test accuracy
+        index = torch.arange(step * 32, step * 32 + 32) % 512
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("ckpt")
+    classifier = str(save_classifier(model.eval(), folder / "classifier.safetensors"))
+    comdefend = folder / "comdefend.safetensors"
+    ComDefend(ComDefendConfig(image_channels=1)).save(comdefend)
+    return {"classifier": classifier, "comdefend": str(comdefend)}
+
+
+def _config(checkpoints: dict[str, str], **overrides: object) -> EvaluationConfig:
+    values: dict[str, object] = {
+        "dataset": "fashion-mnist",
+        "classifier": checkpoints["classifier"],
+        "defenses": ["none"],
+        "attacks": ["pgd"],
+        "eps": [0, 4, 16],
+        "threat_models": ["oblivious"],
+        "n": 32,
+        "batch_size": 32,
+        "data_dir": str(FASHION),
+        "attack_params": {k: v for k, v in FAST_PGD.items()},
+        "progress": False,
+        "eot_draws": 2,
+        "eot_samples": 2,
+    }
+    values.update(overrides)
+    values["attack_params"] = {
+        k: v
+        for k, v in values["attack_params"].items()
+        if k in values["attacks"]  # type: ignore[union-attr]
+    }
+    return EvaluationConfig(**values)  # type: ignore[arg-type]
+
+
+def _cells(results: dict, **match: object) -> list[dict]:
+    return [c for c in results["cells"] if all(c[k] == v for k, v in match.items())]
+
+
+def test_robust_accuracy_falls_with_eps_and_eps0_equals_clean(checkpoints: dict) -> None:
+    results = evaluate(
+        _config(checkpoints, attacks=["pgd", "bim", "fgsm"], defenses=["none", "bits:4"])
+    )
+    for defense in ("none", "bits:4"):
+        clean = next(c for c in results["clean"] if c["defense"] == defense)["accuracy"]
+        assert clean > 0.3  # the tiny classifier learned something
+        for attack in ("pgd", "bim", "fgsm"):
+            cells = sorted(_cells(results, attack=attack, defense=defense), key=lambda c: c["eps"])
+            accuracies = [c["robust_accuracy"] for c in cells]
+            assert cells[0]["eps"] == 0
+            assert accuracies[0] == pytest.approx(clean, abs=1e-12)
+            assert cells[0]["mean_linf"] == 0.0
+            if attack != "fgsm":
+                assert all(b <= a + 0.05 for a, b in zip(accuracies, accuracies[1:], strict=False))
+            assert accuracies[-1] < clean
+            assert cells[-1]["mean_linf"] <= 16 / 255 + 1e-6
+    worst = {
+        (w["defense"], w["eps"]): w["worst_case_robust_accuracy"] for w in results["worst_case"]
+    }
+    for cell in results["cells"]:
+        assert worst[(cell["defense"], cell["eps"])] <= cell["robust_accuracy"] + 1e-12
+
+
+def test_bpda_at_most_oblivious_and_reuse_rules(checkpoints: dict) -> None:
+    spec = f"comdefend:{checkpoints['comdefend']}@noise=1.0"
+    results = evaluate(
+        _config(
+            checkpoints,
+            n=8,
+            batch_size=8,
+            attacks=["fgsm"],
+            eps=[16],
+            defenses=["none", spec, "jpeg:75", "bits:3"],
+            threat_models=["oblivious", "bpda", "bpda+eot", "relaxed"],
+        )
+    )
+    oblivious = _cells(results, defense=spec, threat_model="oblivious")[0]
+    bpda = _cells(results, defense=spec, threat_model="bpda")[0]
+    assert bpda["robust_accuracy"] <= oblivious["robust_accuracy"] + 0.13  # one image of 8
+    bits_obl = _cells(results, defense="bits:3", threat_model="oblivious")[0]
+    bits_bpda = _cells(results, defense="bits:3", threat_model="bpda")[0]
+    assert bits_bpda["robust_accuracy"] <= bits_obl["robust_accuracy"] + 0.13
+    assert bpda["draws"] == 2 and "robust_accuracy_std" in bpda
+    none_bpda = _cells(results, defense="none", threat_model="bpda")[0]
+    none_obl = _cells(results, defense="none", threat_model="oblivious")[0]
+    assert none_bpda["status"] == "reused"
+    assert none_bpda["robust_accuracy"] == none_obl["robust_accuracy"]
+    relaxed_jpeg = _cells(results, defense="jpeg:75", threat_model="relaxed")[0]
+    assert relaxed_jpeg["status"] == "skipped" and "relaxed" in relaxed_jpeg["note"]
+    eot_jpeg = _cells(results, defense="jpeg:75", threat_model="bpda+eot")[0]
+    assert eot_jpeg["status"] == "reused" and "falls back to bpda" in eot_jpeg["note"]
+    assert _cells(results, defense=spec, threat_model="relaxed")[0]["status"] == "ok"
+    assert results["checkpoints"][checkpoints["comdefend"]]
+
+
+def test_same_seed_same_results(checkpoints: dict) -> None:
+    noisy = f"comdefend:{checkpoints['comdefend']}@noise=1.0"
+    config = _config(
+        checkpoints,
+        n=4,
+        batch_size=2,
+        eps=[8],
+        attacks=["pgd"],
+        defenses=["none", noisy],
+        threat_models=["oblivious", "bpda"],
+    )
+    first, second = evaluate(config), evaluate(config)
+    assert json.dumps(first["cells"]) == json.dumps(second["cells"])
+    assert first["worst_case"] == second["worst_case"]
+
+
+def test_cli_writes_all_files(checkpoints: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+
+    out = tmp_path / "report"
+    args = [
+        "evaluate", "--dataset", "fashion-mnist", "--classifier", checkpoints["classifier"],
+        "--defense", "none", "--defense", "bits:4", "--attack", "fgsm,deepfool",
+        "--attack-param", "deepfool.steps=3", "--eps", "0,8", "--threat-model", "oblivious,bpda",
+        "--n", "32", "--batch-size", "32", "--data-dir", str(FASHION), "--out", str(out),
+        "--detector", "pca", "--detector", "squeeze", "--detector-holdout", "100", "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("results.json", "results.csv", "report.md", "report.html", "grid.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["eps"] == [0.0, 8.0]
+    assert {c["eps"] for c in results["cells"] if c["attack"] == "deepfool"} == {"min-norm"}
+    assert set(results["checkpoints"]) == {checkpoints["classifier"]}
+    assert results["environment"]["torch"] == torch.__version__
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(results["cells"]) == 1 + 3 * 2 * 2
+    report = (out / "report.md").read_text()
+    assert "Threat model: bpda" in report and "| clean |" in report
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+    detection = results["detectors"]["results"]
+    assert {row["attack"] for row in detection} == {"fgsm", "deepfool"}
+    assert 0.0 <= detection[0]["pca"]["roc_auc"] <= 1.0
+    # the folder now exists: a second run without --force is refused
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--force" in str(again.exception or again.output)
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    from comdefend.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["comdefend", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"--attack": "nope"}, "valid attacks: fgsm, bim, pgd"),
+        ({"--defense": "blur:3"}, "valid: none"),
+        ({"--threat-model": "magic"}, "oblivious, bpda, bpda+eot, relaxed"),
+        ({"--eps": "300"}, "[0, 255]"),
+        ({"--dataset": "cifar10"}, "fashion-mnist"),
+        ({"--n": "0"}, "n must be an integer >= 1"),
+    ],
+)
+def test_bad_inputs_exit_with_message(
+    checkpoints: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    change: dict[str, str],
+    expected: str,
+) -> None:
+    options = {
+        "--dataset": "fashion-mnist",
+        "--classifier": checkpoints["classifier"],
+        "--defense": "none",
+        "--attack": "fgsm",
+        "--eps": "8",
+        "--threat-model": "oblivious",
+        "--n": "4",
+        "--data-dir": str(FASHION),
+        "--out": str(tmp_path / "out"),
+        **change,
+    }
+    args = ["evaluate", *[item for pair in options.items() for item in pair], "--no-progress"]
+    err = _main(monkeypatch, capsys, args)
+    assert err.startswith("error: ") and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_config_normalises() -> None:
+    config = validate_config(
+        EvaluationConfig(
+            dataset="fashion-mnist",
+            classifier="x",
+            attacks=["PGD", "pgd"],
+            eps=[8, 2.5, 8],
+            threat_models=["bpda", "oblivious"],
+        )
+    )
+    assert config.attacks == ["pgd"]
+    assert config.eps == [2.5, 8.0]
+    assert config.threat_models == ["oblivious", "bpda"]
+    with pytest.raises(UsageError, match="1/255"):
+        validate_config(EvaluationConfig(dataset="fashion-mnist", classifier="x", eps=[-1]))
