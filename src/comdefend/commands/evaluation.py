@@ -55,7 +55,10 @@ def _parse_attack_params(values: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def evaluate_command(
-    dataset: str = typer.Option(..., help="fashion-mnist, cifar10 or cifar100 (test split)."),
+    dataset: str = typer.Option(..., help="fashion-mnist, cifar10 or cifar100."),
+    split: str = typer.Option(
+        "test", help="test, or sample: the 1,000 embedded test images (no dataset needed)."
+    ),
     classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
     defense: list[str] = typer.Option(
         ["none"],
@@ -108,6 +111,7 @@ def evaluate_command(
     config = EvaluationConfig(
         dataset=dataset,
         classifier=str(classifier),
+        split=split,
         defenses=list(defense),  # not split on commas: comdefend options contain them
         attacks=_split_list(attack),
         eps=_parse_eps(eps),

@@ -21,7 +21,7 @@ import torch
 from comdefend.errors import DatasetNotFoundError, InputError, UsageError
 
 ENV_VAR = "COMDEFEND_DATA"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "sample")  # sample: embedded 1,000 test images
 
 
 @dataclass
@@ -288,11 +288,18 @@ def load_dataset(
 ) -> ImageSet:
     """Load ``name`` (``fashion-mnist``, ``cifar10``, ``cifar100`` or ``folder``) into memory.
 
+    ``split="sample"`` gives the 1,000 class-balanced test images embedded in the package
+    (Fashion-MNIST and CIFAR-10 only), so that no dataset needs to be installed.
+
     For ``folder``, ``data_dir`` is a folder of class subfolders (or of ``train``/``test`` each
     holding class subfolders) of equally sized images.
     """
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split == "sample":
+        from comdefend.data.samples import load_sample
+
+        return load_sample(name)
     if name == "folder":
         if data_dir is None or not Path(data_dir).is_dir():
             raise DatasetNotFoundError(f"--data-dir must name an image folder, got {data_dir}")

@@ -96,7 +96,9 @@ class EvaluationConfig:
     """Everything one evaluation run needs; serialised verbatim into ``results.json``.
 
     Attributes:
-        dataset: ``fashion-mnist``, ``cifar10`` or ``cifar100`` (test split is evaluated).
+        dataset: ``fashion-mnist``, ``cifar10`` or ``cifar100``.
+        split: ``test`` (the test set) or ``sample`` (the 1,000 class-balanced test images
+            embedded in the package; Fashion-MNIST and CIFAR-10).
         classifier: classifier checkpoint path.
         defenses: defense specs (see :func:`comdefend.defenses.parse_defense`).
         attacks: attack names (see :data:`comdefend.attacks.ATTACKS`).
@@ -120,6 +122,7 @@ class EvaluationConfig:
 
     dataset: str
     classifier: str
+    split: str = "test"
     defenses: list[str] = field(default_factory=lambda: ["none"])
     attacks: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
     eps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
@@ -274,7 +277,9 @@ class _Evaluator:
         _check_classifier_fits(self.classifier, config.classifier, config.dataset)
         self.classifier.requires_grad_(False)
         self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
-        test = load_dataset(config.dataset, "test", config.data_dir)
+        if config.split not in ("test", "sample"):
+            raise UsageError(f"unknown split {config.split!r}; valid: test, sample")
+        test = load_dataset(config.dataset, config.split, config.data_dir)
         for spec, defense in zip(config.defenses, self.defenses, strict=True):
             for part in _comdefend_parts(defense):
                 part.model.requires_grad_(False)
@@ -586,7 +591,12 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
         "environment": _environment(environment),
         "checkpoints": _checkpoint_hashes(config, ev),
         "classifier": _classifier_info(ev),
-        "dataset": {"name": config.dataset, "split": "test", "n": ev.n, "source": ev.data_source},
+        "dataset": {
+            "name": config.dataset,
+            "split": config.split,
+            "n": ev.n,
+            "source": ev.data_source,
+        },
         "defenses": [
             {"spec": s, "name": d.name, "settings": d.settings()}
             for s, d in zip(config.defenses, ev.defenses, strict=True)
