@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("classifier", "evaluation", "seed")
+COMMAND_MODULES = ("classifier", "evaluation", "seed", "zoo")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -1,0 +1,68 @@
+"""Copy a finished run's weights into the package zoo and record their provenance.
+
+    python scripts/register_weights.py runs/classifier-fashion-cnn --name fashion-cnn \
+        --command "comdefend train-classifier ..." --hardware "2-core x86_64 CPU"
+
+Reads the run's ``summary.json`` (config, metrics, environment), copies ``model.safetensors`` to
+``src/comdefend/zoo/weights/NAME.safetensors`` and writes the entry into ``registry.json``
+(replacing an entry of the same name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from comdefend.checkpoint import atomic_write_text, read_metadata, sha256_of
+from comdefend.zoo import REGISTRY_FILE, ZOO_FOLDER
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--command", required=True, help="the exact command that trained it")
+    parser.add_argument("--hardware", required=True)
+    parser.add_argument("--notes", default="")
+    args = parser.parse_args()
+
+    summary = json.loads((args.run / "summary.json").read_text())
+    source = args.run / "model.safetensors"
+    metadata = read_metadata(source)
+    kind = metadata["kind"]
+    config = summary["config"]
+    if kind == "purifier":
+        architecture = metadata["config"]["preset"]
+        metrics = {f"heldout_{k}": v for k, v in summary.get("heldout", {}).items()}
+        metrics["heldout_images"] = config.get("eval_images")
+    else:
+        architecture = config["arch"]
+        metrics = {k: v for k, v in summary.items() if "accuracy" in k}
+    target = ZOO_FOLDER / "weights" / f"{args.name}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    entry = {
+        "name": args.name,
+        "file": target.name,
+        "sha256": sha256_of(target),
+        "kind": kind,
+        "dataset": config["dataset"],
+        "architecture": architecture,
+        "command": args.command,
+        "metrics": metrics,
+        "hardware": args.hardware,
+        "iterations": int(summary.get("iterations", 0)),
+        "license": "MIT",
+        "notes": args.notes,
+        "extra": {"torch": summary.get("env", {}).get("torch"), "seed": config.get("seed")},
+    }
+    entries = json.loads(REGISTRY_FILE.read_text()) if REGISTRY_FILE.is_file() else []
+    entries = [e for e in entries if e["name"] != args.name] + [entry]
+    atomic_write_text(REGISTRY_FILE, json.dumps(entries, indent=2) + "\n")
+    print(json.dumps(entry, indent=2))
+
+
+if __name__ == "__main__":
+    main()

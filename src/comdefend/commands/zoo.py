@@ -1,0 +1,41 @@
+"""``comdefend zoo list``: the pretrained models shipped with the package."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    zoo = typer.Typer(help="Pretrained models shipped with the package.", no_args_is_help=True)
+
+    @zoo.command("list")
+    def list_command(
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        verify: bool = typer.Option(False, "--verify", help="Check every file's sha256."),
+    ) -> None:
+        """List shipped models with dataset, architecture, metrics and provenance."""
+        from comdefend.zoo import get_entry, list_pretrained, pretrained_path
+
+        entries = [get_entry(name) for name in list_pretrained()]
+        if verify:
+            for entry in entries:
+                pretrained_path(entry.name, verify=True)
+        if as_json:
+            typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+            return
+        if not entries:
+            typer.echo("no pretrained models are shipped in this build")
+            return
+        for entry in entries:
+            metrics = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in entry.metrics.items()
+            )
+            typer.echo(
+                f"{entry.name:<28}{entry.kind:<11}{entry.dataset:<15}{entry.architecture:<14}"
+                f"{entry.iterations:>7} it  {metrics}"
+            )
+
+    app.add_typer(zoo, name="zoo")
