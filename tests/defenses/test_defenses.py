@@ -309,7 +309,9 @@ def test_eot_of_deterministic_module_is_the_module() -> None:
     leaf = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(classifier(leaf)[:, 0].sum(), leaf)
     torch.testing.assert_close(grad, expected)
-    assert float(loss.detach()) == pytest.approx(float(classifier(x)[:, 0].sum()), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(
+        float(classifier(x)[:, 0].sum().detach()), abs=1e-5
+    )
     with pytest.raises(UsageError):
         EOT(classifier, 0)
 

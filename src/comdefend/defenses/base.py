@@ -18,24 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from comdefend.errors import InputError
+from comdefend.models.comdefend import check_batch
 
-
-def check_batch(x: torch.Tensor, name: str = "input") -> None:
-    """Cheap structural check of a defense input (no device synchronisation).
-
-    Raises :class:`InputError` unless ``x`` is a 4-dimensional floating-point tensor. Value checks
-    (range, NaN) are left to defenses that leave the device anyway (JPEG, ComDefend).
-    """
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise InputError(f"{name} must be NCHW (4 dimensions), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise InputError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}")
+__all__ = ["Defense", "check_batch"]
 
 
 class Defense(nn.Module):

@@ -100,8 +100,8 @@ class ComDefendConfig:
         return cls(**data)
 
 
-def check_images(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:
-    """Raise :class:`InputError` unless ``x`` is a finite NCHW float tensor in [0, 1]."""
+def check_batch(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:
+    """Cheap structural check (no device synchronisation): a 4-D float tensor, right channels."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -115,6 +115,11 @@ def check_images(x: torch.Tensor, channels: int | None = None, name: str = "inpu
         )
     if x.numel() == 0:
         raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
+
+
+def check_images(x: torch.Tensor, channels: int | None = None, name: str = "input") -> None:
+    """Raise :class:`InputError` unless ``x`` is a finite NCHW float tensor in [0, 1]."""
+    check_batch(x, channels, name)
     x = x.detach()  # the checks below must not warn inside an attack's autograd graph
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contains NaN or infinite values")
