@@ -11,7 +11,7 @@ in, interleaved in one process, and prints seconds per step and the gray/RGB rat
 - ``float64``: the data left as float64 (``numpy / 255.0``) and the model converted to match;
 - ``channels_last``: NHWC memory format, which propagates through every layer;
 - ``trained_weights``: the authors' released weights (saturated units late in training), if
-  ``--official`` points at them.
+  ``--official`` points at them; ``trained_weights_flush``: the same with subnormals flushed.
 
 Multiply-accumulates per image: gray 2 x 812,448 x 784 = 1.27 G, RGB 2 x 782,640 x 1,024 =
 1.60 G, so the gray step should be about 0.8x the RGB step.
@@ -50,7 +50,7 @@ def make(channels: int, condition: str, official: Path | None) -> tuple[ComDefen
     torch.manual_seed(0)
     size = 28 if channels == 1 else 32
     model = ComDefend(ComDefendConfig(image_channels=channels)).train()
-    if condition == "trained_weights" and official is not None:
+    if condition.startswith("trained_weights") and official is not None:
         from comdefend.official import import_official
 
         names = ("enc_mnist", "dec_mnist") if channels == 1 else ("enc20_0.0001", "dec20_0.0001")
@@ -71,15 +71,20 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--official", type=Path, default=None)
+    parser.add_argument("--conditions", default=None, help="comma-separated subset to run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     conditions = ["baseline", "flush_denormal", "float64", "channels_last"]
     if args.official is not None:
-        conditions.append("trained_weights")
+        conditions += ["trained_weights", "trained_weights_flush"]
+    if args.conditions:
+        conditions = [c for c in conditions if c in args.conditions.split(",")]
     result: dict = {"threads": torch.get_num_threads(), "seconds_per_step": {}}
     for condition in conditions:
-        torch.set_flush_denormal(condition == "flush_denormal")
+        torch.set_flush_denormal(
+            condition.endswith("flush_denormal") or condition.endswith("flush")
+        )
         gray = step_seconds(*make(1, condition, args.official), args.iterations)
         rgb = step_seconds(*make(3, condition, args.official), args.iterations)
         result["seconds_per_step"][condition] = {

@@ -50,7 +50,7 @@ def run_quickstart(
         seed=seed,
         data_dir=data_dir,
         eval_every=max(iterations // 2, 1),
-        eval_images=200,
+        eval_images=min(200, eval_images),
         checkpoint_every=max(iterations // 4, 1),
     )
     summary = train(config, progress=progress)
