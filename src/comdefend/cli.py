@@ -67,7 +67,8 @@ def import_official_command(
     typer.echo(
         f"wrote {out}: {'RGB' if config.image_channels == 3 else 'grayscale'}, "
         f"{config.bits_per_pixel} bits/pixel, channel order {config.channel_order}, "
-        f"purify mode {config.purify_mode} ({config.patch_size}px)"
+        f"purify mode {config.purify_mode}"
+        + (f" ({config.patch_size}px patches)" if config.purify_mode == "patch" else "")
     )
 
 

@@ -1,0 +1,117 @@
+"""Train every model of the pretrained zoo and register it, resumably, on CPU or CUDA.
+
+    python scripts/train_zoo.py                     # all models, --device auto
+    python scripts/train_zoo.py --only fashion-cnn  # one model
+    python scripts/train_zoo.py --smoke             # a few iterations each, nothing registered
+
+Each model is one ``comdefend`` command (the exact command is stored in the registry); a run
+folder that already holds a checkpoint is resumed, a finished one is skipped. After training,
+``scripts/register_weights.py`` copies the weights into ``src/comdefend/zoo/weights/`` and
+records the command, metrics and hardware. On a CUDA GPU the whole zoo takes minutes; on a
+2-core CPU each ComDefend model takes hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = "--data-dir ../shared/data/cifar10"
+
+# name -> (comdefend arguments, notes); the seed's ComDefend schedule: 7,500 iterations of
+# batch 20, Adam 1e-3, noise std 20, lambda 1e-4.
+PLAN: dict[str, tuple[str, str]] = {
+    "fashion-cnn": (
+        "train-classifier --dataset fashion-mnist --arch fashion-cnn --epochs 8 "
+        "--batch-size 128 --lr 0.05 --seed 0",
+        "Fashion-MNIST classifier",
+    ),
+    "resnet20-cifar10": (
+        f"train-classifier --dataset cifar10 --arch resnet20 --epochs 60 --batch-size 128 "
+        f"--lr 0.1 --seed 0 {CIFAR}",
+        "CIFAR-10 ResNet-20",
+    ),
+    "comdefend-fashion-mnist": (
+        "train --dataset fashion-mnist --preset normal --iterations 7500 --batch-size 20 "
+        "--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000",
+        "ComDefend (plain), 4-bit code",
+    ),
+    "comdefend-cifar10": (
+        f"train --dataset cifar10 --preset normal --iterations 7500 --batch-size 20 --lr 1e-3 "
+        f"--noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        "ComDefend (plain), 12-bit code",
+    ),
+    "comdefend-cifar10-1_on_off": (
+        f"train --dataset cifar10 --preset 1_on_off --iterations 7500 --batch-size 20 "
+        f"--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        "residual encoder (depth 1), plain decoder",
+    ),
+    "comdefend-cifar10-1_1": (
+        f"train --dataset cifar10 --preset 1_1 --iterations 7500 --batch-size 20 --lr 1e-3 "
+        f"--noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        "residual encoder and decoder (depth 1)",
+    ),
+}
+SMOKE = {"--epochs": "1", "--iterations": "4", "--eval-images": "16"}
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name(0)}"
+    return f"CPU: {platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def smoke_arguments(arguments: list[str]) -> list[str]:
+    out = list(arguments)
+    for flag, value in SMOKE.items():
+        if flag in out:
+            out[out.index(flag) + 1] = value
+    if out[0] == "train-classifier":
+        out += ["--limit-train", "512", "--limit-test", "256", "--eval-images", "64"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help="comma-separated names; default: all")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs, nothing registered")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(PLAN)
+    unknown = [name for name in names if name not in PLAN]
+    if unknown:
+        sys.exit(f"unknown zoo model(s) {unknown}; valid: {', '.join(PLAN)}")
+    for name in names:
+        arguments, notes = PLAN[name]
+        argv = shlex.split(arguments)
+        if args.smoke:
+            argv = smoke_arguments(argv)
+        out = args.runs / name
+        command = ["comdefend", *argv, "--device", args.device, "--out", str(out)]
+        if (out / "summary.json").exists():
+            print(f"{name}: finished run found in {out}, not retrained")
+        else:
+            if (out / "checkpoint.safetensors").exists():
+                command.append("--resume")
+            print("$", shlex.join(command), flush=True)
+            subprocess.run(command, check=True, cwd=REPO)
+        if args.smoke:
+            continue
+        recorded = f"comdefend {arguments} --out runs/zoo/{name}"
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "register_weights.py"), str(out),
+             "--name", name, "--command", recorded, "--hardware", hardware(), "--notes", notes],
+            check=True, cwd=REPO,
+        )
+
+
+if __name__ == "__main__":
+    main()
