@@ -62,3 +62,26 @@ def test_shipped_entries_match_their_sha256(name: str) -> None:
     entry = zoo.get_entry(name)
     assert sha256_of(entry.path) == entry.sha256
     assert entry.command and entry.hardware and entry.license
+
+
+@pytest.mark.parametrize("name", zoo.list_pretrained())
+def test_shipped_entries_reproduce_their_metric_on_the_sample(name: str) -> None:
+    """Each shipped model, on 500 embedded test images, is close to its recorded metric."""
+    from comdefend.data import load_dataset
+
+    entry = zoo.get_entry(name)
+    model = zoo.load_pretrained(name)
+    sample = load_dataset(entry.dataset, "sample").subset(torch.arange(0, 1000, 2))
+    x = sample.float_images()
+    with torch.no_grad():
+        if entry.kind == "classifier":
+            predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(250)])
+            accuracy = float((predictions == sample.labels).float().mean())
+            assert accuracy == pytest.approx(entry.metrics["test_accuracy"], abs=0.03)
+        else:
+            from comdefend.metrics import mean_psnr
+
+            purified = torch.cat([model.purify(chunk) for chunk in x.split(250)])
+            assert mean_psnr(purified, x) == pytest.approx(
+                entry.metrics["heldout_psnr_db"], abs=1.0
+            )
