@@ -112,7 +112,13 @@ def _table_rows(results: dict[str, Any], tm: str) -> tuple[list[str], list[list[
 def _settings_lines(results: dict[str, Any]) -> list[str]:
     config = results["config"]
     lines = [
-        f"dataset: {config['dataset']} test, first {results['dataset']['n']} images",
+        f"dataset: {config['dataset']} "
+        + (
+            "embedded sample (class-balanced test images)"
+            if config.get("split") == "sample"
+            else "test set"
+        )
+        + f", first {results['dataset']['n']} images",
         f"classifier: {config['classifier']}",
         f"defenses: {', '.join(config['defenses'])}",
         f"attacks: {', '.join(config['attacks'])}",
