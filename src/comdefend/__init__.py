@@ -14,6 +14,7 @@ from comdefend.models import (
     list_presets,
 )
 from comdefend.official import import_official
+from comdefend.zoo import list_pretrained, load_pretrained
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     "comdefend_loss",
     "get_preset",
     "import_official",
+    "list_pretrained",
+    "load_pretrained",
     "list_presets",
     "load_checkpoint",
     "load_dataset",

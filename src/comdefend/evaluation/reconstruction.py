@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from comdefend.data.datasets import load_dataset
 from comdefend.errors import UsageError
-from comdefend.metrics import mean_psnr, mse_per_image, psnr_from_mse
+from comdefend.metrics import mse_per_image, psnr_from_mse
 from comdefend.models.comdefend import ComDefend
 
 
@@ -61,4 +61,4 @@ def reconstruction_report(
     }
 
 
-__all__ = ["mean_psnr", "reconstruction_report"]
+__all__ = ["reconstruction_report"]

@@ -128,13 +128,32 @@ def _settings_lines(results: dict[str, Any]) -> list[str]:
         f"seed {config['seed']}, batch size {config['batch_size']}, EOT samples "
         f"{config['eot_samples']}, evaluation draws of randomized defenses {config['eot_draws']}",
     ]
-    attack_settings: dict[str, Any] = {}
+    # Settings that are the same at every eps are listed once; those that vary with eps (the
+    # default step size is a multiple of eps) are listed per eps.
+    per_attack: dict[str, dict[str, dict[str, Any]]] = {}
     for cell in results["cells"]:
         if "attack_settings" in cell:
             settings = {k: v for k, v in cell["attack_settings"].items() if k != "eps"}
-            attack_settings[cell["attack"]] = settings  # the last (largest eps) wins
-    for name, settings in attack_settings.items():
-        lines.append(f"attack {name}: {json.dumps(settings, default=str)}")
+            per_attack.setdefault(cell["attack"], {})[str(cell["eps"])] = settings
+    for name, by_eps in per_attack.items():
+        keys = set().union(*(s.keys() for s in by_eps.values()))
+        common = {
+            k: v
+            for k, v in next(iter(by_eps.values())).items()
+            if all(s.get(k) == v for s in by_eps.values())
+        }
+        varying = sorted(keys - set(common))
+        text = json.dumps(common, default=str)
+        if varying:
+            text += "; per eps: " + ", ".join(
+                f"{eps}: "
+                + ", ".join(
+                    f"{k}={s.get(k):.6g}" if isinstance(s.get(k), float) else f"{k}={s.get(k)}"
+                    for k in varying
+                )
+                for eps, s in by_eps.items()
+            )
+        lines.append(f"attack {name}: {text}")
     env = results["environment"]
     lines.append(f"comdefend {env.get('comdefend')}, torch {env.get('torch')}")
     for path, digest in results["checkpoints"].items():

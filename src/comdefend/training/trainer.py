@@ -165,7 +165,6 @@ def train(
 
     model.train()
     iteration = start
-    last_eval: dict[str, float] = {}
     bar = tqdm(
         total=config.iterations, initial=start, disable=not progress, desc="train", unit="it"
     )
@@ -196,8 +195,8 @@ def train(
                 }
                 if iteration % config.eval_every == 0 or iteration == config.iterations:
                     if evaluation_images is not None:
-                        last_eval = evaluate_reconstruction(model, evaluation_images)
-                        record.update({f"heldout_{k}": v for k, v in last_eval.items()})
+                        heldout = evaluate_reconstruction(model, evaluation_images)
+                        record.update({f"heldout_{k}": v for k, v in heldout.items()})
                     if on_evaluation is not None:
                         model.eval()
                         record.update(on_evaluation(iteration, model))
