@@ -34,7 +34,7 @@ PLAN: dict[str, tuple[str, str]] = {
         "Fashion-MNIST classifier",
     ),
     "resnet20-cifar10": (
-        f"train-classifier --dataset cifar10 --arch resnet20 --epochs 60 --batch-size 128 "
+        f"train-classifier --dataset cifar10 --arch resnet20 --epochs 24 --batch-size 128 "
         f"--lr 0.1 --seed 0 {CIFAR}",
         "CIFAR-10 ResNet-20",
     ),
