@@ -119,6 +119,15 @@ def load_checkpoint(
     return tensors, metadata
 
 
+def check_config_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """Refuse config dicts with fields the dataclass ``cls`` does not know (newer file?)."""
+    from dataclasses import fields
+
+    unknown = set(data) - {item.name for item in fields(cls)}
+    if unknown:
+        raise CheckpointError(f"unknown {what} config fields: {sorted(unknown)}")
+
+
 def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

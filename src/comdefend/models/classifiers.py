@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.checkpoint import check_config_fields, load_checkpoint, save_checkpoint
 from comdefend.errors import CheckpointError, InputError, UsageError
 
 CLASSIFIER_KIND = "classifier"
@@ -102,10 +102,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        known = {item.name for item in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise CheckpointError(f"unknown classifier config fields: {sorted(unknown)}")
+        check_config_fields(cls, data, "classifier")
         values = dict(data)
         for key in ("mean", "std"):
             if values.get(key) is not None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.checkpoint import check_config_fields, load_checkpoint, save_checkpoint
 from comdefend.errors import CheckpointError, InputError, UsageError
 from comdefend.models.binarizer import Binarizer, BinarizerMode
 from comdefend.models.presets import (
@@ -93,10 +93,7 @@ class ComDefendConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComDefendConfig:
-        known = {field.name for field in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise CheckpointError(f"unknown ComDefend config fields: {sorted(unknown)}")
+        check_config_fields(cls, data, "ComDefend")
         return cls(**data)
 
 

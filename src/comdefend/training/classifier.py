@@ -424,9 +424,8 @@ def train_classifier(
                     run.save(model, optimizer, iteration)
                 bar.update(1)
     except KeyboardInterrupt:
-        run.save(model, optimizer, iteration)
-        run.log({"event": "interrupted", "iteration": iteration})
         bar.close()
+        run.save_interrupted(model, optimizer, iteration)
         raise
     bar.close()
     session_seconds = time.perf_counter() - started

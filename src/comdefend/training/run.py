@@ -88,6 +88,13 @@ class RunDirectory:
         }
         save_checkpoint(self.checkpoint_path, tensors, metadata)
 
+    def save_interrupted(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int
+    ) -> None:
+        """Ctrl-C / SIGTERM: checkpoint the last finished iteration and log the interruption."""
+        self.save(model, optimizer, iteration)
+        self.log({"event": "interrupted", "iteration": iteration})
+
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         tensors, metadata = load_checkpoint(self.checkpoint_path, TRAINING_STATE_KIND)
         saved = metadata["train_config"]

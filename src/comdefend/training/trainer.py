@@ -215,9 +215,8 @@ def train(
                 )
                 bar.update(1)
     except KeyboardInterrupt:
-        run.save(model, optimizer, iteration)
-        run.log({"event": "interrupted", "iteration": iteration})
         bar.close()
+        run.save_interrupted(model, optimizer, iteration)
         raise
     bar.close()
 
