@@ -128,6 +128,21 @@ def check_config_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
         raise CheckpointError(f"unknown {what} config fields: {sorted(unknown)}")
 
 
+def load_weights(
+    model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: object, architecture: str
+) -> None:
+    """``model.load_state_dict(tensors, strict=True)``, with a :class:`CheckpointError` that
+    names the file and the architecture its config describes when they do not fit."""
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: weights do not fit the architecture its config describes "
+            f"({architecture}): {first}"
+        ) from error
+
+
 def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -31,7 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from comdefend.checkpoint import check_config_fields, load_checkpoint, save_checkpoint
+from comdefend.checkpoint import (
+    check_config_fields,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from comdefend.errors import CheckpointError, InputError, UsageError
 
 CLASSIFIER_KIND = "classifier"
@@ -481,14 +486,7 @@ def load_classifier(
         model = classifier_from_config(config)
     except UsageError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(
-            f"{path}: weights do not fit the architecture its config describes "
-            f"({config.arch}, {config.num_classes} classes): {first}"
-        ) from error
+    load_weights(model, tensors, path, f"{config.arch}, {config.num_classes} classes")
     model.checkpoint_metadata = metadata
     return model.to(map_location).eval()
 

@@ -9,7 +9,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from comdefend.checkpoint import check_config_fields, load_checkpoint, save_checkpoint
+from comdefend.checkpoint import (
+    check_config_fields,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from comdefend.errors import CheckpointError, InputError, UsageError
 from comdefend.models.binarizer import Binarizer, BinarizerMode
 from comdefend.models.presets import (
@@ -225,14 +230,12 @@ class ComDefend(nn.Module):
             raise CheckpointError(f"{path} has no ComDefend config in its metadata")
         config = ComDefendConfig.from_dict({**metadata["config"], **overrides})
         model = cls(config)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise CheckpointError(
-                f"{path}: weights do not fit the architecture its config describes "
-                f"(preset {config.preset}, {config.image_channels} image channels, "
-                f"{config.code_channels} code channels): {first}"
-            ) from error
+        load_weights(
+            model,
+            tensors,
+            path,
+            f"preset {config.preset}, {config.image_channels} image channels, "
+            f"{config.code_channels} code channels",
+        )
         model.checkpoint_metadata = metadata
         return model.to(map_location).eval()
