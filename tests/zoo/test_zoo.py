@@ -85,3 +85,15 @@ def test_shipped_entries_reproduce_their_metric_on_the_sample(name: str) -> None
             assert mean_psnr(purified, x) == pytest.approx(
                 entry.metrics["heldout_psnr_db"], abs=1.0
             )
+
+
+def test_zoo_list_cli_verifies_and_lists_every_entry() -> None:
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+
+    result = CliRunner().invoke(app, ["zoo", "list", "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert [entry["name"] for entry in listed] == zoo.list_pretrained()
+    assert all(entry["sha256"] and entry["command"] for entry in listed)
