@@ -3,6 +3,7 @@
     python scripts/train_zoo.py                     # all models, --device auto
     python scripts/train_zoo.py --only fashion-cnn  # one model
     python scripts/train_zoo.py --smoke             # a few iterations each, nothing registered
+    python scripts/train_zoo.py --only NAME --finalize  # register an interrupted run as it is
 
 Each model is one ``comdefend`` command (the exact command is stored in the registry); a run
 folder that already holds a checkpoint is resumed, a finished one is skipped. After training,
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from comdefend.checkpoint import read_metadata
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = "--data-dir ../shared/data/cifar10"
 
@@ -40,22 +43,22 @@ PLAN: dict[str, tuple[str, str]] = {
     ),
     "comdefend-fashion-mnist": (
         "train --dataset fashion-mnist --preset normal --iterations 7500 --batch-size 20 "
-        "--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000",
+        "--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0",
         "ComDefend (plain), 4-bit code",
     ),
     "comdefend-cifar10": (
         f"train --dataset cifar10 --preset normal --iterations 7500 --batch-size 20 --lr 1e-3 "
-        f"--noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        f"--noise-std 20 --code-penalty 1e-4 --seed 0 {CIFAR}",
         "ComDefend (plain), 12-bit code",
     ),
     "comdefend-cifar10-1_on_off": (
         f"train --dataset cifar10 --preset 1_on_off --iterations 7500 --batch-size 20 "
-        f"--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        f"--lr 1e-3 --noise-std 20 --code-penalty 1e-4 --seed 0 {CIFAR}",
         "residual encoder (depth 1), plain decoder",
     ),
     "comdefend-cifar10-1_1": (
         f"train --dataset cifar10 --preset 1_1 --iterations 7500 --batch-size 20 --lr 1e-3 "
-        f"--noise-std 20 --code-penalty 1e-4 --seed 0 --eval-images 1000 {CIFAR}",
+        f"--noise-std 20 --code-penalty 1e-4 --seed 0 {CIFAR}",
         "residual encoder and decoder (depth 1)",
     ),
 }
@@ -73,6 +76,8 @@ def smoke_arguments(arguments: list[str]) -> list[str]:
     for flag, value in SMOKE.items():
         if flag in out:
             out[out.index(flag) + 1] = value
+    if out[0] == "train":
+        out += ["--eval-images", "16"]
     if out[0] == "train-classifier":
         out += ["--limit-train", "512", "--limit-test", "256", "--eval-images", "64"]
     return out
@@ -84,6 +89,13 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny runs, nothing registered")
+    parser.add_argument(
+        "--finalize",
+        action="store_true",
+        help="stop where the run's checkpoint is (after an interrupted, time-limited training) "
+        "and register those weights, recording how many iterations they had",
+    )
+    parser.add_argument("--hardware", default=None, help="override the recorded hardware line")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(PLAN)
     unknown = [name for name in names if name not in PLAN]
@@ -96,7 +108,24 @@ def main() -> None:
             argv = smoke_arguments(argv)
         out = args.runs / name
         command = ["comdefend", *argv, "--device", args.device, "--out", str(out)]
-        if (out / "summary.json").exists():
+        planned = argv[argv.index("--iterations") + 1] if "--iterations" in argv else None
+        if args.finalize and not (out / "summary.json").exists():
+            # The constant learning rate makes the first N iterations of the full schedule
+            # exactly the run with --iterations N: finish that run at its checkpoint.
+            reached = int(read_metadata(out / "checkpoint.safetensors")["iteration"])
+            arguments = arguments.replace(f"--iterations {planned}", f"--iterations {reached}")
+            argv = shlex.split(arguments)
+            command = ["comdefend", *argv, "--device", args.device, "--out", str(out), "--resume"]
+            if reached < int(planned or reached):
+                notes += (
+                    f"; trained {reached} of the seed schedule's {planned} iterations (the CPU "
+                    "time this session had), and with a constant learning rate these are exactly "
+                    f"the weights at iteration {reached} of the full schedule; "
+                    f"`--iterations {planned} --resume` on the run folder continues it"
+                )
+            print("$", shlex.join(command), flush=True)
+            subprocess.run(command, check=True, cwd=REPO)
+        elif (out / "summary.json").exists():
             print(f"{name}: finished run found in {out}, not retrained")
         else:
             if (out / "checkpoint.safetensors").exists():
@@ -107,9 +136,21 @@ def main() -> None:
             continue
         recorded = f"comdefend {arguments} --out runs/zoo/{name}"
         subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "register_weights.py"), str(out),
-             "--name", name, "--command", recorded, "--hardware", hardware(), "--notes", notes],
-            check=True, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "scripts" / "register_weights.py"),
+                str(out),
+                "--name",
+                name,
+                "--command",
+                recorded,
+                "--hardware",
+                args.hardware or hardware(),
+                "--notes",
+                notes,
+            ],
+            check=True,
+            cwd=REPO,
         )
 
 

@@ -251,6 +251,51 @@ def quickstart(
 
 
 @app.command()
+def demo(
+    out: Path = typer.Option(Path("reports/demo"), "--out", "-o", help="Report folder."),
+    images: int = typer.Option(100, "--images", "-n", help="Sample images per dataset (1..1000)."),
+    dataset: list[str] = typer.Option(
+        ["fashion-mnist", "cifar10"], "--dataset", help="fashion-mnist and/or cifar10."
+    ),
+    attack: list[str] = typer.Option(
+        None, "--attack", help="Attacks (default: fgsm, bim, deepfool, cw, pgd)."
+    ),
+    threat_model: list[str] = typer.Option(
+        None, "--threat-model", help="Threat models (default: oblivious, bpda)."
+    ),
+    seed: int = typer.Option(0, help="Master seed."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier demo report."),
+) -> None:
+    """Offline demo: the shipped models against the paper's attacks, oblivious and BPDA."""
+    from comdefend.demo import DEMO_ATTACKS, DEMO_THREAT_MODELS, DemoConfig, run_demo
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    summary = run_demo(
+        DemoConfig(
+            out=str(out),
+            datasets=[d for item in dataset for d in item.split(",")],
+            n=images,
+            attacks=[a for item in attack or DEMO_ATTACKS for a in item.split(",")],
+            threat_models=[
+                t for item in threat_model or DEMO_THREAT_MODELS for t in item.split(",")
+            ],
+            seed=seed,
+            device=device,
+            force=force,
+        )
+    )
+    for markdown in summary["markdown"]:
+        typer.echo("\n" + markdown)
+    typer.echo(f"demo finished in {summary['elapsed_s']:.0f} s")
+    typer.echo(f"report: {summary['index']}")
+
+
+@app.command()
 def download(
     dataset: str = typer.Argument(..., help="cifar10, cifar100 or fashion-mnist."),
     data_dir: Path = typer.Option(Path("data"), help="Where to put it."),

@@ -90,6 +90,27 @@ def test_resume_is_bit_identical(fashion_dir: Path, tmp_path: Path, monkeypatch)
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_resume_after_moving_the_folder_and_setting_threads(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    """Where a run lives and its thread setting do not change what is trained: both may change
+    on --resume (a time-limited run is continued elsewhere), as may the iteration count."""
+    import shutil
+
+    train(_config(tmp_path / "straight", 4), progress=False)
+    train(_config(tmp_path / "first", 2), progress=False)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    threads = torch.get_num_threads()
+    try:
+        config = _config(tmp_path / "moved", 4, threads=threads)
+        assert train(config, resume=True, progress=False)["iterations"] == 4
+    finally:
+        torch.set_num_threads(threads)
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "moved" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_existing_run_is_not_overwritten(fashion_dir: Path, tmp_path: Path) -> None:
     train(_config(tmp_path / "run", 2), progress=False)
     with pytest.raises(UsageError, match="--resume"):

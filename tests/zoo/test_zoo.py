@@ -52,6 +52,21 @@ def test_corrupt_file_is_refused(fake_zoo: Path) -> None:
         zoo.load_pretrained("tiny")
 
 
+def test_zoo_names_stand_for_checkpoint_paths(fake_zoo: Path, tmp_path: Path) -> None:
+    from comdefend.defenses import parse_defense
+
+    assert zoo.resolve_weights("tiny") == str(fake_zoo / "weights" / "tiny.safetensors")
+    local = tmp_path / "tiny"  # an existing file wins over a zoo name
+    local.write_bytes(b"")
+    assert zoo.resolve_weights(str(local)) == str(local)
+    assert zoo.resolve_weights("no-such-model") == "no-such-model"
+    defense = parse_defense("comdefend:tiny@noise=0")
+    assert defense.name.startswith("comdefend:tiny@")  # reports name the model as given
+    assert parse_defense(defense.name).name == defense.name
+    with pytest.raises(CheckpointError, match="not found"):
+        parse_defense("comdefend:no-such-model")
+
+
 def test_unknown_name_lists_valid(fake_zoo: Path) -> None:
     with pytest.raises(UsageError, match="valid: tiny"):
         zoo.load_pretrained("resnet")

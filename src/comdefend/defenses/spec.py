@@ -7,7 +7,7 @@ Grammar::
                | "jpeg:" Q                   Q in 1..100   (JPEG quality)
                | "bits:" B                   B in 1..8     (bits per channel)
                | "median:" K                 K in 2..5     (median window side)
-               | "comdefend:" PATH ["@" option ("," option)*]
+               | "comdefend:" PATH ["@" option ("," option)*]     PATH: file or zoo name
     option    := "noise=" FLOAT              test-time noise std (default: the checkpoint's)
                | "seed=" INT | "seed=none"   noise generator seed (default 0)
                | "binarizer=" MODE           hard (default), straight_through or relaxed
@@ -110,7 +110,9 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
             raise UsageError(f"comdefend: purify must be patch or full, got {purify!r}")
         overrides["purify_mode"] = purify
 
-    model = ComDefend.from_checkpoint(path, map_location=device, **overrides)
+    from comdefend.zoo import resolve_weights
+
+    model = ComDefend.from_checkpoint(resolve_weights(path), map_location=device, **overrides)
     return ComDefendDefense(model, noise, seed, label=path, binarizer_mode=binarizer)
 
 

@@ -99,7 +99,7 @@ class EvaluationConfig:
         dataset: ``fashion-mnist``, ``cifar10`` or ``cifar100``.
         split: ``test`` (the test set) or ``sample`` (the 1,000 class-balanced test images
             embedded in the package; Fashion-MNIST and CIFAR-10).
-        classifier: classifier checkpoint path.
+        classifier: classifier checkpoint path or zoo name (e.g. ``resnet20-cifar10``).
         defenses: defense specs (see :func:`comdefend.defenses.parse_defense`).
         attacks: attack names (see :data:`comdefend.attacks.ATTACKS`).
         eps: L-inf budgets in units of 1/255, each in [0, 255].
@@ -251,7 +251,10 @@ def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
 
 
 def _checkpoint_paths(defense: nn.Module) -> list[str]:
-    return [p.label for p in _comdefend_parts(defense) if p.label and Path(p.label).is_file()]
+    from comdefend.zoo import resolve_weights
+
+    labels = [resolve_weights(p.label) for p in _comdefend_parts(defense) if p.label]
+    return [label for label in labels if Path(label).is_file()]
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -273,7 +276,9 @@ class _Evaluator:
 
         self.config = config
         self.device = _resolve_device(config.device)
-        self.classifier = load_classifier(config.classifier, self.device).eval()
+        from comdefend.zoo import resolve_weights
+
+        self.classifier = load_classifier(resolve_weights(config.classifier), self.device).eval()
         _check_classifier_fits(self.classifier, config.classifier, config.dataset)
         self.classifier.requires_grad_(False)
         self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
@@ -544,10 +549,12 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
             bar.update(1)
             continue
         key = (index, effective)
-        if key in memo:
+        reused = key in memo
+        if reused:
             metrics, correct = memo[key]
             cell["status"] = "reused" if tm != effective else "ok"
         else:
+            cell_started = time.perf_counter()
             if effective == "oblivious":
                 if oblivious is None:
                     oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
@@ -569,6 +576,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
                 **_cell_metrics(ev.x, x_adv, clean[index][0], correct, mse),
                 "attacker_model": attacker,
                 "attack_settings": settings,
+                # attack (shared oblivious adversarials: counted in their first cell) + defense
+                "seconds": round(time.perf_counter() - cell_started, 3),
             }
             memo[key] = (metrics, correct)
             if attack == grid_attack and eps_label == grid_eps and effective == "oblivious":
@@ -579,6 +588,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
                 if not isinstance(defense, Identity):
                     grid.setdefault("purified", {})[spec] = ev.purified_sample(index, x_adv[:k])
         cell.update(metrics)
+        if reused:
+            cell["seconds"] = 0.0  # computed in an earlier cell
         correctness[(attack, eps_label, index, tm)] = correct
         cells.append(cell)
         bar.update(1)
@@ -682,7 +693,9 @@ def _environment(environment: Any) -> dict[str, Any]:
 
 
 def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
-    paths = [config.classifier]
+    from comdefend.zoo import resolve_weights
+
+    paths = [resolve_weights(config.classifier)]
     for defense in ev.defenses:
         paths.extend(_checkpoint_paths(defense))
     return {path: sha256_of(path) for path in dict.fromkeys(paths)}

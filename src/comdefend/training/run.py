@@ -53,6 +53,13 @@ def restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
+# Settings that may change on --resume: they do not change what is trained (a moved run folder,
+# the thread count or device, how often to evaluate or save, how many iterations in all).
+RESUMABLE_CHANGES = frozenset(
+    {"iterations", "device", "threads", "out", "eval_every", "checkpoint_every", "resume"}
+)
+
+
 class RunDirectory:
     """Checkpoints and logs of one run; refuses to clobber a finished or foreign run."""
 
@@ -101,8 +108,7 @@ class RunDirectory:
         differing = {
             key
             for key in set(saved) | set(self.config)
-            if key not in ("iterations", "device", "eval_every", "checkpoint_every", "resume")
-            and saved.get(key) != self.config.get(key)
+            if key not in RESUMABLE_CHANGES and saved.get(key) != self.config.get(key)
         }
         if differing:
             details = ", ".join(

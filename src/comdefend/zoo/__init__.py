@@ -87,6 +87,22 @@ def pretrained_path(name: str, verify: bool = True) -> Path:
     return entry.path
 
 
+def resolve_weights(path_or_name: str | Path) -> str:
+    """A checkpoint path for ``path_or_name``: an existing file as given, else a zoo name's file.
+
+    Lets every command that takes a checkpoint path also take a shipped model's name
+    (``--classifier resnet20-cifar10``, ``comdefend:comdefend-cifar10``); the zoo file's sha256
+    is verified. Anything else is returned unchanged, so the caller's missing-file error applies.
+    """
+    text = str(path_or_name)
+    if Path(text).exists():
+        return text
+    registry = _read_registry()
+    if text in registry:
+        return str(pretrained_path(text))
+    return text
+
+
 def load_pretrained(name: str, map_location: str = "cpu", verify: bool = True) -> nn.Module:
     """Load a shipped model by name (eval mode): a ComDefend purifier or a classifier."""
     path = pretrained_path(name, verify)
@@ -108,4 +124,5 @@ __all__ = [
     "list_pretrained",
     "load_pretrained",
     "pretrained_path",
+    "resolve_weights",
 ]
