@@ -75,7 +75,9 @@ def import_official_command(
 @app.command()
 def purify(
     inputs: list[Path] = typer.Argument(..., help="Image files or folders (PNG/JPEG)."),
-    model_path: Path = typer.Option(..., "--model", "-m", help="Purifier checkpoint."),
+    model_path: str = typer.Option(
+        ..., "--model", "-m", help="Purifier checkpoint path or zoo name (comdefend zoo list)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNG files, same names)."),
     mode: str | None = typer.Option(None, help="patch or full (default: the checkpoint's)."),
     patch_size: int | None = typer.Option(None, help="Patch size for patch mode."),
@@ -91,6 +93,7 @@ def purify(
     from comdefend.data.images import collect_images, read_image, write_png
     from comdefend.models.comdefend import ComDefend
     from comdefend.training.run import resolve_device
+    from comdefend.zoo import resolve_weights
 
     overrides: dict = {}
     if mode is not None:
@@ -101,7 +104,9 @@ def purify(
         overrides["patch_size"] = patch_size
     if noise_std is not None:
         overrides["inference_noise_std"] = noise_std
-    model = ComDefend.from_checkpoint(model_path, resolve_device(device), **overrides)
+    model = ComDefend.from_checkpoint(
+        resolve_weights(model_path), resolve_device(device), **overrides
+    )
     model.binarizer.reseed(seed)
     files = collect_images(inputs)
     targets = [out / (file.stem + ".png") for file in files]
@@ -134,7 +139,9 @@ def model_device(model):  # noqa: ANN001, ANN201
 
 @app.command()
 def reconstruct(
-    model_path: Path = typer.Option(..., "--model", "-m", help="Purifier checkpoint."),
+    model_path: str = typer.Option(
+        ..., "--model", "-m", help="Purifier checkpoint path or zoo name (comdefend zoo list)."
+    ),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10 or cifar100."),
     split: str = typer.Option("test", help="train or test."),
     n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
@@ -145,8 +152,9 @@ def reconstruct(
     """Reconstruction quality of a purifier on a dataset: PSNR, bits/pixel, bit density."""
     from comdefend.evaluation.reconstruction import reconstruction_report
     from comdefend.models.comdefend import ComDefend
+    from comdefend.zoo import resolve_weights
 
-    model = ComDefend.from_checkpoint(model_path)
+    model = ComDefend.from_checkpoint(resolve_weights(model_path))
     report = reconstruction_report(model, dataset, split, n, data_dir, batch_size, progress=True)
     report["model"] = str(model_path)
     if as_json:

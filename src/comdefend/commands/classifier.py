@@ -100,7 +100,9 @@ def classifiers_command(
 
 
 def test_classifier_command(
-    classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
+    classifier: str = typer.Option(
+        ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
+    ),
     dataset: str | None = typer.Option(None, help="Dataset (default: the checkpoint's)."),
     split: str = typer.Option("test", help="train or test."),
     n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
@@ -114,12 +116,13 @@ def test_classifier_command(
     from comdefend.models.classifiers import load_classifier
     from comdefend.training.classifier import evaluate_accuracy
     from comdefend.training.run import resolve_device
+    from comdefend.zoo import resolve_weights
 
     if n is not None and n < 1:
         raise UsageError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    model = load_classifier(classifier, resolve_device(device))
+    model = load_classifier(resolve_weights(classifier), resolve_device(device))
     assert model.config is not None  # set by load_classifier
     name = dataset or model.config.dataset
     if name not in DATASETS:

@@ -59,7 +59,9 @@ def evaluate_command(
     split: str = typer.Option(
         "test", help="test, or sample: the 1,000 embedded test images (no dataset needed)."
     ),
-    classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
+    classifier: str = typer.Option(
+        ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
+    ),
     defense: list[str] = typer.Option(
         ["none"],
         "--defense",

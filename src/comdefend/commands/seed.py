@@ -8,7 +8,9 @@ import typer
 
 
 def seed_experiment_command(
-    classifier: Path = typer.Option(..., "--classifier", "-c", help="Classifier checkpoint."),
+    classifier: str = typer.Option(
+        ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Experiment folder, e.g. reports/NAME."),
     dataset: str = typer.Option("cifar10", help="cifar10, cifar100 or fashion-mnist."),
     presets: str = typer.Option(

@@ -434,7 +434,9 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
 
 def load_checked_classifier(config: SeedExperimentConfig, device: torch.device) -> Classifier:
     """Load the classifier; :class:`UsageError` if it was not made for ``config.dataset``."""
-    path = Path(config.classifier)
+    from comdefend.zoo import resolve_weights
+
+    path = Path(resolve_weights(config.classifier))
     if not path.is_file():
         raise UsageError(f"--classifier {path} does not exist")
     model = load_classifier(path, device)
