@@ -118,11 +118,45 @@ def load_pretrained(name: str, map_location: str = "cpu", verify: bool = True) -
     raise CheckpointError(f"{name}: unexpected checkpoint kind {kind!r}")
 
 
+#: The slice of the embedded sample on which every entry's ``sample_*`` metric is recorded.
+SAMPLE_SLICE = slice(0, 1000, 2)
+
+
+def measure_on_sample(name: str) -> dict[str, Any]:
+    """Measure a shipped model on every other image of its dataset's embedded sample (500).
+
+    Classifiers: top-1 ``sample_accuracy``. Purifiers: ``sample_psnr_db`` (8-bit PSNR of the
+    mean MSE between images and their purification). The registry records these at
+    registration so that a test can check that the shipped files still give them.
+    """
+    import torch
+
+    from comdefend.data.datasets import load_dataset
+    from comdefend.metrics import mean_psnr
+
+    entry = get_entry(name)
+    model = load_pretrained(name)
+    sample = load_dataset(entry.dataset, "sample")
+    indices = torch.arange(len(sample))[SAMPLE_SLICE]
+    x = sample.float_images(indices)
+    labels = sample.labels[indices]
+    with torch.no_grad():
+        if entry.kind == "classifier":
+            predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(250)])
+            return {
+                "sample_accuracy": float((predictions == labels).double().mean()),
+                "sample_images": len(labels),
+            }
+        purified = torch.cat([model.purify(chunk) for chunk in x.split(250)])
+        return {"sample_psnr_db": mean_psnr(purified, x), "sample_images": len(labels)}
+
+
 __all__ = [
     "PretrainedEntry",
     "get_entry",
     "list_pretrained",
     "load_pretrained",
+    "measure_on_sample",
     "pretrained_path",
     "resolve_weights",
 ]
