@@ -141,7 +141,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             or a zoo model missing from this install.
     """
     from comdefend.evaluation.harness import EvaluationConfig, evaluate
-    from comdefend.evaluation.report import render_markdown
+    from comdefend.evaluation.report import render_markdown, tables_html
 
     datasets = _check(config)
     for name in datasets:
@@ -186,6 +186,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 "description": spec.description,
                 "folder": name,
                 "markdown": render_markdown(results),
+                "tables_html": tables_html(results, level=3),
                 "elapsed_s": results["elapsed_s"],
                 "clean": results["clean"],
                 "worst_case": results["worst_case"],
@@ -225,17 +226,24 @@ def _summary_markdown(sections: list[dict[str, Any]], summary: dict[str, Any]) -
 
 
 def _index_html(sections: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    items = "\n".join(
-        f'<li><a href="{html.escape(s["folder"])}/report.html">{html.escape(s["description"])}'
-        f"</a> ({s['elapsed_s']:.0f} s)</li>"
-        for s in sections
-    )
+    body = []
+    for s in sections:
+        link = f"{html.escape(s['folder'])}/report.html"
+        body.append(
+            f"<h2>{html.escape(s['description'])}</h2><p>{s['elapsed_s']:.0f} s; "
+            f'full report with settings, figures and image grids: <a href="{link}">{link}</a>'
+            f"</p>{s['tables_html']}"
+        )
     config = html.escape(json.dumps(summary["config"], indent=2, default=str))
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>comdefend demo</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}</style></head>"
-        f"<body><h1>comdefend demo</h1><p>Took {summary['elapsed_s']:.0f} s.</p>"
-        f"<ul>\n{items}\n</ul><h2>Settings</h2><pre>{config}</pre></body></html>\n"
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
+        "padding:3px 8px;text-align:right}</style></head>"
+        f"<body><h1>comdefend demo</h1><p>Accuracy in % on the first {summary['config']['n']} "
+        f"images of each embedded test sample; took {summary['elapsed_s']:.0f} s.</p>"
+        + "\n".join(body)
+        + f"<h2>Settings</h2><pre>{config}</pre></body></html>\n"
     )
 
 

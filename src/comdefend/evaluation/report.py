@@ -297,6 +297,27 @@ def _embedded(path: Path, alt: str) -> str:
     )
 
 
+def tables_html(results: dict[str, Any], level: int = 2) -> str:
+    """One HTML table per threat model (robust accuracy %), with its meaning and notes."""
+    parts = []
+    for tm, meaning in results["threat_models"].items():
+        header, rows = _table_rows(results, tm)
+        parts.append(
+            f"<h{level}>Threat model: {html.escape(tm)}</h{level}><p>{html.escape(meaning)}.</p>"
+        )
+        parts.append(_html_table(header, rows))
+        notes = sorted(
+            {
+                f"{c['defense']}: {c['note']}"
+                for c in results["cells"]
+                if c["threat_model"] == tm and c.get("note")
+            }
+        )
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    return "\n".join(parts)
+
+
 def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
     """The Markdown report's tables as HTML, with the figures embedded as base64 PNG."""
     parts = [
@@ -309,19 +330,7 @@ def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
         *(f"<li>{html.escape(line)}</li>" for line in _settings_lines(results)),
         "</ul><p>Values: accuracy in % (± std over evaluation draws for randomized defenses).</p>",
     ]
-    for tm, meaning in results["threat_models"].items():
-        header, rows = _table_rows(results, tm)
-        parts += [f"<h2>Threat model: {html.escape(tm)}</h2><p>{html.escape(meaning)}.</p>"]
-        parts.append(_html_table(header, rows))
-        notes = sorted(
-            {
-                f"{c['defense']}: {c['note']}"
-                for c in results["cells"]
-                if c["threat_model"] == tm and c.get("note")
-            }
-        )
-        if notes:
-            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append(tables_html(results))
     detectors = results.get("detectors") or {}
     if detectors.get("results"):
         names = [k for k in detectors["info"] if k != "skipped"]
