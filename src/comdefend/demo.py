@@ -65,10 +65,9 @@ DEMO_DATASETS: dict[str, DemoDataset] = {
             "bits:5+median:2",
             "comdefend:comdefend-cifar10",
             "comdefend:comdefend-cifar10-1_on_off",
-            "comdefend:comdefend-cifar10-1_1",
         ),
-        description="CIFAR-10: ResNet-20 classifier, ComDefend (12-bit code) and two residual "
-        "variants",
+        description="CIFAR-10: ResNet-20 classifier, ComDefend (12-bit code) and its residual "
+        "variant 1_on_off",
     ),
 }
 #: The paper's attacks, then PGD.
