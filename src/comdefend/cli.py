@@ -261,7 +261,7 @@ def quickstart(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("reports/demo"), "--out", "-o", help="Report folder."),
-    images: int = typer.Option(100, "--images", "-n", help="Sample images per dataset (1..1000)."),
+    images: int = typer.Option(25, "--images", "-n", help="Sample images per dataset (1..1000)."),
     dataset: list[str] = typer.Option(
         ["fashion-mnist", "cifar10"], "--dataset", help="fashion-mnist and/or cifar10."
     ),
