@@ -32,14 +32,18 @@ from comdefend.evaluation.seed_experiment import (
 from comdefend.models.classifiers import load_classifier
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset, preset_summary
+from comdefend.training.trainer import image_channels_for
 from comdefend.zoo import resolve_weights
 
 NAME = re.compile(r"^(?P<run>.+)-(?P<iteration>\d+)\.safetensors$")
 
 
-def load_snapshot(path: Path, channels: int) -> tuple[ComDefend, dict]:
+def load_snapshot(path: Path, channels: int) -> tuple[ComDefend | None, dict]:
+    """The snapshot's model (None if it was trained on another dataset) and its settings."""
     tensors, metadata = load_checkpoint(path, "training-state")
     train_config = metadata["train_config"]
+    if image_channels_for(train_config["dataset"]) != channels:
+        return None, train_config
     model = ComDefend(ComDefendConfig(image_channels=channels, preset=train_config["preset"]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return model.eval(), train_config
@@ -98,7 +102,7 @@ def main() -> None:
         train_config: dict = {}
         for iteration, path in sorted(snapshots):
             model, train_config = load_snapshot(path, data.channels)
-            if train_config["dataset"] != args.dataset:
+            if model is None or train_config["dataset"] != args.dataset:
                 break
             point = {
                 "iteration": iteration,

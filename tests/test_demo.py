@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,8 +79,16 @@ def test_demo_cli_prints_tables_and_report_path(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Threat model: bpda" in result.output
     assert f"report: {out / 'index.html'}" in result.output
-    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--images", "3"])
-    assert again.exit_code != 0 and "--force" in again.output
+    # a second run into the same folder is refused with a one-line error, nothing overwritten
+    again = subprocess.run(
+        [sys.executable, "-m", "comdefend.cli", "demo", "--out", str(out), "--images", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode != 0 and "--force" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
+    assert (out / "index.html").is_file()
 
 
 @pytest.mark.parametrize(
