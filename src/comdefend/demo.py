@@ -14,8 +14,7 @@ folder; ``index.html`` and ``summary.md`` at the top gather the tables.
 
 Budgets are in units of 1/255. The iterative and minimum-norm attacks run with the reduced
 budgets in :data:`DEMO_ATTACK_PARAMS`, on 25 images per dataset by default, so that the whole
-demo fits in ten minutes on two CPU cores (40 images took 21 minutes on a development machine
-whose 2 cores two other evaluations were using at the same time).
+demo fits in ten minutes on two CPU cores (measured: 306 s on the 2-core development machine).
 """
 
 from __future__ import annotations
