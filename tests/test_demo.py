@@ -16,16 +16,10 @@ from comdefend.demo import DEMO_DATASETS, DemoConfig, run_demo
 from comdefend.errors import UsageError
 
 
-def _zoo_names(spec) -> list[str]:
-    return [spec.classifier] + [
-        d.split(":", 1)[1] for d in spec.defenses if d.startswith("comdefend:")
-    ]
-
-
 def test_every_demo_model_is_shipped() -> None:
     shipped_names = set(zoo.list_pretrained())
     for name, spec in DEMO_DATASETS.items():
-        missing = [n for n in _zoo_names(spec) if n not in shipped_names]
+        missing = [n for n in spec.zoo_names() if n not in shipped_names]
         assert not missing, f"{name}: the demo uses unshipped models {missing}"
 
 

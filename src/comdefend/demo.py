@@ -40,6 +40,12 @@ class DemoDataset:
     defenses: tuple[str, ...]
     description: str = ""
 
+    def zoo_names(self) -> list[str]:
+        """The shipped models this dataset's demo loads: the classifier, then the purifiers."""
+        return [self.classifier] + [
+            d.split(":", 1)[1] for d in self.defenses if d.startswith("comdefend:")
+        ]
+
 
 #: Per dataset: zoo classifier, the paper's L-inf budgets (units of 1/255) and the defenses.
 #: Feature squeezing as a defense is Xu et al.'s bit-depth reduction followed by a 2x2 median
@@ -129,10 +135,7 @@ def _missing_weights(spec: DemoDataset) -> list[str]:
     from comdefend.zoo import list_pretrained
 
     shipped = set(list_pretrained())
-    names = [spec.classifier] + [
-        d.split(":", 1)[1] for d in spec.defenses if d.startswith("comdefend:")
-    ]
-    return [n for n in names if n not in shipped]
+    return [n for n in spec.zoo_names() if n not in shipped]
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
