@@ -232,6 +232,13 @@ def train_command(
             f"bit density {heldout['bit_density']:.3f}"
         )
     typer.echo(f"model: {summary['model']}")
+    best = summary.get("best")
+    if best and best["iteration"] != summary["iterations"]:
+        note = " (the run collapsed: use these weights)" if summary.get("collapsed") else ""
+        typer.echo(
+            f"best held-out PSNR {best['psnr_db']:.2f} dB at iteration {best['iteration']}: "
+            f"{best['model']}{note}"
+        )
 
 
 @app.command()

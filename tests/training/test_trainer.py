@@ -133,3 +133,67 @@ def test_residual_preset_trains_on_cifar(cifar_dir: Path, tmp_path: Path) -> Non
     )
     assert summary["iterations"] == 2
     assert trainer_module.image_channels_for("cifar10") == 3
+
+
+def test_best_weights_are_kept_and_a_collapse_is_reported(
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The seed's recipe can diverge late (seen on a GPU): the best evaluated weights survive in
+    best.safetensors, the collapse is logged and warned about, and the summary says so."""
+    psnrs = iter([20.0, 25.0, 12.0, 11.0])
+    real = trainer_module.evaluate_reconstruction
+
+    def scripted(model, images, batch=250):
+        numbers = real(model, images, batch)
+        return {**numbers, "psnr_db": next(psnrs)}
+
+    monkeypatch.setattr(trainer_module, "evaluate_reconstruction", scripted)
+    out = tmp_path / "run"
+    summary = train(_config(out, 6, eval_every=2), progress=False)
+    assert summary["best"]["iteration"] == 4 and summary["best"]["psnr_db"] == 25.0
+    assert summary["collapsed"] is True
+    assert "held-out PSNR fell to 12.00 dB at iteration 6" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r.get("collapse")] == [6]
+    assert trainer_module.read_best(out / "best.safetensors") == {"iteration": 4, "psnr_db": 25.0}
+    # best.safetensors holds the iteration-4 weights: a run of 4 iterations ends with them.
+    straight = tmp_path / "straight"
+    monkeypatch.setattr(trainer_module, "evaluate_reconstruction", real)
+    train(_config(straight, 4, eval_every=2), progress=False)
+    a = load_file(out / "best.safetensors")
+    b = load_file(straight / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_best_survives_a_resume(fashion_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(_config(out, 2, eval_every=2), progress=False)
+    first = trainer_module.read_best(out / "best.safetensors")
+    assert first["iteration"] == 2
+    summary = train(_config(out, 4, eval_every=2), resume=True, progress=False)
+    assert summary["best"]["psnr_db"] >= first["psnr_db"]
+    assert summary["collapsed"] is False
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = trainer_module.comdefend_loss
+    calls = {"n": 0}
+
+    def poisoned(reconstruction, target, code, penalty):
+        calls["n"] += 1
+        loss, mse, term = real(reconstruction, target, code, penalty)
+        return (loss * float("nan") if calls["n"] == 3 else loss), mse, term
+
+    monkeypatch.setattr(trainer_module, "comdefend_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(trainer_module.TrainingDivergedError, match="iteration 3"):
+        train(_config(out, 6, checkpoint_every=2), progress=False)
+    from comdefend.checkpoint import read_metadata
+
+    assert read_metadata(out / "checkpoint.safetensors")["iteration"] == 2
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert last == {"event": "diverged", "iteration": 3}
+    state = load_file(out / "checkpoint.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in state.values())
