@@ -1,0 +1,75 @@
+"""The repository's scripts that docs/RESULTS.md relies on, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _log(path: Path, preset: str, psnrs: dict[int, float], planned: int = 7500) -> Path:
+    config = {"dataset": "cifar10", "preset": preset, "iterations": planned}
+    lines = [{"event": "start", "iteration": 0, "config": config}]
+    for iteration, psnr in psnrs.items():
+        lines.append({"iteration": iteration, "loss": 0.01})
+        lines.append({"iteration": iteration, "heldout_psnr_db": psnr, "heldout_bit_density": 0.5})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_preset_table_reports_common_iteration_best_and_collapse(tmp_path: Path) -> None:
+    steady = _log(tmp_path / "steady.jsonl", "normal", {500: 20.0, 1000: 24.0, 1500: 26.0})
+    folder = tmp_path / "diverged"
+    folder.mkdir()
+    _log(folder / "log.jsonl", "1_1", {500: 22.0, 1000: 30.0})
+    late = _log(tmp_path / "late.jsonl", "off_on_1", {500: 21.0, 1000: 29.0, 1500: 12.0})
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"plain/3": 8.0, "residual-both-1/3": 15.0}))
+    out = tmp_path / "table" / "presets"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preset_table.py"),
+            str(steady),
+            str(folder),
+            str(late),
+            "--speed",
+            str(speed),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["run"]: row for row in json.loads(out.with_suffix(".json").read_text())}
+    assert rows["steady"]["psnr_common"] == 24.0  # the diverged run stopped at 1,000
+    assert rows["steady"]["collapsed"] is False and rows["steady"]["ms_per_iteration"] == 8.0
+    assert rows["diverged"]["preset"] == "residual-both-1 (1_1)"
+    assert rows["late"]["collapsed"] is True
+    assert (rows["late"]["psnr_best"], rows["late"]["best_iteration"]) == (29.0, 1000)
+    assert "PSNR @ 1,000" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_preset_table_refuses_a_file_that_is_no_training_log(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"iteration": 1, "loss": 0.1}) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "preset_table.py"),
+            str(bad),
+            "--out",
+            str(tmp_path / "t"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "needs a start record" in done.stderr and "Traceback" not in done.stderr
