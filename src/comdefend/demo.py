@@ -116,15 +116,10 @@ def _check(config: DemoConfig) -> list[str]:
             raise UsageError(f"the demo has no dataset {name!r}; valid: {', '.join(DEMO_DATASETS)}")
     if isinstance(config.n, bool) or not isinstance(config.n, int) or not 1 <= config.n <= 1000:
         raise UsageError(f"--images must be an integer in 1..1000 (the sample), got {config.n}")
-    from comdefend.attacks import ATTACKS
-    from comdefend.defenses import THREAT_MODELS
+    from comdefend.evaluation.harness import check_attacks, check_threat_models
 
-    for attack in config.attacks:
-        if attack not in ATTACKS:
-            raise UsageError(f"unknown attack {attack!r}; valid attacks: {', '.join(ATTACKS)}")
-    for tm in config.threat_models:
-        if tm not in THREAT_MODELS:
-            raise UsageError(f"unknown threat model {tm!r}; valid: {', '.join(THREAT_MODELS)}")
+    check_attacks(config.attacks)
+    check_threat_models(config.threat_models)
     folder = Path(config.out)
     if folder.exists() and any(folder.iterdir()) and not config.force:
         raise UsageError(f"{folder} already holds a demo report; pass --force to redo it")

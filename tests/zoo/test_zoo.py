@@ -113,3 +113,18 @@ def test_zoo_list_cli_verifies_and_lists_every_entry() -> None:
     listed = json.loads(result.output)
     assert [entry["name"] for entry in listed] == zoo.list_pretrained()
     assert all(entry["sha256"] and entry["command"] for entry in listed)
+
+
+def test_sha256_is_read_once_and_recomputed_when_the_file_changes(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    file = tmp_path / "w.bin"
+    file.write_bytes(b"a" * 100)
+    first = sha256_of(file)
+    assert first == hashlib.sha256(b"a" * 100).hexdigest()
+    assert sha256_of(file) == first
+    file.write_bytes(b"b" * 100)  # same size: the modification time tells the change
+    stat = file.stat()
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert sha256_of(file) == hashlib.sha256(b"b" * 100).hexdigest()

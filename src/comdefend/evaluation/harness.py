@@ -47,6 +47,7 @@ import hashlib
 import inspect
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,28 @@ def _int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+def check_attacks(names: Sequence[str]) -> list[str]:
+    """Normalised attack names; UsageError listing the valid ones for an unknown or empty list."""
+    attacks = [a.strip().lower() for a in names]
+    if not attacks:
+        raise UsageError(f"give at least one attack; valid: {', '.join(ATTACKS)}")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise UsageError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    return attacks
+
+
+def check_threat_models(names: Sequence[str]) -> list[str]:
+    """Normalised threat-model names; UsageError listing the valid ones otherwise."""
+    tms = [t.strip().lower() for t in names]
+    if not tms:
+        raise UsageError(f"give at least one threat model; valid: {', '.join(THREAT_MODELS)}")
+    for tm in tms:
+        if tm not in THREAT_MODELS:
+            raise UsageError(f"unknown threat model {tm!r}; valid: {', '.join(THREAT_MODELS)}")
+    return tms
+
+
 def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     """Check every cheap argument (no files read) and return a normalised copy.
 
@@ -162,21 +185,11 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
             bad batch size or EOT counts; the output folder exists without ``force``. Messages
             list the valid choices.
     """
-    attacks = [a.strip().lower() for a in config.attacks]
-    if not attacks:
-        raise UsageError(f"give at least one attack; valid: {', '.join(ATTACKS)}")
-    for name in attacks:
-        if name not in ATTACKS:
-            raise UsageError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    attacks = check_attacks(config.attacks)
     for name in config.attack_params:
         if name.lower() not in attacks:
             raise UsageError(f"parameters given for attack {name!r}, which is not evaluated")
-    tms = [t.strip().lower() for t in config.threat_models]
-    if not tms:
-        raise UsageError(f"give at least one threat model; valid: {', '.join(THREAT_MODELS)}")
-    for tm in tms:
-        if tm not in THREAT_MODELS:
-            raise UsageError(f"unknown threat model {tm!r}; valid: {', '.join(THREAT_MODELS)}")
+    tms = check_threat_models(config.threat_models)
     eps: list[float] = []
     for value in config.eps:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
