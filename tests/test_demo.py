@@ -92,7 +92,7 @@ def test_demo_cli_prints_tables_and_report_path(tmp_path: Path) -> None:
         ({"n": 0}, "1..1000"),
         ({"n": 1001}, "1..1000"),
         ({"attacks": ["nope"]}, "valid attacks"),
-        ({"threat_models": ["nope"]}, "valid: oblivious"),
+        ({"threat_models": ["nope"]}, "valid threat models: oblivious"),
     ],
 )
 def test_demo_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:

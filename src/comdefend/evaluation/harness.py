@@ -155,26 +155,24 @@ def _int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _check_names(names: Sequence[str], valid: Sequence[str], what: str) -> list[str]:
+    chosen = [name.strip().lower() for name in names]
+    if not chosen:
+        raise UsageError(f"give at least one {what}; valid: {', '.join(valid)}")
+    for name in chosen:
+        if name not in valid:
+            raise UsageError(f"unknown {what} {name!r}; valid {what}s: {', '.join(valid)}")
+    return chosen
+
+
 def check_attacks(names: Sequence[str]) -> list[str]:
     """Normalised attack names; UsageError listing the valid ones for an unknown or empty list."""
-    attacks = [a.strip().lower() for a in names]
-    if not attacks:
-        raise UsageError(f"give at least one attack; valid: {', '.join(ATTACKS)}")
-    for name in attacks:
-        if name not in ATTACKS:
-            raise UsageError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
-    return attacks
+    return _check_names(names, list(ATTACKS), "attack")
 
 
 def check_threat_models(names: Sequence[str]) -> list[str]:
     """Normalised threat-model names; UsageError listing the valid ones otherwise."""
-    tms = [t.strip().lower() for t in names]
-    if not tms:
-        raise UsageError(f"give at least one threat model; valid: {', '.join(THREAT_MODELS)}")
-    for tm in tms:
-        if tm not in THREAT_MODELS:
-            raise UsageError(f"unknown threat model {tm!r}; valid: {', '.join(THREAT_MODELS)}")
-    return tms
+    return _check_names(names, list(THREAT_MODELS), "threat model")
 
 
 def validate_config(config: EvaluationConfig) -> EvaluationConfig:
