@@ -5,7 +5,8 @@
 
 Reads the run's ``summary.json`` (config, metrics, environment), copies ``model.safetensors`` to
 ``src/comdefend/zoo/weights/NAME.safetensors`` and writes the entry into ``registry.json``
-(replacing an entry of the same name).
+(replacing an entry of the same name). A run whose summary says it collapsed is refused unless
+``--weights best`` registers its ``best.safetensors`` (the best held-out evaluation) instead.
 """
 
 from __future__ import annotations
@@ -26,16 +27,34 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the exact command that trained it")
     parser.add_argument("--hardware", required=True)
     parser.add_argument("--notes", default="")
+    parser.add_argument(
+        "--weights",
+        choices=("final", "best"),
+        default="final",
+        help="register the run's final model.safetensors (default) or its best.safetensors",
+    )
     args = parser.parse_args()
 
     summary = json.loads((args.run / "summary.json").read_text())
-    source = args.run / "model.safetensors"
+    if summary.get("collapsed") and args.weights == "final":
+        best = summary["best"]
+        raise SystemExit(
+            f"error: {args.run} collapsed (final held-out PSNR {summary['heldout']['psnr_db']:.2f} "
+            f"dB, best {best['psnr_db']:.2f} dB at iteration {best['iteration']}); register its "
+            "best weights with --weights best, or retrain"
+        )
+    source = args.run / ("best.safetensors" if args.weights == "best" else "model.safetensors")
     metadata = read_metadata(source)
     kind = metadata["kind"]
     config = summary["config"]
+    iterations = int(summary.get("iterations", 0))
     if kind == "purifier":
         architecture = metadata["config"]["preset"]
-        metrics = {f"heldout_{k}": v for k, v in summary.get("heldout", {}).items()}
+        heldout = summary.get("heldout", {})
+        if args.weights == "best":
+            training = metadata["training"]
+            heldout, iterations = training["metrics"], int(training["iterations"])
+        metrics = {f"heldout_{k}": v for k, v in heldout.items()}
         metrics["heldout_images"] = config.get("eval_images")
     else:
         architecture = config["arch"]
@@ -53,7 +72,7 @@ def main() -> None:
         "command": args.command,
         "metrics": metrics,
         "hardware": args.hardware,
-        "iterations": int(summary.get("iterations", 0)),
+        "iterations": iterations,
         "license": "MIT",
         "notes": args.notes,
         "extra": {"torch": summary.get("env", {}).get("torch"), "seed": config.get("seed")},

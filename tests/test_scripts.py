@@ -73,3 +73,37 @@ def test_preset_table_refuses_a_file_that_is_no_training_log(tmp_path: Path) -> 
     )
     assert done.returncode != 0
     assert "needs a start record" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_register_weights_refuses_a_collapsed_run(tmp_path: Path) -> None:
+    registry = REPO / "src" / "comdefend" / "zoo" / "registry.json"
+    before = registry.read_text()
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {
+        "config": {"dataset": "cifar10", "eval_images": 500},
+        "iterations": 7500,
+        "heldout": {"psnr_db": 11.9},
+        "best": {"iteration": 6500, "psnr_db": 31.8},
+        "collapsed": True,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "register_weights.py"),
+            str(run),
+            "--name",
+            "x",
+            "--command",
+            "c",
+            "--hardware",
+            "h",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "collapsed" in done.stderr and "--weights best" in done.stderr
+    assert registry.read_text() == before
