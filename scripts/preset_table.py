@@ -18,30 +18,28 @@ from pathlib import Path
 from comdefend.errors import UsageError
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset
-from comdefend.training.trainer import COLLAPSE_DB
+from comdefend.training.trainer import COLLAPSE_DB, image_channels_for
 
 
 def read_run(path: Path) -> dict:
     log = path / "log.jsonl" if path.is_dir() else path
     if not log.is_file():
         raise UsageError(f"{path}: no training log found")
-    config, evaluations, events = None, {}, []
+    config, evaluations = None, {}
     for line in log.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "start":
             config = record["config"]
-        elif "event" in record:
-            events.append(record["event"])
         if "heldout_psnr_db" in record:
             evaluations[int(record["iteration"])] = record["heldout_psnr_db"]
     if config is None or not evaluations:
         raise UsageError(f"{log}: needs a start record and at least one held-out evaluation")
     name = log.parent.name if log.name == "log.jsonl" else log.stem
-    return {"name": name, "config": config, "evaluations": evaluations, "events": events}
+    return {"name": name, "config": config, "evaluations": evaluations}
 
 
 def parameters(config: dict) -> int:
-    channels = 1 if config["dataset"] == "fashion-mnist" else 3
+    channels = image_channels_for(config["dataset"])
     model = ComDefend(ComDefendConfig(preset=config["preset"], image_channels=channels))
     return sum(p.numel() for p in model.parameters())
 
@@ -59,7 +57,7 @@ def summarise(runs: list[dict], speed: dict[str, float]) -> tuple[int, list[dict
             for it, value in evaluations.items()
         )
         preset = get_preset(run["config"]["preset"])
-        channels = 1 if run["config"]["dataset"] == "fashion-mnist" else 3
+        channels = image_channels_for(run["config"]["dataset"])
         rows.append(
             {
                 "run": run["name"],

@@ -9,6 +9,7 @@ Usage from Python::
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -138,15 +139,20 @@ COLLAPSE_DB = 6.0
 BEST_FILE = "best.safetensors"
 
 
+def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
+    """Whether a held-out PSNR lies more than :data:`COLLAPSE_DB` below the run's best."""
+    return best is not None and psnr_db < best["psnr_db"] - COLLAPSE_DB
+
+
 class TrainingDivergedError(ComDefendError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def read_best(path) -> dict[str, Any] | None:
+def read_best(path: str | os.PathLike) -> dict[str, Any] | None:
     """``{"iteration", "psnr_db"}`` of a run's ``best.safetensors``, or None if it has none."""
     try:
         training = read_metadata(path)["training"]
-    except (FileNotFoundError, KeyError, ComDefendError):
+    except (KeyError, ComDefendError):  # no best.safetensors yet, or not one of ours
         return None
     return {"iteration": int(training["iterations"]), "psnr_db": training["metrics"]["psnr_db"]}
 
@@ -251,7 +257,7 @@ def train(
                         if best is None or heldout["psnr_db"] > best["psnr_db"]:
                             best = {"iteration": iteration, "psnr_db": heldout["psnr_db"]}
                             _save_weights(model, run.path / BEST_FILE, config, iteration, heldout)
-                        elif heldout["psnr_db"] < best["psnr_db"] - COLLAPSE_DB:
+                        elif collapsed(heldout["psnr_db"], best):
                             record["collapse"] = True
                             if not collapse_warned:
                                 collapse_warned = True
@@ -299,7 +305,7 @@ def train(
         "heldout": final,
         "model": str(run.path / "model.safetensors"),
         "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
-        "collapsed": bool(best and final and final["psnr_db"] < best["psnr_db"] - COLLAPSE_DB),
+        "collapsed": bool(final) and collapsed(final["psnr_db"], best),
         "env": environment(),
         "device": str(device),
         "images_per_second_this_session": images_seen / max(time.perf_counter() - started, 1e-9),
