@@ -6,7 +6,9 @@
 Reads the run's ``summary.json`` (config, metrics, environment), copies ``model.safetensors`` to
 ``src/comdefend/zoo/weights/NAME.safetensors`` and writes the entry into ``registry.json``
 (replacing an entry of the same name). A run whose summary says it collapsed is refused unless
-``--weights best`` registers its ``best.safetensors`` (the best held-out evaluation) instead.
+``--weights best`` registers its ``best.safetensors`` (the best held-out evaluation) instead;
+``--weights auto`` takes the final weights, or the best ones of a collapsed run and says so in
+the entry's notes.
 """
 
 from __future__ import annotations
@@ -29,20 +31,34 @@ def main() -> None:
     parser.add_argument("--notes", default="")
     parser.add_argument(
         "--weights",
-        choices=("final", "best"),
+        choices=("final", "best", "auto"),
         default="final",
-        help="register the run's final model.safetensors (default) or its best.safetensors",
+        help="register the run's final model.safetensors (default), its best.safetensors, or "
+        "(auto) the final weights unless the run collapsed, then the best ones",
     )
     args = parser.parse_args()
 
-    summary = json.loads((args.run / "summary.json").read_text())
-    if summary.get("collapsed") and args.weights == "final":
+    summary_path = args.run / "summary.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"error: {summary_path} not found: the run has not finished")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("collapsed"):
         best = summary["best"]
-        raise SystemExit(
-            f"error: {args.run} collapsed (final held-out PSNR {summary['heldout']['psnr_db']:.2f} "
-            f"dB, best {best['psnr_db']:.2f} dB at iteration {best['iteration']}); register its "
-            "best weights with --weights best, or retrain"
+        what = (
+            f"collapsed (final held-out PSNR {summary['heldout']['psnr_db']:.2f} dB, best "
+            f"{best['psnr_db']:.2f} dB at iteration {best['iteration']})"
         )
+        if args.weights == "final":
+            raise SystemExit(
+                f"error: {args.run} {what}; register its best weights with --weights best "
+                "(or auto), or retrain"
+            )
+        if args.weights == "auto":
+            args.weights = "best"
+            args.notes += f"; the run {what}: these are its best evaluated weights"
+            print(f"{args.name}: the run {what}, registering best.safetensors", flush=True)
+    elif args.weights == "auto":
+        args.weights = "final"
     source = args.run / ("best.safetensors" if args.weights == "best" else "model.safetensors")
     metadata = read_metadata(source)
     kind = metadata["kind"]

@@ -15,7 +15,6 @@ records the command, metrics and hardware. On a CUDA GPU the whole zoo takes min
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import subprocess
@@ -136,17 +135,8 @@ def main() -> None:
         if args.smoke:
             continue
         recorded = f"comdefend {arguments} --out runs/zoo/{name}"
-        weights = "final"
-        summary = json.loads((out / "summary.json").read_text())
-        if summary.get("collapsed"):
-            # The seed's recipe can diverge late (docs/RESULTS.md): ship the best evaluation.
-            best = summary["best"]
-            weights = "best"
-            notes += (
-                f"; the run collapsed (held-out PSNR {summary['heldout']['psnr_db']:.2f} dB at the "
-                f"end): these are its best evaluated weights, iteration {best['iteration']}"
-            )
-            print(f"{name}: run collapsed, registering best.safetensors", flush=True)
+        # The seed recipe can diverge late (docs/RESULTS.md): "auto" ships a collapsed run's
+        # best evaluated weights and says so in the notes.
         subprocess.run(
             [
                 sys.executable,
@@ -161,7 +151,7 @@ def main() -> None:
                 "--notes",
                 notes,
                 "--weights",
-                weights,
+                "auto",
             ],
             check=True,
             cwd=REPO,

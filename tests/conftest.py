@@ -36,3 +36,22 @@ def cifar_dir() -> Path:
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     return _need(FASHION_DIR)
+
+
+@pytest.fixture
+def scripted_psnrs(monkeypatch: pytest.MonkeyPatch):
+    """``scripted_psnrs(20.0, 25.0, ...)``: the trainer's held-out evaluations report these PSNRs
+    in turn (the rest of each evaluation is real), to stage a collapse without a long training."""
+    from comdefend.training import trainer
+
+    real = trainer.evaluate_reconstruction
+
+    def script(*psnrs: float) -> None:
+        values = iter(psnrs)
+
+        def evaluate(model, images, batch=250):
+            return {**real(model, images, batch), "psnr_db": next(values)}
+
+        monkeypatch.setattr(trainer, "evaluate_reconstruction", evaluate)
+
+    return script

@@ -228,3 +228,24 @@ def test_bad_arguments_exit_nonzero(tmp_path: Path) -> None:
     assert_clean_failure(
         run_cli("reconstruct", "--model", str(tmp_path / "none.safetensors")), "not found"
     )
+
+
+def test_train_says_where_a_collapsed_runs_best_weights_are(
+    fashion_dir: Path, tmp_path: Path, scripted_psnrs
+) -> None:
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+
+    scripted_psnrs(20.0, 25.0, 12.0, 11.0)
+    out = tmp_path / "run"
+    arguments = ["train", "--dataset", "fashion-mnist", "--iterations", "6", "--batch-size", "8"]
+    options = ["--eval-every", "2", "--eval-images", "16", "--out", str(out)]
+    result = CliRunner().invoke(app, [*arguments, *options])
+    assert result.exit_code == 0, result.output
+    assert "done: 6 iterations, held-out PSNR 11.00 dB" in result.stdout
+    best = out / "best.safetensors"
+    assert (
+        f"best held-out PSNR 25.00 dB at iteration 4: {best} (the run collapsed: use these "
+        "weights)" in result.stdout
+    )

@@ -107,3 +107,91 @@ def test_register_weights_refuses_a_collapsed_run(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "collapsed" in done.stderr and "--weights best" in done.stderr
     assert registry.read_text() == before
+
+
+def _collapsed_run(out: Path, scripted_psnrs) -> dict:
+    """A real 6-iteration Fashion-MNIST training whose scripted evaluations collapse after 4."""
+    from comdefend.training import trainer as trainer_module
+
+    scripted_psnrs(20.0, 25.0, 12.0, 11.0)
+    config = trainer_module.TrainConfig(
+        dataset="fashion-mnist",
+        out=str(out),
+        iterations=6,
+        batch_size=8,
+        eval_every=2,
+        eval_images=16,
+        checkpoint_every=2,
+        seed=5,
+    )
+    return trainer_module.train(config, progress=False)
+
+
+def _register_into(zoo: Path, run: Path, *options: str) -> subprocess.CompletedProcess:
+    """Run register_weights.py as a user does, but against a throw-away zoo folder."""
+    redirect = (
+        "import runpy, sys\n"
+        "from pathlib import Path\n"
+        "import comdefend.zoo as zoo\n"
+        "zoo.ZOO_FOLDER = Path(sys.argv[1])\n"
+        "zoo.REGISTRY_FILE = zoo.ZOO_FOLDER / 'registry.json'\n"
+        "script = sys.argv[2]\n"
+        "sys.argv = [script, *sys.argv[3:]]\n"
+        "runpy.run_path(script, run_name='__main__')\n"
+    )
+    script = str(REPO / "scripts" / "register_weights.py")
+    return subprocess.run(
+        [sys.executable, "-c", redirect, str(zoo), script, str(run), *options],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_register_weights_auto_ships_a_collapsed_runs_best_weights(
+    fashion_dir: Path, tmp_path: Path, scripted_psnrs
+) -> None:
+    from comdefend.checkpoint import read_metadata, sha256_of
+
+    run = tmp_path / "run"
+    summary = _collapsed_run(run, scripted_psnrs)
+    assert summary["collapsed"] and summary["best"]["iteration"] == 4
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    common = ("--name", "tiny", "--command", "c", "--hardware", "h", "--notes", "n")
+    refused = _register_into(zoo, run, *common)
+    assert refused.returncode != 0 and "--weights best" in refused.stderr
+    assert not (zoo / "registry.json").exists()
+
+    done = _register_into(zoo, run, *common, "--weights", "auto")
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads((zoo / "registry.json").read_text())
+    shipped = zoo / "weights" / "tiny.safetensors"
+    assert entry["sha256"] == sha256_of(shipped) == sha256_of(run / "best.safetensors")
+    assert sha256_of(shipped) != sha256_of(run / "model.safetensors")
+    assert entry["iterations"] == 4 and read_metadata(shipped)["training"]["iterations"] == 4
+    assert entry["metrics"]["heldout_psnr_db"] == 25.0
+    assert entry["notes"].startswith("n; the run collapsed (final held-out PSNR 11.00 dB")
+    assert entry["metrics"]["sample_images"] == 500
+
+
+def test_register_weights_auto_ships_a_healthy_runs_final_weights(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    from comdefend.checkpoint import sha256_of
+    from comdefend.training.trainer import TrainConfig, train
+
+    run = tmp_path / "run"
+    config = TrainConfig(
+        dataset="fashion-mnist", out=str(run), iterations=2, batch_size=8, eval_images=16, seed=5
+    )
+    train(config, progress=False)
+    zoo = tmp_path / "zoo"
+    done = _register_into(
+        zoo, run, "--name", "tiny", "--command", "c", "--hardware", "h", "--weights", "auto"
+    )
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads((zoo / "registry.json").read_text())
+    assert entry["sha256"] == sha256_of(run / "model.safetensors") and entry["notes"] == ""
+    # The final weights were the best: best.safetensors is the same file, copied.
+    assert sha256_of(run / "best.safetensors") == entry["sha256"]

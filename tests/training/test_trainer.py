@@ -136,18 +136,12 @@ def test_residual_preset_trains_on_cifar(cifar_dir: Path, tmp_path: Path) -> Non
 
 
 def test_best_weights_are_kept_and_a_collapse_is_reported(
-    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, scripted_psnrs
 ) -> None:
     """The seed's recipe can diverge late (seen on a GPU): the best evaluated weights survive in
     best.safetensors, the collapse is logged and warned about, and the summary says so."""
-    psnrs = iter([20.0, 25.0, 12.0, 11.0])
     real = trainer_module.evaluate_reconstruction
-
-    def scripted(model, images, batch=250):
-        numbers = real(model, images, batch)
-        return {**numbers, "psnr_db": next(psnrs)}
-
-    monkeypatch.setattr(trainer_module, "evaluate_reconstruction", scripted)
+    scripted_psnrs(20.0, 25.0, 12.0, 11.0)
     out = tmp_path / "run"
     summary = train(_config(out, 6, eval_every=2), progress=False)
     assert summary["best"]["iteration"] == 4 and summary["best"]["psnr_db"] == 25.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from comdefend.checkpoint import read_metadata
+from comdefend.checkpoint import atomic_write, read_metadata
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import ComDefendError, UsageError
 from comdefend.losses import comdefend_loss
@@ -295,15 +296,16 @@ def train(
         evaluate_reconstruction(model, evaluation_images) if evaluation_images is not None else {}
     )
     model.eval()
-    _save_weights(model, run.path / "model.safetensors", config, iteration, final)
+    model_path = run.path / "model.safetensors"
+    _save_weights(model, model_path, config, iteration, final)
     if final and (best is None or final["psnr_db"] >= best["psnr_db"]):
         best = {"iteration": iteration, "psnr_db": final["psnr_db"]}
-        _save_weights(model, run.path / BEST_FILE, config, iteration, final)
+        atomic_write(run.path / BEST_FILE, lambda tmp: shutil.copyfile(model_path, tmp))
     summary = {
         "config": config.to_dict(),
         "iterations": iteration,
         "heldout": final,
-        "model": str(run.path / "model.safetensors"),
+        "model": str(model_path),
         "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
         "collapsed": bool(final) and collapsed(final["psnr_db"], best),
         "env": environment(),
