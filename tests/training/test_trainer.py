@@ -86,6 +86,11 @@ def test_resume_is_bit_identical(fashion_dir: Path, tmp_path: Path, monkeypatch)
 
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
+    records = [
+        json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    ]
+    (resumed,) = [r for r in records if r.get("event") == "resume"]
+    assert resumed["iteration"] == 3 and resumed["env"]["cpu_threads"] == torch.get_num_threads()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[key], b[key]) for key in a)
 

@@ -212,6 +212,11 @@ def train(
         run.log(
             {"event": "start", "iteration": 0, "config": config.to_dict(), "env": environment()}
         )
+    else:
+        # Threads, device and machine may change between sessions: keep each one's provenance.
+        run.log(
+            {"event": "resume", "iteration": start, "device": str(device), "env": environment()}
+        )
 
     model.train()
     iteration = start
