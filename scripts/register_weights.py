@@ -102,7 +102,12 @@ def main() -> None:
 
 def write_entry(entry: dict) -> None:
     entries = json.loads(REGISTRY_FILE.read_text()) if REGISTRY_FILE.is_file() else []
-    entries = [e for e in entries if e["name"] != entry["name"]] + [entry]
+    names = [e["name"] for e in entries]
+    # Re-registering a name replaces its entry where it stands, so `zoo list` keeps its order.
+    if entry["name"] in names:
+        entries[names.index(entry["name"])] = entry
+    else:
+        entries.append(entry)
     atomic_write_text(REGISTRY_FILE, json.dumps(entries, indent=2) + "\n")
 
 

@@ -15,7 +15,6 @@ was right and the attack fooled it), the measurements and the outputs (``results
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from comdefend.evaluation.seed_experiment import (
 from comdefend.models.classifiers import load_classifier
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset, preset_summary
-from comdefend.training.trainer import image_channels_for
+from comdefend.training.trainer import evaluate_reconstruction, image_channels_for
 from comdefend.zoo import resolve_weights
 
 NAME = re.compile(r"^(?P<run>.+)-(?P<iteration>\d+)\.safetensors$")
@@ -49,17 +48,11 @@ def load_snapshot(path: Path, channels: int) -> tuple[ComDefend | None, dict]:
     return model.eval(), train_config
 
 
-def heldout_psnr(run: Path, iteration: int) -> float | None:
-    """The trainer's held-out PSNR at ``iteration``, from the run's log (if it evaluated)."""
-    log = run / "log.jsonl"
-    if not log.is_file():
-        return None
-    found = None
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("iteration") == iteration and "heldout_psnr_db" in record:
-            found = record["heldout_psnr_db"]
-    return found
+def heldout_psnr(model: ComDefend, data, train_config: dict) -> float:
+    """The held-out PSNR the trainer reports (its first ``eval_images`` test images), measured
+    on the snapshot itself, so the column never depends on which run's log sits where."""
+    images = data.head(int(train_config.get("eval_images", 500))).float_images()
+    return evaluate_reconstruction(model, images)["psnr_db"]
 
 
 def main() -> None:
@@ -72,9 +65,6 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.03, help="BIM L-inf budget in [0, 1]")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument(
-        "--runs", type=Path, default=Path("runs/zoo"), help="run folders (for held-out PSNR)"
-    )
     args = parser.parse_args()
 
     classifier = load_classifier(resolve_weights(args.classifier)).requires_grad_(False)
@@ -112,7 +102,7 @@ def main() -> None:
                 "clean_accuracy_defended": defended_accuracy(
                     model, classifier, adv.clean, adv.labels, 100
                 ),
-                "heldout_psnr_db": heldout_psnr(args.runs / run, iteration),
+                "heldout_psnr_db": heldout_psnr(model, data, train_config),
             }
             print(run, point, flush=True)
             points.append(point)

@@ -187,11 +187,74 @@ def test_register_weights_auto_ships_a_healthy_runs_final_weights(
     )
     train(config, progress=False)
     zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    # An older entry of the same name is replaced where it stands, before another entry.
+    shipped = json.loads((REPO / "src/comdefend/zoo/registry.json").read_text())[0]
+    older = [{**shipped, "name": "tiny", "sha256": "old"}, {**shipped, "name": "after"}]
+    (zoo / "registry.json").write_text(json.dumps(older))
     done = _register_into(
         zoo, run, "--name", "tiny", "--command", "c", "--hardware", "h", "--weights", "auto"
     )
     assert done.returncode == 0, done.stderr
-    (entry,) = json.loads((zoo / "registry.json").read_text())
+    entry, after = json.loads((zoo / "registry.json").read_text())
+    assert entry["name"] == "tiny" and after == older[1]
     assert entry["sha256"] == sha256_of(run / "model.safetensors") and entry["notes"] == ""
     # The final weights were the best: best.safetensors is the same file, copied.
     assert sha256_of(run / "best.safetensors") == entry["sha256"]
+
+
+def test_seed_chart_measures_each_snapshots_heldout_psnr(fashion_dir: Path, tmp_path: Path) -> None:
+    from comdefend.training.trainer import TrainConfig, train
+
+    run = tmp_path / "run"
+    config = TrainConfig(
+        dataset="fashion-mnist",
+        out=str(run),
+        iterations=4,
+        batch_size=8,
+        eval_every=2,
+        eval_images=16,
+        checkpoint_every=2,
+        seed=5,
+        data_dir=str(fashion_dir),
+    )
+    train(config, progress=False)
+    logged = {
+        r["iteration"]: r["heldout_psnr_db"]
+        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+        if "heldout_psnr_db" in r and "event" not in r
+    }
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    (snapshots / "tiny-4.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes())
+    # A stale log of another run under the name, where the script once looked: it must not be read.
+    decoy = tmp_path / "runs" / "zoo" / "tiny"
+    decoy.mkdir(parents=True)
+    (decoy / "log.jsonl").write_text(json.dumps({"iteration": 4, "heldout_psnr_db": 11.0}) + "\n")
+    out = tmp_path / "chart"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "seed_chart_from_snapshots.py"),
+            str(snapshots),
+            "--classifier",
+            "fashion-cnn",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(fashion_dir),
+            "--n",
+            "24",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (point,) = json.loads((out / "results.json").read_text())["presets"]["tiny"]["evaluations"]
+    assert point["iteration"] == 4
+    assert abs(point["heldout_psnr_db"] - logged[4]) < 1e-4
+    assert (out / "table.md").is_file() and (out / "accuracy_vs_iteration.png").is_file()
