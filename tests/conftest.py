@@ -55,3 +55,25 @@ def scripted_psnrs(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(trainer, "evaluate_reconstruction", evaluate)
 
     return script
+
+
+@pytest.fixture
+def dead_model(monkeypatch: pytest.MonkeyPatch):
+    """The trainer builds a model in the state a collapsed plain run ends in: the code logits and
+    the output sigmoid saturated (biases of -1e4), so every gradient is exactly zero; the trainer
+    gives up after ``DEAD_ITERATIONS``, set here to 3."""
+    from comdefend.training import trainer
+
+    real = trainer.build_model
+
+    def build(config):
+        model = real(config)
+        with torch.no_grad():
+            for part in (model.encoder, model.decoder):
+                last = [m for m in part.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+                last.weight.zero_()
+                last.bias.fill_(-1e4)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build)
+    monkeypatch.setattr(trainer, "DEAD_ITERATIONS", 3)

@@ -249,3 +249,19 @@ def test_train_says_where_a_collapsed_runs_best_weights_are(
         f"best held-out PSNR 25.00 dB at iteration 4: {best} (the run collapsed: use these "
         "weights)" in result.stdout
     )
+
+
+def test_train_says_when_a_dead_run_stopped_early(
+    fashion_dir: Path, tmp_path: Path, dead_model
+) -> None:
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+
+    out = tmp_path / "run"
+    arguments = ["train", "--dataset", "fashion-mnist", "--iterations", "50", "--batch-size", "4"]
+    options = ["--eval-every", "10", "--eval-images", "8", "--out", str(out)]
+    result = CliRunner().invoke(app, [*arguments, *options])
+    assert result.exit_code == 0, result.output
+    assert "done: 3 iterations" in result.stdout
+    assert "stopped early at iteration 3 of 50: every gradient was exactly zero" in result.stdout

@@ -231,6 +231,12 @@ def train_command(
             f"done: {summary['iterations']} iterations, held-out PSNR {heldout['psnr_db']:.2f} dB, "
             f"bit density {heldout['bit_density']:.3f}"
         )
+    stopped = summary.get("stopped_early")
+    if stopped:
+        typer.echo(
+            f"stopped early at iteration {stopped['iteration']} of {config.iterations}: "
+            f"{stopped['reason']}"
+        )
     typer.echo(f"model: {summary['model']}")
     best = summary.get("best")
     if best and best["iteration"] != summary["iterations"]:

@@ -196,3 +196,40 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert last == {"event": "diverged", "iteration": 3}
     state = load_file(out / "checkpoint.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in state.values())
+
+
+def test_gradients_all_zero() -> None:
+    layer = torch.nn.Linear(3, 2)
+    assert not trainer_module.gradients_all_zero(layer)  # no backward pass yet
+    layer(torch.ones(1, 3)).sum().backward()
+    assert not trainer_module.gradients_all_zero(layer)
+    layer.weight.grad.zero_()
+    assert not trainer_module.gradients_all_zero(layer)  # the bias still has a gradient
+    layer.bias.grad.zero_()
+    assert trainer_module.gradients_all_zero(layer)
+
+
+def test_a_dead_run_stops_early_with_a_checkpoint(
+    fashion_dir: Path, tmp_path: Path, dead_model
+) -> None:
+    from comdefend.checkpoint import read_metadata
+
+    out = tmp_path / "run"
+    summary = train(_config(out, 20, checkpoint_every=10), progress=False)
+    assert summary["iterations"] == 3
+    assert summary["stopped_early"]["iteration"] == 3
+    assert "exactly zero for 3 iterations" in summary["stopped_early"]["reason"]
+    assert json.loads((out / "summary.json").read_text())["stopped_early"]["iteration"] == 3
+    # The state it stopped in is checkpointed, although 3 is no checkpoint iteration.
+    assert read_metadata(out / "checkpoint.safetensors")["iteration"] == 3
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"event": "stopped_early", **summary["stopped_early"]} in records
+    assert [r["event"] for r in records if "event" in r][-1] == "done"
+    # A dead model's output is constant: the held-out PSNR says so.
+    assert summary["heldout"]["bit_density"] == 0.0
+
+
+def test_a_live_run_does_not_stop_early(fashion_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(trainer_module, "DEAD_ITERATIONS", 1)
+    summary = train(_config(tmp_path / "run", 4), progress=False)
+    assert summary["iterations"] == 4 and summary["stopped_early"] is None

@@ -138,6 +138,18 @@ EvaluationHook = Callable[[int, ComDefend], dict[str, Any]]
 # 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered (docs/RESULTS.md).
 COLLAPSE_DB = 6.0
 BEST_FILE = "best.safetensors"
+# Every gradient exactly zero for this many iterations in a row (each with its own batch and
+# noise) ends the run early: it can no longer learn. This is how the plain recipe collapses:
+# the output sigmoid saturates (pre-activations of -300 to -3,000 on every pixel), its gradient
+# is exactly 0 in float32, and so is every gradient behind it; Adam's remaining momentum has
+# decayed to 0.9**100 of its value by then. Both plain Fashion-MNIST runs stayed there.
+DEAD_ITERATIONS = 100
+
+
+def gradients_all_zero(model: torch.nn.Module) -> bool:
+    """Whether every parameter's gradient of the last backward pass is exactly zero."""
+    grads = [p.grad.detach().abs().amax() for p in model.parameters() if p.grad is not None]
+    return bool(grads) and not bool(torch.stack(grads).amax() > 0)
 
 
 def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
@@ -190,7 +202,9 @@ def train(
     The weights with the best held-out PSNR so far are kept in ``best.safetensors``; an
     evaluation more than :data:`COLLAPSE_DB` below that best is logged as a collapse and warned
     about. A NaN or infinite loss stops the run with :class:`TrainingDivergedError`, before the
-    last good checkpoint could be overwritten.
+    last good checkpoint could be overwritten. A run whose gradients have all been exactly zero
+    for :data:`DEAD_ITERATIONS` iterations is dead: it is checkpointed and ends early, with
+    ``stopped_early`` in its summary (and usually ``collapsed``: use ``best.safetensors``).
     """
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -208,6 +222,7 @@ def train(
     evaluation_images = held_out(config)
     best = read_best(run.path / BEST_FILE) if resume else None
     collapse_warned = False
+    zero_streak, stopped_early = 0, None
     if not resume:
         run.log(
             {"event": "start", "iteration": 0, "config": config.to_dict(), "env": environment()}
@@ -238,6 +253,7 @@ def train(
                 loss, mse, code_term = comdefend_loss(reconstruction, x, code, config.code_penalty)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                zero_streak = zero_streak + 1 if gradients_all_zero(model) else 0
                 optimizer.step()
                 iteration += 1
                 images_seen += x.shape[0]
@@ -278,9 +294,21 @@ def train(
                         model.eval()
                         record.update(on_evaluation(iteration, model))
                         model.train()
+                if zero_streak >= DEAD_ITERATIONS:
+                    stopped_early = {
+                        "iteration": iteration,
+                        "reason": f"every gradient was exactly zero for {zero_streak} "
+                        "iterations in a row: the model cannot learn any more (a saturated "
+                        "output, as in a collapse)",
+                    }
+                    record["dead"] = True
                 if iteration % 10 == 0 or len(record) > 5:
                     run.log(record)
-                if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                if (
+                    iteration % config.checkpoint_every == 0
+                    or iteration == config.iterations
+                    or stopped_early
+                ):
                     run.save(model, optimizer, iteration)
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(
@@ -291,6 +319,15 @@ def train(
                     refresh=False,
                 )
                 bar.update(1)
+                if stopped_early:
+                    run.log({"event": "stopped_early", **stopped_early})
+                    tqdm.write(
+                        f"warning: stopping at iteration {iteration} of {config.iterations}: "
+                        f"{stopped_early['reason']}; the best weights are in "
+                        f"{run.path / BEST_FILE}",
+                        file=sys.stderr,
+                    )
+                    break
     except KeyboardInterrupt:
         bar.close()
         run.save_interrupted(model, optimizer, iteration)
@@ -313,6 +350,7 @@ def train(
         "model": str(model_path),
         "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
         "collapsed": bool(final) and collapsed(final["psnr_db"], best),
+        "stopped_early": stopped_early,
         "env": environment(),
         "device": str(device),
         "images_per_second_this_session": images_seen / max(time.perf_counter() - started, 1e-9),
