@@ -230,19 +230,26 @@ def test_bad_arguments_exit_nonzero(tmp_path: Path) -> None:
     )
 
 
-def test_train_says_where_a_collapsed_runs_best_weights_are(
-    fashion_dir: Path, tmp_path: Path, scripted_psnrs
-) -> None:
+def _train_in_process(out: Path, iterations: int, eval_every: int) -> object:
+    """``comdefend train`` on Fashion-MNIST through typer's runner, in this process, so that a
+    test's monkeypatches of the trainer apply."""
     from typer.testing import CliRunner
 
     from comdefend.cli import app
 
+    arguments = ["train", "--dataset", "fashion-mnist", "--iterations", str(iterations)]
+    options = ["--batch-size", "8", "--eval-every", str(eval_every), "--eval-images", "16"]
+    result = CliRunner().invoke(app, [*arguments, *options, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_says_where_a_collapsed_runs_best_weights_are(
+    fashion_dir: Path, tmp_path: Path, scripted_psnrs
+) -> None:
     scripted_psnrs(20.0, 25.0, 12.0, 11.0)
     out = tmp_path / "run"
-    arguments = ["train", "--dataset", "fashion-mnist", "--iterations", "6", "--batch-size", "8"]
-    options = ["--eval-every", "2", "--eval-images", "16", "--out", str(out)]
-    result = CliRunner().invoke(app, [*arguments, *options])
-    assert result.exit_code == 0, result.output
+    result = _train_in_process(out, 6, 2)
     assert "done: 6 iterations, held-out PSNR 11.00 dB" in result.stdout
     best = out / "best.safetensors"
     assert (
@@ -254,14 +261,6 @@ def test_train_says_where_a_collapsed_runs_best_weights_are(
 def test_train_says_when_a_dead_run_stopped_early(
     fashion_dir: Path, tmp_path: Path, dead_model
 ) -> None:
-    from typer.testing import CliRunner
-
-    from comdefend.cli import app
-
-    out = tmp_path / "run"
-    arguments = ["train", "--dataset", "fashion-mnist", "--iterations", "50", "--batch-size", "4"]
-    options = ["--eval-every", "10", "--eval-images", "8", "--out", str(out)]
-    result = CliRunner().invoke(app, [*arguments, *options])
-    assert result.exit_code == 0, result.output
+    result = _train_in_process(tmp_path / "run", 50, 10)
     assert "done: 3 iterations" in result.stdout
     assert "stopped early at iteration 3 of 50: every gradient was exactly zero" in result.stdout
