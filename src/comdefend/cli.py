@@ -342,7 +342,9 @@ def main() -> None:
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         typer.echo(
-            "interrupted (a training run saved its checkpoint; --resume continues)", err=True
+            "interrupted (training saved its checkpoint, evaluation its finished attacks; "
+            "the same command with --resume continues)",
+            err=True,
         )
         sys.exit(130)
 

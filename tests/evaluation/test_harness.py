@@ -260,3 +260,94 @@ def test_validate_config_normalises() -> None:
     assert config.threat_models == ["oblivious", "bpda"]
     with pytest.raises(UsageError, match="1/255"):
         validate_config(EvaluationConfig(dataset="fashion-mnist", classifier="x", eps=[-1]))
+
+
+def _timeless(results: dict) -> str:
+    """Everything a resumed run must reproduce: all but wall-clock times and file lists."""
+    cells = [{k: v for k, v in c.items() if k != "seconds"} for c in results["cells"]]
+    return json.dumps(
+        [cells, results["worst_case"], results["clean"], results["detectors"]],
+        default=str,
+        sort_keys=True,
+    )
+
+
+def test_interrupted_evaluation_resumes_to_the_same_results(
+    checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import comdefend.evaluation.harness as harness
+    from comdefend.cli import app
+    from comdefend.evaluation.progress import PROGRESS_FILE
+
+    noisy = f"comdefend:{checkpoints['comdefend']}@noise=1.0"
+    settings = {
+        "n": 8,
+        "batch_size": 4,
+        "attacks": ["fgsm", "pgd"],
+        "eps": [4, 16],
+        "defenses": ["none", "bits:4", noisy],
+        "threat_models": ["oblivious", "bpda"],
+        "detectors": ["pca"],
+        "detector_holdout": 100,
+    }
+    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole")))
+
+    real_group = harness._evaluate_group
+    calls: list[tuple[str, object]] = []
+
+    def interrupted_after_two(*args: object, **kwargs: object) -> object:
+        calls.append((args[2], args[3]))  # (attack, eps)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness, "_evaluate_group", interrupted_after_two)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_config(checkpoints, **settings, out=str(out)))
+    assert (out / PROGRESS_FILE).is_file() and not (out / "results.json").exists()
+
+    # the same command without --resume is refused, and says how to continue
+    with pytest.raises(UsageError, match="--resume"):
+        validate_config(_config(checkpoints, **settings, out=str(out)))
+    # other settings are refused, naming what differs
+    with pytest.raises(UsageError, match="eps"):
+        evaluate(_config(checkpoints, **{**settings, "eps": [4, 8]}, out=str(out), resume=True))
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append((args[2], args[3]))
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    calls.clear()
+    monkeypatch.setattr(harness, "_evaluate_group", counted)
+    args = [
+        "evaluate", "--dataset", "fashion-mnist", "--classifier", checkpoints["classifier"],
+        "--defense", "none", "--defense", "bits:4", "--defense", noisy, "--attack", "fgsm,pgd",
+        "--attack-param", "pgd.steps=3", "--eps", "4,16", "--threat-model", "oblivious,bpda",
+        "--n", "8", "--batch-size", "4", "--data-dir", str(FASHION), "--out", str(out),
+        "--detector", "pca", "--detector-holdout", "100", "--eot-draws", "2", "--eot-samples", "2",
+        "--no-progress", "--resume",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "resumed: 2 (attack, eps) groups read back" in result.output
+    assert calls == [("pgd", 4.0), ("pgd", 16.0)]  # only the unfinished groups were computed
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["resumed_groups"] == 2
+    assert _timeless(resumed) == _timeless(json.loads(json.dumps(reference, default=str)))
+    assert not (out / PROGRESS_FILE).exists()
+    assert (out / "grid.png").is_file()  # the grid's images came back from the progress file
+    # a finished folder has nothing to resume
+    with pytest.raises(UsageError, match="finished"):
+        validate_config(_config(checkpoints, **settings, out=str(out), resume=True))
+
+
+def test_resume_and_force_checks(checkpoints: dict, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="give one of them"):
+        validate_config(_config(checkpoints, out=str(tmp_path / "r"), resume=True, force=True))
+    with pytest.raises(UsageError, match="--out"):
+        validate_config(_config(checkpoints, resume=True))
+    # nothing to resume yet: a fresh run
+    validate_config(_config(checkpoints, out=str(tmp_path / "new"), resume=True))

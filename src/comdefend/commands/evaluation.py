@@ -93,6 +93,12 @@ def evaluate_command(
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder, e.g. reports/NAME."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report folder."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run in --out (same settings): each finished "
+        "(attack, eps) is read back, not recomputed.",
+    ),
     eot_samples: int = typer.Option(8, help="EOT draws of the attacker under bpda+eot."),
     eot_draws: int = typer.Option(3, help="Evaluation draws of randomized defenses."),
     detector: list[str] = typer.Option(
@@ -124,6 +130,7 @@ def evaluate_command(
         data_dir=str(data_dir) if data_dir else None,
         out=str(out),
         force=force,
+        resume=resume,
         eot_samples=eot_samples,
         eot_draws=eot_draws,
         detectors=_split_list(detector),
@@ -133,6 +140,8 @@ def evaluate_command(
         progress=progress,
     )
     results = evaluate(config)
+    if results["resumed_groups"]:
+        typer.echo(f"resumed: {results['resumed_groups']} (attack, eps) groups read back")
     typer.echo(
         f"evaluated {len(results['cells'])} cells on {results['dataset']['n']} images; "
         f"wrote {', '.join(results['files'])} to {out}"

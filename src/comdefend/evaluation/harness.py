@@ -69,6 +69,7 @@ from comdefend.defenses import (
     parse_defense,
 )
 from comdefend.errors import UsageError
+from comdefend.evaluation.progress import PROGRESS_FILE, EvaluationProgress, fingerprint
 from comdefend.metrics import mse_per_image, psnr_from_mse, quantize_8bit
 
 #: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
@@ -110,7 +111,10 @@ class EvaluationConfig:
         batch_size: images per attack / forward call.
         data_dir: dataset folder (``None``: ``$COMDEFEND_DATA`` or the defaults).
         out: output folder for :func:`comdefend.evaluation.report.write_report` (optional).
-        force: allow writing into an existing ``out`` folder.
+        force: allow writing into an existing ``out`` folder (an interrupted run there is
+            discarded).
+        resume: continue the interrupted run in ``out`` (same settings): its finished
+            (attack, eps) groups are read back (see :mod:`comdefend.evaluation.progress`).
         eot_samples: EOT draws of the attacker under ``bpda+eot``.
         eot_draws: evaluation draws of randomized defenses.
         detectors: subset of :data:`DETECTORS`.
@@ -134,6 +138,7 @@ class EvaluationConfig:
     data_dir: str | None = None
     out: str | None = None
     force: bool = False
+    resume: bool = False
     eot_samples: int = 8
     eot_draws: int = 3
     detectors: list[str] = field(default_factory=list)
@@ -215,8 +220,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     _int_at_least("detector holdout", config.detector_holdout, 2)
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
-    if config.out is not None and Path(config.out).exists() and not config.force:
-        raise UsageError(f"output folder {config.out} exists; pass --force to overwrite it")
+    _check_out_folder(config)
     return EvaluationConfig(
         **{
             **asdict(config),
@@ -228,6 +232,32 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
             "attack_params": {k.lower(): dict(v) for k, v in config.attack_params.items()},
         }
     )
+
+
+def _check_out_folder(config: EvaluationConfig) -> None:
+    if config.resume and config.force:
+        raise UsageError("--resume continues a run, --force starts it over: give one of them")
+    if config.out is None:
+        if config.resume:
+            raise UsageError("--resume needs the report folder (--out) of the interrupted run")
+        return
+    folder = Path(config.out)
+    interrupted = (folder / PROGRESS_FILE).is_file()
+    if config.resume:
+        if folder.exists() and not interrupted:
+            finished = (folder / "results.json").is_file()
+            raise UsageError(
+                f"--resume: {folder} holds no interrupted evaluation"
+                + (" (its evaluation finished; pass --force to run it again)" if finished else "")
+            )
+        return  # a folder that does not exist yet: nothing to resume, a fresh run
+    if folder.exists() and not config.force:
+        hint = (
+            " (it holds an interrupted evaluation: pass --resume to continue it)"
+            if interrupted
+            else ""
+        )
+        raise UsageError(f"output folder {folder} exists; pass --force to overwrite it{hint}")
 
 
 def _check_classifier_fits(classifier: nn.Module, path: str, dataset: str) -> None:
@@ -493,7 +523,6 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
     """
     from tqdm.auto import tqdm
 
-    from comdefend.evaluation.grids import amplified_difference
     from comdefend.training.run import environment
 
     config = validate_config(config)
@@ -518,92 +547,45 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
             }
         )
 
-    plan = [
-        (attack, eps_label, eps_value, tm, index)
+    checkpoints = _checkpoint_hashes(config, ev)
+    progress = EvaluationProgress(
+        config.out, fingerprint(asdict(config), checkpoints, ev.data_source), config.resume
+    )
+    groups = [
+        (attack, eps_label, eps_value)
         for attack in config.attacks
         for eps_label, eps_value in _eps_plan(config, attack)
-        for tm in config.threat_models
-        for index in range(len(ev.defenses))
     ]
     cells: list[dict[str, Any]] = []
     correctness: dict[tuple[Any, ...], torch.Tensor] = {}
     detection: list[dict[str, Any]] = []
     grid_attack = config.attacks[0]
     grid_eps = _eps_plan(config, grid_attack)[-1][0]
-    grid: dict[str, Any] = {}
-    bar = tqdm(total=len(plan), desc="evaluate", unit="cell", disable=not config.progress)
-    current: tuple[str, float | str] | None = None
-    memo: dict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = {}
-    oblivious: tuple[torch.Tensor, dict[str, Any]] | None = None
-    for attack, eps_label, eps_value, tm, index in plan:
-        if current != (attack, eps_label):
-            current, memo, oblivious = (attack, eps_label), {}, None
-            if detectors:
-                oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
-                detection.append(_detect(detectors, attack, eps_label, oblivious[0], ev))
-        spec = config.defenses[index]
-        defense = ev.defenses[index]
-        effective, note, reason = _plan_cell(defense, tm)
-        cell: dict[str, Any] = {
-            "attack": attack,
-            "eps": eps_label,
-            "eps_value": eps_value,
-            "defense": spec,
-            "threat_model": tm,
-            "effective_threat_model": None if effective == "skip" else effective,
-            "status": "ok",
-            "note": note,
-        }
-        if effective == "skip":
-            cell.update(status="skipped", note=reason)
-            cells.append(cell)
-            bar.update(1)
-            continue
-        key = (index, effective)
-        reused = key in memo
-        if reused:
-            metrics, correct = memo[key]
-            cell["status"] = "reused" if tm != effective else "ok"
+    grid: dict[str, Any] = dict(progress.grid)
+    per_group = len(config.threat_models) * len(ev.defenses)
+    bar = tqdm(
+        total=len(groups) * per_group, desc="evaluate", unit="cell", disable=not config.progress
+    )
+    for attack, eps_label, eps_value in groups:
+        finished = progress.finished(attack, eps_label)
+        if finished is None:
+            want_grid = attack == grid_attack and eps_label == grid_eps
+            finished = _evaluate_group(
+                ev, detectors, attack, eps_label, eps_value, clean, grid if want_grid else None, bar
+            )
+            group_cells, group_correct, detection_row = finished
+            elapsed = progress.elapsed_s + time.time() - started
+            progress.save_group(
+                attack, eps_label, group_cells, group_correct, detection_row, grid, elapsed
+            )
         else:
-            cell_started = time.perf_counter()
-            if effective == "oblivious":
-                if oblivious is None:
-                    oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
-                x_adv, settings = oblivious
-                attacker = "classifier"
-            else:
-                model = make_threat_model_defense(
-                    defense, effective, ev.classifier, eot_samples=config.eot_samples
-                )
-                assert model is not None
-                model.eval()
-                attacker = getattr(model, "name", type(model).__name__)
-                x_adv, settings = ev.attack(
-                    attack, eps_value, model, (attack, eps_label, spec, effective)
-                )
-                ev.restore_seeds()
-            correct, mse = ev.defended(index, x_adv)
-            metrics = {
-                **_cell_metrics(ev.x, x_adv, clean[index][0], correct, mse),
-                "attacker_model": attacker,
-                "attack_settings": settings,
-                # attack (shared oblivious adversarials: counted in their first cell) + defense
-                "seconds": round(time.perf_counter() - cell_started, 3),
-            }
-            memo[key] = (metrics, correct)
-            if attack == grid_attack and eps_label == grid_eps and effective == "oblivious":
-                k = min(GRID_IMAGES, ev.n)
-                grid.setdefault("clean", ev.x[:k])
-                grid.setdefault("adversarial", x_adv[:k])
-                grid.setdefault("difference", amplified_difference(x_adv[:k], ev.x[:k]))
-                if not isinstance(defense, Identity):
-                    grid.setdefault("purified", {})[spec] = ev.purified_sample(index, x_adv[:k])
-        cell.update(metrics)
-        if reused:
-            cell["seconds"] = 0.0  # computed in an earlier cell
-        correctness[(attack, eps_label, index, tm)] = correct
-        cells.append(cell)
-        bar.update(1)
+            bar.update(per_group)
+        group_cells, group_correct, detection_row = finished
+        cells.extend(group_cells)
+        for (index, tm), correct in group_correct.items():
+            correctness[(attack, eps_label, index, tm)] = correct
+        if detection_row is not None:
+            detection.append(detection_row)
     bar.close()
 
     results: dict[str, Any] = {
@@ -611,7 +593,7 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
         "config": asdict(config),
         "eps_unit": "1/255 (an eps of 8 is an L-inf budget of 8/255 on images in [0, 1])",
         "environment": _environment(environment),
-        "checkpoints": _checkpoint_hashes(config, ev),
+        "checkpoints": checkpoints,
         "classifier": _classifier_info(ev),
         "dataset": {
             "name": config.dataset,
@@ -628,13 +610,106 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
         "cells": cells,
         "worst_case": _worst_case(config, cells, correctness),
         "detectors": {"info": detector_info, "results": detection} if config.detectors else {},
-        "elapsed_s": round(time.time() - started, 3),
+        "elapsed_s": round(progress.elapsed_s + time.time() - started, 3),
+        "resumed_groups": progress.restored,
     }
     if config.out is not None:
         from comdefend.evaluation.report import write_report
 
         results["files"] = write_report(results, config.out, grid=grid)
+        progress.clear()
     return results
+
+
+def _evaluate_group(
+    ev: _Evaluator,
+    detectors: dict[str, Any],
+    attack: str,
+    eps_label: float | str,
+    eps_value: float | None,
+    clean: list[tuple[torch.Tensor, torch.Tensor]],
+    grid: dict[str, Any] | None,
+    bar: Any,
+) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor], dict[str, Any] | None]:
+    """Every (threat model, defense) cell of one (attack, eps): the cells, the per-image
+    correctness of each computed cell by (defense index, threat model), the detection row.
+    Fills ``grid`` (if given) with the first images of the oblivious adversarials."""
+    from comdefend.evaluation.grids import amplified_difference
+
+    config = ev.config
+    memo: dict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = {}
+    oblivious: tuple[torch.Tensor, dict[str, Any]] | None = None
+    detection_row = None
+    if detectors:
+        oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
+        detection_row = _detect(detectors, attack, eps_label, oblivious[0], ev)
+    cells: list[dict[str, Any]] = []
+    correctness: dict[tuple[int, str], torch.Tensor] = {}
+    for tm in config.threat_models:
+        for index, (spec, defense) in enumerate(zip(config.defenses, ev.defenses, strict=True)):
+            effective, note, reason = _plan_cell(defense, tm)
+            cell: dict[str, Any] = {
+                "attack": attack,
+                "eps": eps_label,
+                "eps_value": eps_value,
+                "defense": spec,
+                "threat_model": tm,
+                "effective_threat_model": None if effective == "skip" else effective,
+                "status": "ok",
+                "note": note,
+            }
+            if effective == "skip":
+                cell.update(status="skipped", note=reason)
+                cells.append(cell)
+                bar.update(1)
+                continue
+            key = (index, effective)
+            reused = key in memo
+            if reused:
+                metrics, correct = memo[key]
+                cell["status"] = "reused" if tm != effective else "ok"
+            else:
+                cell_started = time.perf_counter()
+                if effective == "oblivious":
+                    if oblivious is None:
+                        oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
+                    x_adv, settings = oblivious
+                    attacker = "classifier"
+                else:
+                    model = make_threat_model_defense(
+                        defense, effective, ev.classifier, eot_samples=config.eot_samples
+                    )
+                    assert model is not None
+                    model.eval()
+                    attacker = getattr(model, "name", type(model).__name__)
+                    x_adv, settings = ev.attack(
+                        attack, eps_value, model, (attack, eps_label, spec, effective)
+                    )
+                    ev.restore_seeds()
+                correct, mse = ev.defended(index, x_adv)
+                metrics = {
+                    **_cell_metrics(ev.x, x_adv, clean[index][0], correct, mse),
+                    "attacker_model": attacker,
+                    "attack_settings": settings,
+                    # attack (shared oblivious adversarials: counted in their first cell) + defense
+                    "seconds": round(time.perf_counter() - cell_started, 3),
+                }
+                memo[key] = (metrics, correct)
+                if grid is not None and effective == "oblivious":
+                    k = min(GRID_IMAGES, ev.n)
+                    grid.setdefault("clean", ev.x[:k])
+                    grid.setdefault("adversarial", x_adv[:k])
+                    grid.setdefault("difference", amplified_difference(x_adv[:k], ev.x[:k]))
+                    if not isinstance(defense, Identity):
+                        purified = ev.purified_sample(index, x_adv[:k])
+                        grid.setdefault("purified", {})[spec] = purified
+            cell.update(metrics)
+            if reused:
+                cell["seconds"] = 0.0  # computed in an earlier cell
+            correctness[(index, tm)] = correct
+            cells.append(cell)
+            bar.update(1)
+    return cells, correctness, detection_row
 
 
 def _detect(
