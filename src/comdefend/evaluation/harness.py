@@ -528,6 +528,11 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
     config = validate_config(config)
     started = time.time()
     ev = _Evaluator(config)
+    # before any expensive work: a resume with other settings is refused at once
+    checkpoints = _checkpoint_hashes(config, ev)
+    progress = EvaluationProgress(
+        config.out, fingerprint(asdict(config), checkpoints, ev.data_source), config.resume
+    )
     detectors, detector_info = _fit_detectors(ev)
 
     clean: list[tuple[torch.Tensor, torch.Tensor]] = [
@@ -547,10 +552,6 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
             }
         )
 
-    checkpoints = _checkpoint_hashes(config, ev)
-    progress = EvaluationProgress(
-        config.out, fingerprint(asdict(config), checkpoints, ev.data_source), config.resume
-    )
     groups = [
         (attack, eps_label, eps_value)
         for attack in config.attacks
@@ -573,11 +574,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
             finished = _evaluate_group(
                 ev, detectors, attack, eps_label, eps_value, clean, grid if want_grid else None, bar
             )
-            group_cells, group_correct, detection_row = finished
             elapsed = progress.elapsed_s + time.time() - started
-            progress.save_group(
-                attack, eps_label, group_cells, group_correct, detection_row, grid, elapsed
-            )
+            progress.save_group(attack, eps_label, *finished, grid, elapsed)
         else:
             bar.update(per_group)
         group_cells, group_correct, detection_row = finished

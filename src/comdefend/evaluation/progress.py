@@ -121,7 +121,10 @@ class EvaluationProgress:
         grid: dict[str, Any],
         elapsed_s: float,
     ) -> None:
-        """Record a finished group and rewrite the progress file (atomically)."""
+        """Record a finished group and rewrite the progress file (atomically); nothing to do
+        without a report folder."""
+        if self.path is None:
+            return
         number = len(self.groups)
         self.groups.append(
             json.loads(
@@ -139,9 +142,6 @@ class EvaluationProgress:
         for (index, tm), tensor in correct.items():
             # clone: reused cells share one tensor, which safetensors will not write twice
             self.correct[f"correct/{number}/{index}/{tm}"] = tensor.clone()
-        self.grid = grid
-        if self.path is None:
-            return
         tensors = dict(self.correct)
         for name in ("clean", "adversarial", "difference"):
             if name in grid:
