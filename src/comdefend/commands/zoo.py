@@ -15,12 +15,21 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
         verify: bool = typer.Option(False, "--verify", help="Check every file's sha256."),
     ) -> None:
-        """List shipped models with dataset, architecture, metrics and provenance."""
+        """List zoo models with dataset, architecture, metrics and provenance.
+
+        Entries converted from another package are listed too; --verify converts and checks
+        those whose package is installed and says which are not.
+        """
         from comdefend.zoo import get_entry, list_pretrained, pretrained_path
 
         entries = [get_entry(name) for name in list_pretrained()]
         if verify:
             for entry in entries:
+                if not entry.installed:
+                    assert entry.source is not None  # shipped entries are always installed
+                    hint = entry.source.install_hint()
+                    typer.echo(f"{entry.name}: not installed, not verified ({hint})", err=True)
+                    continue
                 pretrained_path(entry.name, verify=True)
         if as_json:
             typer.echo(json.dumps([e.to_dict() for e in entries], indent=2))

