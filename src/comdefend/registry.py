@@ -100,6 +100,10 @@ class Registry(Generic[T]):
         """The entry called ``name``; a :class:`UsageError` lists the valid names otherwise."""
         return self._entries[self.canonical(name)]
 
+    def __getitem__(self, name: str) -> T:
+        """``registry[name]`` is :meth:`get` (so a registry reads like the dict it replaces)."""
+        return self.get(name)
+
     def names(self) -> list[str]:
         """Registered names (not aliases), in registration order."""
         return list(self._entries)

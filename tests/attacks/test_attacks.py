@@ -14,7 +14,7 @@ from torch import nn
 from comdefend.attacks import ATTACKS, BIM, CW, FGSM, MIFGSM, PGD, Attack, DeepFool, make_attack
 from comdefend.errors import UsageError
 
-LINF = ["fgsm", "bim", "pgd", "mifgsm"]
+LINF = ["fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr"]
 L2 = ["deepfool", "cw"]
 
 
@@ -32,6 +32,8 @@ FAST = {  # small settings so that every test stays well under a second
     "bim": {"steps": 3},
     "pgd": {"steps": 3},
     "mifgsm": {"steps": 3},
+    "apgd-ce": {"steps": 5},
+    "apgd-dlr": {"steps": 5},
     "deepfool": {"steps": 5},
     "cw": {"steps": 5, "binary_search_steps": 2, "lr": 0.05},
 }
@@ -256,7 +258,7 @@ def test_per_example_result_does_not_depend_on_batch(name: str) -> None:
 # ---------------------------------------------------------------------------------- strength
 
 
-@pytest.mark.parametrize("name", LINF)
+@pytest.mark.parametrize("name", [n for n in LINF if n != "apgd-dlr"])  # DLR: 3+ classes
 def test_linf_attacks_break_the_synthetic_model(
     name: str, synthetic: tuple[nn.Module, torch.Tensor, torch.Tensor]
 ) -> None:
@@ -329,21 +331,22 @@ def test_cw_succeeds_with_smaller_l2_than_pgd(
     assert cw_l2.median() < pgd_l2.median()
 
 
-class _ConstantModel(nn.Module):
-    """Predicts class 0 whatever the input (zero gradient): no attack can succeed."""
+class _UnflippableModel(nn.Module):
+    """Predicts class 0 whatever the input in [0, 1] (a tiny gradient): no attack can succeed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.tensor([3.0, 0.0, -1.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bias.expand(x.shape[0], 3) + 0.0 * x.sum(dim=(1, 2, 3)).unsqueeze(1)
+        only_class_0 = torch.tensor([1.0, 0.0, 0.0])
+        return self.bias + 0.01 * x.mean(dim=(1, 2, 3)).unsqueeze(1) * only_class_0
 
 
 @pytest.mark.parametrize("name", L2)
 def test_minimum_norm_attacks_return_clean_input_on_failure(name: str) -> None:
     x, y = random_batch(classes=1)
-    model = _ConstantModel()
+    model = _UnflippableModel()
     x_adv = make_attack(name, model, **FAST[name])(x, y)
     assert torch.equal(x_adv, x)
     assert model.bias.grad is None
@@ -365,10 +368,10 @@ def test_cw_binary_search_raises_c_until_success(
 
 
 def test_registry_names_and_norms() -> None:
-    assert set(ATTACKS) == {"fgsm", "bim", "pgd", "mifgsm", "deepfool", "cw"}
+    assert set(ATTACKS) == {"fgsm", "bim", "pgd", "mifgsm", "deepfool", "cw", "apgd-ce", "apgd-dlr"}
     for name, cls in ATTACKS.items():
         assert issubclass(cls, Attack) and cls.name == name
-        assert cls.norm == ("linf" if name in LINF else "l2")
+        assert cls.norm == ("l2" if name in L2 else "linf")
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -487,8 +490,9 @@ def test_cw_returns_the_smallest_successful_iterate(
     x, y = x[:6], y[:6]
     recorder = _Recorder(model)
     x_adv = CW(recorder, c=10.0, steps=15, lr=0.05, binary_search_steps=2)(x, y)
-    assert len(recorder.seen) == 30
-    iterates = torch.stack(recorder.seen)  # (30, N, C, H, W)
+    assert len(recorder.seen) == 31  # the gradient probe on x, then 2 rounds of 15 steps
+    assert torch.equal(recorder.seen[0], x)
+    iterates = torch.stack(recorder.seen[1:])  # (30, N, C, H, W)
     with torch.no_grad():
         fooled = torch.stack([model(it).argmax(dim=1) != y for it in iterates])  # (30, N)
     l2 = (iterates - x).flatten(2).norm(dim=2).masked_fill(~fooled, float("inf"))
@@ -545,3 +549,4 @@ def test_model_only_sees_valid_images(name: str) -> None:
     make_attack(name, recorder, eps=16 / 255 if name in LINF else None, **FAST[name])(x, y)
     seen = torch.cat(recorder.seen)
     assert seen.min() >= 0 and seen.max() <= 1
+

@@ -11,12 +11,23 @@ Conventions kept by every attack:
   ever appears on the model's parameters;
 * the loss is summed over the batch, so each example's step does not depend on the batch size;
 * randomness comes from a CPU :class:`torch.Generator` seeded afresh on every call, and the
-  samples are moved to the input's device: equal seeds give equal outputs, on CPU and CUDA alike.
+  samples are moved to the input's device: equal seeds give equal outputs, on CPU and CUDA alike;
+* an attack never fails silently on a model without gradients: when the gradient of the model's
+  logit margin w.r.t. the input is exactly zero for every image the attack must still move (a
+  hard threshold, JPEG, bit-depth reduction or any detached step inside the model), it raises
+  :class:`ZeroGradientError`, which names the threat-model wrappers that make such a defense
+  attackable; when only some images are affected it warns (:class:`ZeroGradientWarning`).
+
+Attacking a defended model: give the attack what the attacker of your threat model
+differentiates through, e.g. ``make_threat_model_defense(defense, "bpda", classifier)``
+(straight-through / identity backward for the non-differentiable parts), ``"bpda+eot"`` for a
+randomized defense or ``"relaxed"`` (ComDefend's sigmoid), not the defense itself.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -26,6 +37,28 @@ from torch import nn
 from comdefend.errors import UsageError
 
 Norm = Literal["linf", "l2"]
+
+#: What to do about a model without input gradients; part of every :class:`ZeroGradientError`.
+GRADIENT_HELP = (
+    "attack what your threat model's attacker differentiates through, not the defense itself: "
+    "make_threat_model_defense(defense, 'bpda', classifier) (identity / straight-through "
+    "backward pass for non-differentiable parts), 'bpda+eot' for a randomized defense, "
+    "'relaxed' for ComDefend's sigmoid, or BPDA(defense) by hand "
+    "(comdefend.defenses); in `comdefend evaluate`, --threat-model bpda"
+)
+
+
+class ZeroGradientError(UsageError):
+    """A gradient-based attack was given a model whose input gradient is exactly zero.
+
+    Typical cause: a non-differentiable defense (ComDefend's hard threshold, JPEG, bit-depth
+    reduction) inside the attacked model. Without this error the attack would return its input
+    unchanged and the defense would look perfectly robust.
+    """
+
+
+class ZeroGradientWarning(UserWarning):
+    """Some (not all) images of a batch have an exactly zero input gradient."""
 
 
 def check_real(
@@ -138,10 +171,15 @@ class Attack:
 
     Subclasses set :attr:`name` and :attr:`norm`, validate their hyper-parameters in
     ``__init__``, list them in :meth:`_hyperparameters` and implement :meth:`_attack`, which
-    receives already checked inputs.
+    receives already checked inputs. Gradient-based subclasses get their gradients from
+    :meth:`_loss_grad` (or call :meth:`_check_first_gradient` / :meth:`_require_gradient`
+    themselves), so that a model without input gradient raises :class:`ZeroGradientError`.
 
     Args:
         model: classifier mapping NCHW float images in [0, 1] to logits of shape ``(N, K)``.
+            To attack a defense, pass the attacker's view of classifier and defense
+            (``make_threat_model_defense(defense, "bpda", classifier)``), not
+            ``DefendedClassifier(defense, classifier)`` with a non-differentiable defense.
         seed: seed of the generator behind every random choice of the attack; re-applied on
             every call, so two calls on the same inputs give the same output.
 
@@ -167,15 +205,24 @@ class Attack:
         self.model = model
         self.seed = check_int("seed", seed, low=0)
         self._num_labels = 0
+        self._gradient_checked = False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Return adversarial versions of ``x`` (true labels ``y``), detached and in [0, 1]."""
+        """Return adversarial versions of ``x`` (true labels ``y``), detached and in [0, 1].
+
+        Raises:
+            UsageError: bad inputs (shape, dtype, range, labels) or model outputs.
+            ZeroGradientError: the model's input gradient is exactly zero for every correctly
+                classified image (a non-differentiable defense inside the model): attack
+                ``make_threat_model_defense(defense, "bpda", classifier)`` instead.
+        """
         if torch.is_inference_mode_enabled():
             raise UsageError("attacks need autograd: do not call them under torch.inference_mode")
         x, y = check_batch(x, y)
         if x.shape[0] == 0:
             return x.clone()
         self._num_labels = int(y.max()) + 1
+        self._gradient_checked = False
         with torch.enable_grad():
             x_adv = self._attack(x, y)
         return x_adv.detach().clamp(0.0, 1.0).to(x.dtype)
@@ -230,19 +277,107 @@ class Attack:
     ) -> torch.Tensor:
         """Gradient of the scalar ``output`` w.r.t. ``x`` only (zeros where it does not depend)."""
         if not output.requires_grad:
-            raise UsageError(
-                "the model's output does not depend differentiably on its input; "
-                "gradient-based attacks need a differentiable model"
+            raise ZeroGradientError(
+                f"{self.name}: the model's output does not depend differentiably on its input "
+                f"(no gradient at all), so a gradient-based attack cannot move the images; "
+                f"{GRADIENT_HELP}"
             )
         (grad,) = torch.autograd.grad(output, x, retain_graph=retain_graph, allow_unused=True)
         return torch.zeros_like(x) if grad is None else grad
 
     def _loss_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient of the batch-summed cross-entropy w.r.t. ``x``, and the (detached) logits."""
+        """Gradient of the batch-summed cross-entropy w.r.t. ``x``, and the (detached) logits.
+
+        The first gradient of every call is checked (see :meth:`_check_first_gradient`).
+        """
         x = x.detach().requires_grad_(True)
         logits = self._forward(x)
         loss = F.cross_entropy(logits, y, reduction="sum")
-        return self._input_grad(loss, x), logits.detach()
+        grad = self._input_grad(loss, x)
+        self._check_first_gradient(grad, logits.detach(), x.detach(), y)
+        return grad, logits.detach()
+
+    # ------------------------------------------------------------- the zero-gradient check
+
+    def _check_first_gradient(
+        self, grad: torch.Tensor, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Check the attack's first loss gradient of a call; free unless a row of it is zero.
+
+        A row that is exactly zero may come from a saturated loss (cross-entropy of a very
+        confident prediction underflows to 0) or from a model without gradient; only the
+        second is a defect, so such rows are probed again with the logit margin, which does not
+        saturate (:meth:`_require_gradient`).
+        """
+        if self._gradient_checked:
+            return
+        self._gradient_checked = True
+        zero_rows = grad.detach().flatten(1).abs().amax(dim=1) == 0
+        if bool(zero_rows.any()):
+            self._require_gradient(x, y, suspect=zero_rows, correct=logits.argmax(dim=1) == y)
+
+    def _require_gradient(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        suspect: torch.Tensor | None = None,
+        correct: torch.Tensor | None = None,
+    ) -> None:
+        """Raise :class:`ZeroGradientError` if the model has no input gradient where it matters.
+
+        The images that matter are those the model still classifies correctly (the others
+        need no perturbation). For the ``suspect`` rows (default: all) the gradient of the
+        logit margin :math:`Z_y - \\max_{i \\ne y} Z_i` w.r.t. the input is computed; a row where
+        it is exactly zero is *flat*: no gradient step can move it. If every image that matters
+        is flat the attack would silently return its input, so this raises; if only some are,
+        it warns with :class:`ZeroGradientWarning` (those images keep the attack's result, which
+        for them is usually the clean image).
+
+        Args:
+            x: the images the attack starts from (``(N, C, H, W)``).
+            y: true labels ``(N,)``.
+            suspect: boolean mask ``(N,)`` of the rows to probe; rows outside it are known to
+                have a non-zero gradient. ``None``: probe every row.
+            correct: boolean mask ``(N,)`` of the rows the model classifies correctly; ``None``:
+                taken from the probe's logits (then ``suspect`` must be ``None``).
+        """
+        n = x.shape[0]
+        if suspect is None:
+            suspect = torch.ones(n, dtype=torch.bool, device=x.device)
+        rows = suspect.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        probe = x[rows].detach().requires_grad_(True)
+        labels = y[rows]
+        logits = self._forward(probe)
+        flat_probed = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+        if logits.requires_grad:
+            true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+            other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(dim=1)
+            (grad,) = torch.autograd.grad((true - other).sum(), probe, allow_unused=True)
+            if grad is not None:
+                flat_probed = grad.flatten(1).abs().amax(dim=1) == 0
+        if correct is None:
+            correct = torch.zeros(n, dtype=torch.bool, device=x.device)
+            correct[rows] = logits.detach().argmax(dim=1) == labels
+        flat = torch.zeros(n, dtype=torch.bool, device=x.device)
+        flat[rows] = flat_probed
+        stuck, matter = int((flat & correct).sum()), int(correct.sum())
+        if stuck == 0:
+            return
+        if stuck == matter:
+            raise ZeroGradientError(
+                f"{self.name}: the model's input gradient is exactly zero for all {matter} "
+                f"correctly classified image(s) of the batch, so the attack cannot change them "
+                f"and would report the defense as robust; {GRADIENT_HELP}"
+            )
+        warnings.warn(
+            f"{self.name}: {stuck} of {matter} correctly classified image(s) have an exactly "
+            f"zero input gradient; the attack cannot move them (a saturated or "
+            f"non-differentiable model); {GRADIENT_HELP}",
+            ZeroGradientWarning,
+            stacklevel=4,
+        )
 
 
 def restrict_l2(x: torch.Tensor, x_adv: torch.Tensor, eps: float | None) -> torch.Tensor:

@@ -86,6 +86,9 @@ class CW(Attack):
         }
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Adam rescales even a vanishing gradient to full steps, so a model without gradient
+        # would not show up in the iterates: probe it once up front (1 of steps x rounds passes).
+        self._require_gradient(x, y)
         n, device = x.shape[0], x.device
         shrink = 1.0 - max(1e-6, 4.0 * torch.finfo(x.dtype).eps)
         w_clean = torch.atanh((2.0 * x - 1.0) * shrink)

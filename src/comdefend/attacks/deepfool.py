@@ -27,7 +27,9 @@ class DeepFool(Attack):
     are (a success with a zero perturbation); examples still correctly classified after
     ``steps`` iterations are failures and are returned unperturbed, as are, when ``eps`` is
     given, examples whose perturbation's L2 norm exceeds ``eps``. So every returned example is
-    either ``x`` itself or an adversarial example within the budget.
+    either ``x`` itself or an adversarial example within the budget. A model whose gradient is
+    exactly zero at every correctly classified image (a non-differentiable defense inside it)
+    raises :class:`~comdefend.attacks.ZeroGradientError` instead of failing silently.
 
     Args:
         model: classifier mapping images in [0, 1] to logits.
@@ -99,6 +101,12 @@ class DeepFool(Attack):
                 continue
             r = self._step(xa, logits, classes[idx], still)
             keep = idx[still]
+            if step == 0:  # a row with a zero step has a zero gradient for every class pair
+                suspect = torch.zeros(n, dtype=torch.bool, device=x.device)
+                suspect[keep] = r.flatten(1).abs().amax(dim=1) == 0
+                correct = torch.zeros_like(suspect)
+                correct[keep] = True
+                self._require_gradient(x, y, suspect=suspect, correct=correct)
             r_tot[keep] += r
             x_adv[keep] = (x[keep] + (1.0 + self.overshoot) * r_tot[keep]).clamp(0.0, 1.0)
         x_adv = torch.where(active.view(-1, 1, 1, 1), x, x_adv)

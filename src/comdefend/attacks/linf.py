@@ -3,6 +3,11 @@
 All four maximise the cross-entropy of the true label inside the ball
 ``{x' : |x' - x|_inf <= eps, 0 <= x' <= 1}``. Every returned example satisfies
 ``|x_adv - x|_inf <= eps`` (up to float rounding) and ``eps = 0`` returns ``x`` exactly.
+
+A model whose input gradient is exactly zero (a defense with a hard threshold, JPEG or bit-depth
+reduction inside it) raises :class:`~comdefend.attacks.ZeroGradientError` at the first step
+instead of returning ``x`` unchanged: attack
+``make_threat_model_defense(defense, "bpda", classifier)`` instead (see :mod:`comdefend.attacks`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,28 @@ def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
         tensor([0.6000, 0.4900])
     """
     return (x + (x_adv - x).clamp(-eps, eps)).clamp(0.0, 1.0)
+
+
+def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """A uniform random point of the L-inf ball of radius ``eps`` around ``x``, clipped to [0, 1].
+
+    The noise is drawn on the CPU ``generator`` and moved to ``x``'s device (same draws on CPU
+    and CUDA).
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    noise = torch.rand(x.shape, generator=generator, dtype=dtype)
+    noise = (2.0 * noise - 1.0).to(device=x.device, dtype=x.dtype)
+    return project_linf(x + eps * noise, x, eps)
+
+
+def check_restarts(random_start: Any, restarts: Any) -> tuple[bool, int]:
+    """Validate ``random_start`` (a bool) and ``restarts`` (>= 1; > 1 needs a random start)."""
+    if not isinstance(random_start, bool):
+        raise UsageError(f"random_start must be True or False, got {random_start!r}")
+    restarts = check_int("restarts", restarts)
+    if restarts > 1 and not random_start:
+        raise UsageError("restarts > 1 needs random_start=True (restarts would be identical)")
+    return random_start, restarts
 
 
 class _LinfAttack(Attack):
@@ -185,12 +212,7 @@ class PGD(_LinfAttack):
         self.alpha = (
             2.5 * self.eps / self.steps if alpha is None else check_real("alpha", alpha, low=0.0)
         )
-        if not isinstance(random_start, bool):
-            raise UsageError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
-        self.restarts = check_int("restarts", restarts)
-        if self.restarts > 1 and not self.random_start:
-            raise UsageError("restarts > 1 needs random_start=True (restarts would be identical)")
+        self.random_start, self.restarts = check_restarts(random_start, restarts)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {
@@ -229,10 +251,7 @@ class PGD(_LinfAttack):
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         if self.random_start:
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            noise = torch.rand(x.shape, generator=generator, dtype=dtype)
-            noise = (2.0 * noise - 1.0).to(device=x.device, dtype=x.dtype)
-            x_adv = project_linf(x + self.eps * noise, x, self.eps)
+            x_adv = uniform_start(x, self.eps, generator)
         else:
             x_adv = x.clone()
         for _ in range(self.steps):

@@ -1,0 +1,163 @@
+"""Attacks refuse models without input gradient instead of returning the images unchanged.
+
+Issue 15, item 1: ``FGSM(DefendedClassifier(ComDefendDefense(model), classifier))`` returned
+``x`` unchanged (the hard threshold has no gradient), so a defense looked perfectly robust.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from comdefend.attacks import (
+    ATTACKS,
+    FGSM,
+    PGD,
+    ZeroGradientError,
+    ZeroGradientWarning,
+    make_attack,
+)
+from comdefend.defenses import (
+    ComDefendDefense,
+    DefendedClassifier,
+    make_threat_model_defense,
+    parse_defense,
+)
+from comdefend.models.comdefend import ComDefend, ComDefendConfig
+
+FAST = {
+    "fgsm": {},
+    "bim": {"steps": 2},
+    "pgd": {"steps": 2},
+    "mifgsm": {"steps": 2},
+    "apgd-ce": {"steps": 2},
+    "apgd-dlr": {"steps": 2},
+    "deepfool": {"steps": 2},
+    "cw": {"steps": 2, "binary_search_steps": 1},
+}
+L2 = ("deepfool", "cw")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _classifier() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+        ).eval()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Images, the classifier's own predictions as labels (all correct) and the classifier."""
+    classifier = _classifier()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = classifier(x).argmax(1)
+    return x, y, classifier
+
+
+def _comdefend() -> ComDefendDefense:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ComDefendDefense(ComDefend(ComDefendConfig(image_channels=1)))
+
+
+def _attack(name: str, model: nn.Module) -> object:
+    eps = None if name in L2 else 8 / 255
+    return make_attack(name, model, eps=eps, **FAST[name])
+
+
+@pytest.mark.parametrize("defense_spec", ["comdefend", "jpeg:75", "bits:3"])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_every_attack_refuses_a_non_differentiable_defense(name: str, defense_spec: str) -> None:
+    x, y, classifier = _batch()
+    defense = _comdefend() if defense_spec == "comdefend" else parse_defense(defense_spec)
+    with pytest.raises(ZeroGradientError) as info:
+        _attack(name, DefendedClassifier(defense, classifier))(x, y)  # type: ignore[operator]
+    message = str(info.value)
+    assert "exactly zero" in message or "does not depend differentiably" in message
+    assert "make_threat_model_defense(defense, 'bpda', classifier)" in message
+    assert "bpda+eot" in message and name in message
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_the_bpda_view_of_the_same_defense_is_attacked(name: str) -> None:
+    x, y, classifier = _batch()
+    view = make_threat_model_defense(_comdefend(), "bpda", classifier)
+    x_adv = _attack(name, view)(x, y)  # type: ignore[operator]
+    if name not in L2:  # two steps of a minimum-norm attack may not flip any image: no change
+        assert (x_adv != x).any()
+
+
+def test_issue_example_fgsm_and_pgd_without_random_start() -> None:
+    x, y, classifier = _batch()
+    defended = DefendedClassifier(_comdefend(), classifier)
+    for attack in (FGSM(defended, eps=8 / 255), PGD(defended, eps=8 / 255, random_start=False)):
+        with pytest.raises(ZeroGradientError, match="bpda"):
+            attack(x, y)
+
+
+def test_frozen_classifier_behind_detached_defense_names_the_wrappers() -> None:
+    x, y, classifier = _batch()
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    with pytest.raises(ZeroGradientError, match="does not depend differentiably.*bpda"):
+        FGSM(DefendedClassifier(parse_defense("jpeg:75"), classifier))(x, y)
+
+
+class _FlatForSome(nn.Module):
+    """The classifier, but images whose first pixel is above 0.5 are replaced by a constant."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = (x[:, :1, :1, :1] > 0.5).to(x.dtype)
+        return self.classifier(x * (1 - flat) + 0.5 * flat)
+
+
+def test_some_flat_images_warn_and_the_others_are_attacked() -> None:
+    x, y, classifier = _batch()
+    x[:2, 0, 0, 0], x[2:, 0, 0, 0] = 0.9, 0.1
+    model = _FlatForSome(classifier)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with pytest.warns(ZeroGradientWarning, match="2 of 4"):
+        x_adv = FGSM(model, eps=8 / 255)(x, y)
+    assert torch.equal(x_adv[:2], x[:2]) and (x_adv[2:] != x[2:]).any()
+
+
+def test_only_correctly_classified_images_matter() -> None:
+    x, y, classifier = _batch()
+    defended = DefendedClassifier(_comdefend(), classifier)
+    with torch.no_grad():
+        wrong = (defended(x).argmax(1) + 1) % 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(FGSM(defended)(x, wrong), x)  # nothing left to attack: no error
+
+
+def test_saturated_cross_entropy_is_not_mistaken_for_a_flat_model() -> None:
+    # logit margin 400: the cross-entropy gradient underflows to exactly 0 in float32, but
+    # the model has a gradient (the margin's), so no error; FGSM's step is then zero.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[100.0] * 4, [-100.0] * 4]))
+        model[1].bias.zero_()
+    x = torch.full((2, 1, 2, 2), 0.5)
+    y = torch.zeros(2, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(FGSM(model, eps=0.1)(x, y), x)
