@@ -39,3 +39,12 @@ def test_duplicates_refused_unless_replace():
     assert reg.get("uno") == 3
     reg.remove("uno")
     assert "one" not in reg and "uno" not in reg and len(reg) == 0
+
+
+def test_dict_style_access_keeps_working():
+    reg: Registry[int] = Registry("widget")
+    reg.add("one", 1, aliases=("uno",))
+    reg.add("two", 2)
+    assert reg["UNO"] == 1 and reg.values() == [1, 2] and list(reg) == ["one", "two"]
+    with pytest.raises(UsageError, match="unknown widget 'three'"):
+        reg["three"]

@@ -111,6 +111,10 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         return list(self._entries.items())
 
+    def values(self) -> list[T]:
+        """Registered entries, in registration order."""
+        return list(self._entries.values())
+
     def aliases_of(self, name: str) -> list[str]:
         key = self.canonical(name)
         return [alias for alias, target in self._aliases.items() if target == key]

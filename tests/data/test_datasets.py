@@ -85,3 +85,80 @@ def test_image_round_trip_and_bad_files(tmp_path: Path) -> None:
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(InputError):
         read_image(tmp_path / "text.png")
+
+
+def test_registered_dataset_loads_through_its_own_loader(tmp_path: Path) -> None:
+    from comdefend.data.datasets import DATASETS, DatasetSpec, find_dataset, register_dataset
+    from comdefend.data.datasets import ImageSet as Images
+    from comdefend.models.classifiers import build_classifier, check_classifier_fits
+
+    (tmp_path / "toy" / "marker").parent.mkdir()
+    (tmp_path / "toy" / "marker").write_text("x")
+    calls: list[tuple[Path, str]] = []
+
+    def load_toy(folder: Path, split: str) -> Images:
+        calls.append((folder, split))
+        images = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
+        return Images("toy", split, images, torch.arange(6) % 3, ["a", "b", "c"], str(folder))
+
+    spec = DatasetSpec(
+        "toy",
+        channels=3,
+        num_classes=3,
+        image_size=32,
+        loader=load_toy,
+        is_present=lambda folder: (folder / "marker").is_file(),
+        class_names=("a", "b", "c"),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        subfolders=("toy",),
+    )
+    register_dataset(spec, aliases=("toy-set",))
+    try:
+        assert find_dataset("TOY-set", tmp_path) == tmp_path / "toy"
+        data = load_dataset("toy", "train", tmp_path)
+        assert len(data) == 6 and calls == [(tmp_path / "toy", "train")]
+        with pytest.raises(DatasetNotFoundError, match="samples exist for fashion-mnist"):
+            load_dataset("toy", "sample")
+        with pytest.raises(DatasetNotFoundError, match="toy not found"):
+            load_dataset("toy", "test", tmp_path / "elsewhere")
+        # the one classifier check reads the new description: 3 channels fit, 10 classes do not
+        check_classifier_fits("resnet20", "toy")
+        model = build_classifier("resnet20", 10, dataset="toy")  # the toy normalisation
+        assert model.normalize.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+        with pytest.raises(UsageError, match="10 classes but toy has 3"):
+            check_classifier_fits(model, "toy")
+        with pytest.raises(UsageError, match="already registered"):
+            register_dataset(spec)
+    finally:
+        DATASETS.remove("toy")
+    assert "toy" not in DATASETS
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"channels": 0}, "channels must be >= 1"),
+        ({"class_names": ("a",)}, "1 class names for 10 classes"),
+        ({"mean": (0.5,)}, "both mean and std"),
+        ({"mean": (0.5,), "std": (0.5, 0.5)}, "1 value"),
+        ({"splits": ("valid",)}, "unknown splits"),
+    ],
+)
+def test_dataset_description_is_checked(changes: dict, message: str) -> None:
+    from comdefend.data.datasets import DatasetSpec
+
+    base = {"channels": 1, "num_classes": 10, "image_size": 28}
+    with pytest.raises(UsageError, match=message):
+        DatasetSpec("bad", **{**base, **changes}, loader=None, is_present=None)  # type: ignore[arg-type]
+
+
+def test_builtin_descriptions_hold_the_facts() -> None:
+    from comdefend.data.datasets import DATASETS
+
+    fashion, cifar10, cifar100 = (DATASETS[n] for n in ("fashion-mnist", "cifar10", "cifar100"))
+    assert (fashion.channels, fashion.num_classes, fashion.image_size) == (1, 10, 28)
+    assert (cifar10.channels, cifar100.num_classes, cifar100.image_size) == (3, 100, 32)
+    assert cifar10.class_names[0] == "airplane" and len(fashion.class_names) == 10
+    assert "sample" in cifar10.splits and "sample" not in cifar100.splits
+    assert fashion.summary()["mean"] == [0.2860]

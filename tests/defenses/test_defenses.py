@@ -317,7 +317,7 @@ def test_eot_of_deterministic_module_is_the_module() -> None:
 
 
 def test_threat_models_for_classic_defenses() -> None:
-    assert THREAT_MODELS == ("oblivious", "bpda", "bpda+eot", "relaxed")
+    assert THREAT_MODELS.names() == ["oblivious", "bpda", "bpda+eot", "relaxed"]
     defense = Compose(JPEG(75), MedianSmoothing(2))
     assert make_threat_model_defense(defense, "oblivious") is None
     view = make_threat_model_defense(defense, "bpda")
@@ -421,3 +421,35 @@ def test_parse_comdefend_checkpoint_with_options(tiny_comdefend: ComDefend, tmp_
         parse_defense(f"comdefend:{path}@noise=-1")
     with pytest.raises(UsageError, match="binarizer"):
         parse_defense(f"comdefend:{path}@binarizer=soft")
+
+
+def test_user_defense_kind_enters_specs_and_messages() -> None:
+    from comdefend.defenses import DEFENSES, DefenseKind, register_defense
+
+    register_defense(
+        DefenseKind(
+            "darken",
+            "darken:F (multiply by F/10)",
+            lambda argument, device: BitDepthReduction(int(argument or 8)),
+        )
+    )
+    try:
+        defense = parse_defense("DARKEN:4+median:2")
+        assert isinstance(defense, Compose) and defense.name == "bits:4+median:2"
+        with pytest.raises(UsageError, match=r"valid: none \(no defense\);.*darken:F"):
+            parse_defense("blur:3")
+    finally:
+        DEFENSES.remove("darken")
+    assert isinstance(parse_defense("identity"), Identity)
+    with pytest.raises(UsageError, match="'none' takes no argument"):
+        parse_defense("none:3")
+
+
+def test_threat_models_and_detectors_are_registries() -> None:
+    from comdefend.defenses import DETECTORS
+
+    assert DETECTORS.names() == ["pca", "squeeze"] and DETECTORS["pca"].fits_on_images
+    assert "ComDefend's hard threshold" in THREAT_MODELS["RELAXED"].meaning
+    with pytest.raises(UsageError, match="unknown threat model 'bpdaa'; valid: oblivious, bpda"):
+        make_threat_model_defense(Identity(), "bpdaa")
+    assert make_threat_model_defense(Identity(), " BPDA ") is not None

@@ -186,3 +186,28 @@ def test_torchvision_classifier_uses_local_weights_only(monkeypatch, tmp_path: P
     torch.save({"0.weight": torch.zeros(1)}, bad)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_torchvision_classifier("resnet101", weights_path=bad)
+
+
+def test_one_check_for_loaded_classifiers_and_architectures() -> None:
+    from comdefend.models.classifiers import check_classifier_fits
+
+    fashion = build_classifier("fashion-cnn", dataset="fashion-mnist")
+    with pytest.raises(UsageError, match="trained on fashion-mnist, not cifar10"):
+        check_classifier_fits(fashion, "cifar10", label="f.safetensors")
+    hundred = build_classifier("resnet20", 100, dataset="cifar100")
+    with pytest.raises(UsageError, match="100 classes but cifar10 has 10"):
+        hundred.config.dataset = "cifar10"  # a checkpoint whose config disagrees with itself
+        check_classifier_fits(hundred, "cifar10")
+    with pytest.raises(UsageError, match="28x28 images but cifar100 images are 32x32"):
+        # a 3-channel variant of the fixed-size head would still not fit 32x32 images
+        CLASSIFIERS.add(
+            "fashion-rgb",
+            CLASSIFIERS["fashion-cnn"].__class__(
+                "fashion-rgb", CLASSIFIERS["fashion-cnn"].builder, 3, 28, "cifar10", "", True
+            ),
+        )
+        try:
+            check_classifier_fits("fashion-rgb", "cifar100")
+        finally:
+            CLASSIFIERS.remove("fashion-rgb")
+    assert check_classifier_fits("RESNET20", "cifar100").num_classes == 100

@@ -4,6 +4,10 @@ Supported: Fashion-MNIST (IDX files, gzipped or not), CIFAR-10 and CIFAR-100 (th
 batch folders), and image folders with one subfolder per class (ImageNet style). Where a dataset
 is looked for: ``--data-dir`` if given, else ``$COMDEFEND_DATA``, else the default locations
 listed in :data:`DATASETS`. Nothing is downloaded unless ``comdefend download`` is asked to.
+
+Each dataset is described once by a :class:`DatasetSpec` (channels, classes, size, class names,
+normalisation, splits, where its files are looked for, its loader) in the :data:`DATASETS`
+registry; :func:`register_dataset` adds one (e.g. ImageNet, or a user's own dataset).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from comdefend.errors import DatasetNotFoundError, InputError, UsageError
+from comdefend.registry import Registry
 
 ENV_VAR = "COMDEFEND_DATA"
 SPLITS = ("train", "test", "sample")  # sample: embedded 1,000 test images
@@ -70,6 +75,18 @@ class ImageSet:
         return self.subset(torch.arange(n))
 
 
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 FASHION_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -171,7 +188,7 @@ def _load_cifar(folder: Path, split: str, hundred: bool) -> ImageSet:
         labels.extend(batch["fine_labels" if hundred else "labels"])
     array = np.concatenate(data).reshape(-1, 3, 32, 32)
     meta_name = "meta" if hundred else "batches.meta"
-    classes: list[str] = []
+    classes: list[str] = [] if hundred else list(CIFAR10_CLASSES)
     if (folder / meta_name).is_file():
         meta = _unpickle_batch(folder / meta_name)
         classes = _as_str_list(meta["fine_label_names" if hundred else "label_names"])
@@ -212,59 +229,196 @@ def _load_folder(folder: Path, split: str) -> ImageSet:
     )
 
 
+DatasetLoader = Callable[[Path, str], ImageSet]
+
+#: Per-channel statistics of ImageNet's training images, the normalisation torchvision's
+#: pretrained ImageNet weights expect.
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
+    """Every fact about one dataset, declared once and registered in :data:`DATASETS`.
+
+    Training, evaluation, the classifier checks and the CLI read these facts from here; nothing
+    else hard-codes a dataset's channels, classes, size or normalisation.
+
+    Attributes:
+        name: registry name (``--dataset NAME``).
+        channels: image channels (1 grayscale, 3 RGB).
+        num_classes: number of labels.
+        image_size: side of the (square) images, or ``None`` when sizes vary.
+        loader: ``loader(folder, split) -> ImageSet`` reads one split from a folder that
+            ``is_present`` accepted.
+        is_present: ``is_present(folder)`` tells whether ``folder`` holds the dataset.
+        class_names: label names in label order; empty means "read from the dataset's files".
+        mean, std: per-channel statistics of the training images, the default normalisation
+            inside classifiers trained on it (``None`` when unknown).
+        splits: the splits ``load_dataset`` accepts (``sample``: embedded test images).
+        subfolders: where below each search root the files may lie (``""``: the root itself).
+        defaults: search roots used without ``--data-dir`` / ``$COMDEFEND_DATA``.
+        how_to_get: one sentence for the "not found" error.
+    """
+
     name: str
     channels: int
     num_classes: int
-    subfolders: tuple[str, ...]
-    defaults: tuple[str, ...]
-    how_to_get: str
+    image_size: int | None
+    loader: DatasetLoader = field(repr=False, compare=False)
+    is_present: Callable[[Path], bool] = field(repr=False, compare=False)
+    class_names: tuple[str, ...] = ()
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    splits: tuple[str, ...] = ("train", "test")
+    subfolders: tuple[str, ...] = ("",)
+    defaults: tuple[str, ...] = ("data", "~/.cache/comdefend/data")
+    how_to_get: str = "point --data-dir or $COMDEFEND_DATA at a folder holding it"
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.num_classes < 2:
+            raise UsageError(
+                f"dataset {self.name}: channels must be >= 1 and num_classes >= 2, got "
+                f"{self.channels} and {self.num_classes}"
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise UsageError(f"dataset {self.name}: image_size must be >= 1 or None")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise UsageError(
+                f"dataset {self.name}: {len(self.class_names)} class names for "
+                f"{self.num_classes} classes"
+            )
+        if (self.mean is None) != (self.std is None):
+            raise UsageError(f"dataset {self.name}: give both mean and std, or neither")
+        if self.mean is not None and self.std is not None:
+            if not len(self.mean) == len(self.std) == self.channels:
+                raise UsageError(
+                    f"dataset {self.name}: mean and std need {self.channels} value(s) each"
+                )
+            if any(value <= 0 for value in self.std):
+                raise UsageError(f"dataset {self.name}: std values must be > 0")
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise UsageError(
+                f"dataset {self.name}: unknown splits {sorted(unknown)}; valid: {', '.join(SPLITS)}"
+            )
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """``(mean, std)``, or ``None`` when the dataset declares none."""
+        if self.mean is None or self.std is None:
+            return None
+        return self.mean, self.std
+
+    def summary(self) -> dict[str, object]:
+        """The JSON-serialisable facts (no functions), e.g. for reports."""
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "class_names": list(self.class_names),
+            "mean": list(self.mean) if self.mean is not None else None,
+            "std": list(self.std) if self.std is not None else None,
+            "splits": list(self.splits),
+        }
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    "fashion-mnist": DatasetSpec(
+#: Every dataset ``load_dataset`` knows. Add one with :func:`register_dataset`.
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(
+    spec: DatasetSpec, *, aliases: tuple[str, ...] = (), replace: bool = False
+) -> DatasetSpec:
+    """Make ``spec`` loadable by name everywhere (``load_dataset``, ``--dataset``, checks).
+
+    Args:
+        spec: the dataset's facts and its ``loader(folder, split)``.
+        aliases: other accepted names.
+        replace: allow replacing an already registered dataset of the same name.
+
+    Example:
+        >>> def load_tiny(folder, split):
+        ...     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+        ...     labels = torch.tensor([0, 1, 0, 1])
+        ...     return ImageSet("tiny", split, images, labels, ["a", "b"], str(folder))
+        >>> spec = register_dataset(DatasetSpec(
+        ...     "tiny", channels=1, num_classes=2, image_size=8, loader=load_tiny,
+        ...     is_present=lambda folder: True, class_names=("a", "b")))
+        >>> len(load_dataset("tiny", "test", data_dir="."))
+        4
+        >>> DATASETS.remove("tiny")
+    """
+    return DATASETS.add(spec.name, spec, aliases=aliases, replace=replace)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The description of dataset ``name``; a :class:`UsageError` lists the valid names."""
+    return DATASETS.get(name)
+
+
+def _cifar_present(marker: str) -> Callable[[Path], bool]:
+    return lambda folder: (folder / marker).is_file()
+
+
+register_dataset(
+    DatasetSpec(
         "fashion-mnist",
-        1,
-        10,
-        ("", "fashion-mnist", "FashionMNIST/raw"),
-        ("/usr/share/datasets/fashion-mnist", "data", "~/.cache/comdefend/data"),
-        "install the Debian package 'dataset-fashion-mnist' (apt-get install "
+        channels=1,
+        num_classes=10,
+        image_size=28,
+        loader=_load_fashion,
+        is_present=_fashion_root_ok,
+        class_names=tuple(FASHION_CLASSES),
+        mean=(0.2860,),
+        std=(0.3530,),
+        splits=("train", "test", "sample"),
+        subfolders=("", "fashion-mnist", "FashionMNIST/raw"),
+        defaults=("/usr/share/datasets/fashion-mnist", "data", "~/.cache/comdefend/data"),
+        how_to_get="install the Debian package 'dataset-fashion-mnist' (apt-get install "
         "dataset-fashion-mnist) or run 'comdefend download fashion-mnist --data-dir DIR'",
-    ),
-    "cifar10": DatasetSpec(
+    )
+)
+register_dataset(
+    DatasetSpec(
         "cifar10",
-        3,
-        10,
-        ("cifar-10-batches-py", "cifar10/cifar-10-batches-py", ""),
-        ("data", "~/.cache/comdefend/data"),
-        "run 'comdefend download cifar10 --data-dir DIR' (needs internet) or point "
+        channels=3,
+        num_classes=10,
+        image_size=32,
+        loader=lambda folder, split: _load_cifar(folder, split, hundred=False),
+        is_present=_cifar_present("test_batch"),
+        class_names=CIFAR10_CLASSES,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        splits=("train", "test", "sample"),
+        subfolders=("cifar-10-batches-py", "cifar10/cifar-10-batches-py", ""),
+        how_to_get="run 'comdefend download cifar10 --data-dir DIR' (needs internet) or point "
         "--data-dir / $COMDEFEND_DATA at a folder holding cifar-10-batches-py/",
-    ),
-    "cifar100": DatasetSpec(
+    )
+)
+register_dataset(
+    DatasetSpec(
         "cifar100",
-        3,
-        100,
-        ("cifar-100-python", "cifar100/cifar-100-python", ""),
-        ("data", "~/.cache/comdefend/data"),
-        "run 'comdefend download cifar100 --data-dir DIR' (needs internet) or point "
+        channels=3,
+        num_classes=100,
+        image_size=32,
+        loader=lambda folder, split: _load_cifar(folder, split, hundred=True),
+        is_present=_cifar_present("test"),
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        subfolders=("cifar-100-python", "cifar100/cifar-100-python", ""),
+        how_to_get="run 'comdefend download cifar100 --data-dir DIR' (needs internet) or point "
         "--data-dir / $COMDEFEND_DATA at a folder holding cifar-100-python/",
-    ),
-}
-
-
-def _is_dataset_folder(name: str, folder: Path) -> bool:
-    if name == "fashion-mnist":
-        return _fashion_root_ok(folder)
-    marker = "test_batch" if name == "cifar10" else "test"
-    return (folder / marker).is_file()
+    )
+)
 
 
 def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding dataset ``name``; a clear error lists every place looked at."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, or a folder")
-    spec = DATASETS[name]
+    spec = DATASETS.get(name)
     if data_dir is not None:
         roots = [Path(data_dir)]
     elif os.environ.get(ENV_VAR):
@@ -276,17 +430,19 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
         for sub in spec.subfolders:
             folder = root / sub if sub else root
             looked.append(str(folder))
-            if _is_dataset_folder(name, folder):
+            if spec.is_present(folder):
                 return folder
     raise DatasetNotFoundError(
-        f"dataset {name} not found; looked in: {', '.join(looked)}. To get it: {spec.how_to_get}"
+        f"dataset {spec.name} not found; looked in: {', '.join(looked)}. "
+        f"To get it: {spec.how_to_get}"
     )
 
 
 def load_dataset(
     name: str, split: str = "test", data_dir: str | os.PathLike | None = None
 ) -> ImageSet:
-    """Load ``name`` (``fashion-mnist``, ``cifar10``, ``cifar100`` or ``folder``) into memory.
+    """Load a registered dataset (see :data:`DATASETS`, e.g. ``fashion-mnist``, ``cifar10``,
+    ``cifar100``) or ``folder`` into memory.
 
     ``split="sample"`` gives the 1,000 class-balanced test images embedded in the package
     (Fashion-MNIST and CIFAR-10 only), so that no dataset needs to be installed.
@@ -296,18 +452,22 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    if split == "sample":
-        from comdefend.data.samples import load_sample
-
-        return load_sample(name)
     if name == "folder":
+        if split == "sample":
+            raise UsageError("an image folder has no embedded sample; use --split test or train")
         if data_dir is None or not Path(data_dir).is_dir():
             raise DatasetNotFoundError(f"--data-dir must name an image folder, got {data_dir}")
         return _load_folder(Path(data_dir), split)
-    folder = find_dataset(name, data_dir)
-    if name == "fashion-mnist":
-        return _load_fashion(folder, split)
-    return _load_cifar(folder, split, hundred=name == "cifar100")
+    spec = get_dataset(name)
+    if split == "sample":
+        from comdefend.data.samples import load_sample
+
+        return load_sample(spec.name)  # DatasetNotFoundError naming the datasets with one
+    if split not in spec.splits:
+        raise UsageError(
+            f"dataset {spec.name} has no {split!r} split; valid: {', '.join(spec.splits)}"
+        )
+    return spec.loader(find_dataset(spec.name, data_dir), split)
 
 
 def class_balanced_indices(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from comdefend.errors import DatasetNotFoundError
 
-SAMPLE_DATASETS = ("fashion-mnist", "cifar10")
 SAMPLE_FOLDER = Path(__file__).with_name("samples")
 
 
@@ -27,19 +26,20 @@ def sample_path(dataset: str) -> Path:
 
 def load_sample(dataset: str):  # -> ImageSet (imported lazily: datasets imports this module)
     """The embedded sample of ``dataset`` as an :class:`~comdefend.data.datasets.ImageSet`."""
-    from comdefend.data.datasets import FASHION_CLASSES, ImageSet
+    from comdefend.data.datasets import DATASETS, ImageSet
 
+    with_sample = [name for name, spec in DATASETS.items() if "sample" in spec.splits]
     path = sample_path(dataset)
-    if dataset not in SAMPLE_DATASETS or not path.is_file():
+    if dataset not in with_sample or not path.is_file():
         raise DatasetNotFoundError(
-            f"no embedded sample for {dataset!r}; samples exist for {', '.join(SAMPLE_DATASETS)}"
+            f"no embedded sample for {dataset!r}; samples exist for {', '.join(with_sample)}"
         )
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()["comdefend"])
         images = handle.get_tensor("images")
         labels = handle.get_tensor("labels")
         indices = handle.get_tensor("indices")
-    classes = metadata.get("classes") or (FASHION_CLASSES if dataset == "fashion-mnist" else [])
+    classes = metadata.get("classes") or DATASETS[dataset].class_names
     sample = ImageSet(
         dataset, "sample", images, labels, list(classes), f"embedded:{path.name}", indices
     )

@@ -13,13 +13,16 @@ from comdefend.defenses.adaptive import (
     EOT,
     THREAT_MODELS,
     DefendedClassifier,
+    ThreatModel,
     eot_grad,
     make_threat_model_defense,
 )
 from comdefend.defenses.base import Defense, check_batch
 from comdefend.defenses.comdefend_defense import DEFENSE_BINARIZER_MODES, ComDefendDefense
 from comdefend.defenses.detectors import (
+    DETECTORS,
     Detector,
+    DetectorKind,
     FeatureSqueezingDetector,
     MissingDependencyError,
     PCADetector,
@@ -33,21 +36,25 @@ from comdefend.defenses.purifiers import (
     MedianSmoothing,
     pad2d,
 )
-from comdefend.defenses.spec import DEFENSE_SPECS, parse_defense
+from comdefend.defenses.spec import DEFENSES, DefenseKind, parse_defense, register_defense
 
 __all__ = [
     "BPDA",
     "DEFENSE_BINARIZER_MODES",
-    "DEFENSE_SPECS",
+    "DEFENSES",
+    "DETECTORS",
     "EOT",
     "JPEG",
     "THREAT_MODELS",
+    "ThreatModel",
     "BitDepthReduction",
     "ComDefendDefense",
     "Compose",
     "DefendedClassifier",
+    "DefenseKind",
     "Defense",
     "Detector",
+    "DetectorKind",
     "FeatureSqueezingDetector",
     "Identity",
     "MedianSmoothing",
@@ -59,4 +66,5 @@ __all__ = [
     "make_threat_model_defense",
     "pad2d",
     "parse_defense",
+    "register_defense",
 ]

@@ -23,6 +23,7 @@ Threat models (:data:`THREAT_MODELS`), i.e. what the attacker differentiates thr
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,8 +33,47 @@ from comdefend.defenses.base import Defense
 from comdefend.defenses.comdefend_defense import ComDefendDefense
 from comdefend.defenses.purifiers import Compose, Identity
 from comdefend.errors import UsageError
+from comdefend.registry import Registry
 
-THREAT_MODELS: tuple[str, ...] = ("oblivious", "bpda", "bpda+eot", "relaxed")
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What the attacker differentiates through (see the module docstring).
+
+    Attributes:
+        name: registry name (``--threat-model NAME``).
+        meaning: one line for reports.
+    """
+
+    name: str
+    meaning: str
+
+
+#: The threat models of :func:`make_threat_model_defense`, in report order.
+THREAT_MODELS: Registry[ThreatModel] = Registry("threat model")
+for _threat_model in (
+    ThreatModel(
+        "oblivious",
+        "attacker differentiates the undefended classifier only; the defense is applied at "
+        "test time (adversarials shared by all defenses)",
+    ),
+    ThreatModel(
+        "bpda",
+        "attacker differentiates classifier(defense) with non-differentiable parts replaced by "
+        "identity on the backward pass (ComDefend: straight-through binarizer)",
+    ),
+    ThreatModel(
+        "bpda+eot",
+        "as bpda, plus Expectation over Transformation (classifier outputs averaged over noise "
+        "draws) for randomized defenses; identical to bpda for deterministic ones",
+    ),
+    ThreatModel(
+        "relaxed",
+        "ComDefend's hard threshold replaced by its sigmoid (forward and backward); only for "
+        "defenses containing ComDefend",
+    ),
+):
+    THREAT_MODELS.add(_threat_model.name, _threat_model)
 
 Substitute = Callable[[torch.Tensor], torch.Tensor]
 
@@ -300,11 +340,7 @@ def make_threat_model_defense(
         >>> view.name
         'bpda(jpeg:75)+median:2'
     """
-    key = threat_model.strip().lower() if isinstance(threat_model, str) else threat_model
-    if key not in THREAT_MODELS:
-        raise UsageError(
-            f"unknown threat model {threat_model!r}; valid: {', '.join(THREAT_MODELS)}"
-        )
+    key = THREAT_MODELS.canonical(threat_model)  # UsageError listing the valid names
     if key == "oblivious":
         return classifier
     if key == "relaxed" and not _contains_comdefend(defense):

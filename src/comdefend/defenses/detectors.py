@@ -14,7 +14,8 @@ rate (:meth:`Detector.calibrate`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch import nn
 
 from comdefend.defenses.purifiers import BitDepthReduction, MedianSmoothing
 from comdefend.errors import ComDefendError, InputError, UsageError
+from comdefend.registry import Registry
 
 ScoreLike = torch.Tensor | np.ndarray | Sequence[float]
 
@@ -351,3 +353,45 @@ def detection_metrics(
         "n_clean": int(clean.size),
         "n_adversarial": int(adversarial.size),
     }
+
+
+@dataclass(frozen=True)
+class DetectorKind:
+    """A detector that ``comdefend evaluate --detector NAME`` can fit and calibrate.
+
+    Attributes:
+        name: registry name.
+        description: one line for ``--help`` and reports.
+        build: ``build(classifier, clean_train_images, batch_size)`` returns a fitted (not yet
+            calibrated) :class:`Detector`.
+        fits_on_images: whether ``build`` learns from ``clean_train_images``.
+    """
+
+    name: str
+    description: str
+    build: Callable[[nn.Module, torch.Tensor, int], Detector]
+    fits_on_images: bool
+
+
+#: Detectors accepted by ``--detector``; a user adds one with ``DETECTORS.add(name, kind)``.
+DETECTORS: Registry[DetectorKind] = Registry("detector")
+DETECTORS.add(
+    "pca",
+    DetectorKind(
+        "pca",
+        "PCA whitening of the trailing components (Hendrycks & Gimpel 2017)",
+        lambda classifier, train, batch_size: PCADetector().fit(train),
+        fits_on_images=True,
+    ),
+)
+DETECTORS.add(
+    "squeeze",
+    DetectorKind(
+        "squeeze",
+        "feature squeezing: bit depth 5 and 2x2 median (Xu et al. 2018)",
+        lambda classifier, train, batch_size: FeatureSqueezingDetector(
+            classifier, batch_size=batch_size
+        ),
+        fits_on_images=False,
+    ),
+)

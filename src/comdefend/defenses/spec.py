@@ -16,11 +16,16 @@ Grammar::
 Names are case-insensitive; the ``@`` options start at the *last* ``@`` of a ``comdefend`` part
 (when what follows it contains ``=``), so paths may contain ``@``, but not ``+``.
 Every defense's ``name`` parses back to an equivalent defense.
+
+Each kind is a :class:`DefenseKind` in the :data:`DEFENSES` registry; a user's own defense
+enters every spec (and ``comdefend evaluate --defense``) with :func:`register_defense`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,35 +34,62 @@ from comdefend.defenses.comdefend_defense import DEFENSE_BINARIZER_MODES, ComDef
 from comdefend.defenses.purifiers import JPEG, BitDepthReduction, Compose, Identity, MedianSmoothing
 from comdefend.errors import UsageError
 from comdefend.models.comdefend import ComDefend
+from comdefend.registry import Registry
 
-#: One line per defense kind, for error messages and ``--help`` texts.
-DEFENSE_SPECS: dict[str, str] = {
-    "none": "none (no defense)",
-    "jpeg": "jpeg:Q (JPEG quality Q in 1..100)",
-    "bits": "bits:B (bit depth B in 1..8)",
-    "median": "median:K (median filter K x K, K in 2..5)",
-    "comdefend": (
-        "comdefend:PATH[@noise=S,seed=N,binarizer=hard|straight_through|relaxed,purify=patch|full]"
-    ),
-}
 COMDEFEND_OPTIONS: tuple[str, ...] = ("noise", "seed", "binarizer", "purify")
 
 
+@dataclass(frozen=True)
+class DefenseKind:
+    """One kind of defense spec part (``KIND`` or ``KIND:ARGUMENT``).
+
+    Attributes:
+        name: the kind, written before the ``:``.
+        usage: one line for messages and ``--help``, e.g. ``jpeg:Q (JPEG quality Q in 1..100)``.
+        build: ``build(argument, device)`` makes the defense from the text after ``:`` (``""``
+            when there is none); raises :class:`UsageError` for a bad argument.
+    """
+
+    name: str
+    usage: str
+    build: Callable[[str, str | torch.device], Defense]
+
+
+#: Every defense kind a spec may name. Add one with :func:`register_defense`.
+DEFENSES: Registry[DefenseKind] = Registry("defense")
+
+
+def register_defense(
+    kind: DefenseKind, *, aliases: tuple[str, ...] = (), replace: bool = False
+) -> DefenseKind:
+    """Make ``kind`` usable in defense specs (``parse_defense``, ``--defense``).
+
+    Example:
+        >>> blur = DefenseKind("mine", "mine (my defense)", lambda argument, device: Identity())
+        >>> _ = register_defense(blur)
+        >>> parse_defense("mine+jpeg:75").name
+        'none+jpeg:75'
+        >>> DEFENSES.remove("mine")
+    """
+    return DEFENSES.add(kind.name, kind, aliases=aliases, replace=replace)
+
+
 def _valid_specs() -> str:
-    return "; ".join(DEFENSE_SPECS.values())
+    return "; ".join(kind.usage for kind in DEFENSES.values())
 
 
 def _int_argument(kind: str, argument: str, low: int, high: int, what: str) -> int:
+    usage = DEFENSES.get(kind).usage
     if not argument:
-        raise UsageError(f"{kind} needs {what}: {DEFENSE_SPECS[kind]}, e.g. {kind}:{low + 1}")
+        raise UsageError(f"{kind} needs {what}: {usage}, e.g. {kind}:{low + 1}")
     try:
         value = int(argument)
     except ValueError:
         raise UsageError(
-            f"{kind}: {what} must be an integer, got {argument!r}; expected {DEFENSE_SPECS[kind]}"
+            f"{kind}: {what} must be an integer, got {argument!r}; expected {usage}"
         ) from None
     if not low <= value <= high:
-        raise UsageError(f"{kind}: {what} {value} is out of range; expected {DEFENSE_SPECS[kind]}")
+        raise UsageError(f"{kind}: {what} {value} is out of range; expected {usage}")
     return value
 
 
@@ -68,7 +100,7 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
         if "=" in tail:
             path, options_text = head, tail
     if not path:
-        raise UsageError(f"comdefend needs a checkpoint path: {DEFENSE_SPECS['comdefend']}")
+        raise UsageError(f"comdefend needs a checkpoint path: {DEFENSES.get('comdefend').usage}")
     options: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in options_text.split(","))):
         key, sep, value = item.partition("=")
@@ -116,23 +148,47 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
     return ComDefendDefense(model, noise, seed, label=path, binarizer_mode=binarizer)
 
 
+def _no_argument(argument: str, device: str | torch.device) -> Defense:
+    if argument:
+        raise UsageError(f"'none' takes no argument, got 'none:{argument}'")
+    return Identity()
+
+
+for _kind in (
+    DefenseKind("none", "none (no defense)", _no_argument),
+    DefenseKind(
+        "jpeg",
+        "jpeg:Q (JPEG quality Q in 1..100)",
+        lambda argument, device: JPEG(_int_argument("jpeg", argument, 1, 100, "a quality")),
+    ),
+    DefenseKind(
+        "bits",
+        "bits:B (bit depth B in 1..8)",
+        lambda argument, device: BitDepthReduction(
+            _int_argument("bits", argument, 1, 8, "a bit depth")
+        ),
+    ),
+    DefenseKind(
+        "median",
+        "median:K (median filter K x K, K in 2..5)",
+        lambda argument, device: MedianSmoothing(
+            _int_argument("median", argument, 2, 5, "a kernel size")
+        ),
+    ),
+    DefenseKind(
+        "comdefend",
+        "comdefend:PATH[@noise=S,seed=N,binarizer=hard|straight_through|relaxed,purify=patch|full]",
+        _parse_comdefend,
+    ),
+):
+    register_defense(_kind, aliases=("identity",) if _kind.name == "none" else ())
+
+
 def _parse_part(part: str, device: str | torch.device) -> Defense:
     kind, _, argument = part.partition(":")
-    kind = kind.strip().lower()
-    argument = argument.strip()
-    if kind in ("none", "identity"):
-        if argument:
-            raise UsageError(f"'none' takes no argument, got {part!r}")
-        return Identity()
-    if kind == "jpeg":
-        return JPEG(_int_argument(kind, argument, 1, 100, "a quality"))
-    if kind == "bits":
-        return BitDepthReduction(_int_argument(kind, argument, 1, 8, "a bit depth"))
-    if kind == "median":
-        return MedianSmoothing(_int_argument(kind, argument, 2, 5, "a kernel size"))
-    if kind == "comdefend":
-        return _parse_comdefend(argument, device)
-    raise UsageError(f"unknown defense {kind!r} in {part!r}; valid: {_valid_specs()}")
+    if kind.strip() not in DEFENSES:
+        raise UsageError(f"unknown defense {kind.strip()!r} in {part!r}; valid: {_valid_specs()}")
+    return DEFENSES.get(kind).build(argument.strip(), device)
 
 
 def parse_defense(spec: str, device: str | torch.device = "cpu") -> Defense:

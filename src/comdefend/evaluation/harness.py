@@ -58,12 +58,11 @@ from torch import nn
 from comdefend.attacks import ATTACKS, make_attack
 from comdefend.checkpoint import sha256_of
 from comdefend.defenses import (
+    DETECTORS,
     THREAT_MODELS,
     ComDefendDefense,
     Defense,
-    FeatureSqueezingDetector,
     Identity,
-    PCADetector,
     detection_metrics,
     make_threat_model_defense,
     parse_defense,
@@ -75,19 +74,8 @@ from comdefend.metrics import mse_per_image, psnr_from_mse, quantize_8bit
 #: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
 MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
 MIN_NORM = "min-norm"
-#: Detector names accepted by ``--detector``.
-DETECTORS: tuple[str, ...] = ("pca", "squeeze")
 #: One line per threat model, for reports.
-THREAT_MODEL_MEANINGS: dict[str, str] = {
-    "oblivious": "attacker differentiates the undefended classifier only; the defense is "
-    "applied at test time (adversarials shared by all defenses)",
-    "bpda": "attacker differentiates classifier(defense) with non-differentiable parts replaced "
-    "by identity on the backward pass (ComDefend: straight-through binarizer)",
-    "bpda+eot": "as bpda, plus Expectation over Transformation (classifier outputs averaged over "
-    "noise draws) for randomized defenses; identical to bpda for deterministic ones",
-    "relaxed": "ComDefend's hard threshold replaced by its sigmoid (forward and backward); only "
-    "for defenses containing ComDefend",
-}
+THREAT_MODEL_MEANINGS: dict[str, str] = {tm.name: tm.meaning for tm in THREAT_MODELS.values()}
 DETECTOR_TRAIN_IMAGES = 2000
 DETECTOR_FPR = 0.05
 GRID_IMAGES = 8
@@ -261,30 +249,9 @@ def _check_out_folder(config: EvaluationConfig) -> None:
 
 
 def _check_classifier_fits(classifier: nn.Module, path: str, dataset: str) -> None:
-    from comdefend.data.datasets import DATASETS
+    from comdefend.models.classifiers import check_classifier_fits
 
-    if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-    spec = DATASETS[dataset]
-    config = getattr(classifier, "config", None)
-    channels = getattr(classifier, "in_channels", None)
-    trained_on = getattr(config, "dataset", None)
-    if channels is not None and channels != spec.channels:
-        raise UsageError(
-            f"classifier {path} takes {channels}-channel images (trained on {trained_on}) but "
-            f"{dataset} has {spec.channels}; pass --dataset {trained_on} or another classifier"
-        )
-    classes = getattr(config, "num_classes", None)
-    if classes is not None and classes != spec.num_classes:
-        raise UsageError(
-            f"classifier {path} has {classes} classes (trained on {trained_on}) but {dataset} "
-            f"has {spec.num_classes}"
-        )
-    if trained_on in DATASETS and trained_on != dataset:
-        raise UsageError(
-            f"classifier {path} was trained on {trained_on}, not {dataset}; valid --dataset for "
-            f"it: {trained_on}"
-        )
+    check_classifier_fits(classifier, dataset, label=path)
 
 
 def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
@@ -490,17 +457,14 @@ def _fit_detectors(ev: _Evaluator) -> tuple[dict[str, Any], dict[str, Any]]:
         return detectors, info
     holdout = ev.test.subset(torch.arange(ev.n, ev.n + holdout_n)).float_images()
     for name in config.detectors:
-        detector: PCADetector | FeatureSqueezingDetector
-        if name == "pca":
-            detector = PCADetector().fit(train_x)
-        else:
-            detector = FeatureSqueezingDetector(ev.classifier, batch_size=config.batch_size)
+        kind = DETECTORS.get(name)
+        detector = kind.build(ev.classifier, train_x, config.batch_size)
         threshold = detector.calibrate(holdout.to(ev.device), DETECTOR_FPR)
         clean_scores = detector.score(ev.x.to(ev.device))
         detectors[name] = (detector, clean_scores)
         info[name] = {
             "settings": detector.settings(),
-            "fit_images": int(train_x.shape[0]) if name == "pca" else 0,
+            "fit_images": int(train_x.shape[0]) if kind.fits_on_images else 0,
             "calibration_images": holdout_n,
             "threshold": threshold,
             "target_fpr": DETECTOR_FPR,

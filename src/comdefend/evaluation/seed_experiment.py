@@ -56,7 +56,7 @@ from comdefend.checkpoint import (
 )
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import UsageError
-from comdefend.models.classifiers import Classifier, load_classifier
+from comdefend.models.classifiers import Classifier, check_classifier_fits, load_classifier
 from comdefend.models.comdefend import ComDefend
 from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.run import resolve_device
@@ -440,20 +440,7 @@ def load_checked_classifier(config: SeedExperimentConfig, device: torch.device) 
     if not path.is_file():
         raise UsageError(f"--classifier {path} does not exist")
     model = load_classifier(path, device)
-    assert model.config is not None  # set by load_classifier
-    spec = DATASETS[config.dataset]
-    if model.config.dataset != config.dataset:
-        raise UsageError(
-            f"classifier {path} was trained on {model.config.dataset}, but --dataset is "
-            f"{config.dataset}; pass a {config.dataset} classifier or --dataset "
-            f"{model.config.dataset}"
-        )
-    if model.in_channels != spec.channels or model.config.num_classes != spec.num_classes:
-        raise UsageError(
-            f"classifier {path} takes {model.in_channels}-channel images with "
-            f"{model.config.num_classes} classes, but {config.dataset} has {spec.channels} "
-            f"channel(s) and {spec.num_classes} classes"
-        )
+    check_classifier_fits(model, config.dataset, label=str(path))
     return model
 
 

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,21 +40,37 @@ from comdefend.checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from comdefend.data.datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
 from comdefend.errors import CheckpointError, InputError, UsageError
+from comdefend.registry import Registry
 
 CLASSIFIER_KIND = "classifier"
 TORCHVISION_PREFIX = "torchvision:"
 
-# Per-channel statistics of the training images, used as the default normalization.
-DATASET_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+class _DatasetNormalization(Mapping[str, Normalization]):
+    """Read-only view ``dataset -> (mean, std)`` of the registered dataset descriptions."""
+
+    def __getitem__(self, name: str) -> Normalization:
+        normalization = DATASETS[name].normalization if name in DATASETS else None
+        if normalization is None:
+            raise KeyError(name)
+        return normalization
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, spec in DATASETS.items() if spec.normalization is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+#: Default per-channel normalization of each dataset (its training images' mean and std), as
+#: declared by its :class:`~comdefend.data.datasets.DatasetSpec`.
+DATASET_NORMALIZATION: Mapping[str, Normalization] = _DatasetNormalization()
 # What the EfficientNet-Lite ImageNet weights expect: (255 x - 127) / 128 on [0, 1] images.
-LITE_NORMALIZATION: tuple[tuple[float, ...], tuple[float, ...]] = ((0.498,) * 3, (0.502,) * 3)
-DATASET_IMAGE_SIZE: dict[str, int] = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
+LITE_NORMALIZATION: Normalization = ((0.498,) * 3, (0.502,) * 3)
 
 
 class Normalize(nn.Module):
@@ -302,8 +318,8 @@ class TorchvisionClassifier(Classifier):
     def __init__(
         self,
         network: nn.Module,
-        mean: Sequence[float] = DATASET_NORMALIZATION["imagenet"][0],
-        std: Sequence[float] = DATASET_NORMALIZATION["imagenet"][1],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__(3, mean, std)
         self.network = network
@@ -341,8 +357,19 @@ class ClassifierSpec:
         }
 
 
-CLASSIFIERS: dict[str, ClassifierSpec] = {
-    "fashion-cnn": ClassifierSpec(
+#: Registered architectures (``--arch``); add one with :func:`register_classifier`.
+CLASSIFIERS: Registry[ClassifierSpec] = Registry("classifier")
+
+
+def register_classifier(
+    spec: ClassifierSpec, *, aliases: tuple[str, ...] = (), replace: bool = False
+) -> ClassifierSpec:
+    """Make architecture ``spec`` buildable by name (``build_classifier``, ``--arch``)."""
+    return CLASSIFIERS.add(spec.name, spec, aliases=aliases, replace=replace)
+
+
+for _spec in (
+    ClassifierSpec(
         "fashion-cnn",
         lambda classes, mean, std: FashionCNN(classes, mean, std),
         1,
@@ -351,7 +378,7 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         "conv32-conv32-pool-conv64-conv64-pool-fc256-dropout-fc with BatchNorm",
         True,
     ),
-    "resnet20": ClassifierSpec(
+    ClassifierSpec(
         "resnet20",
         lambda classes, mean, std: ResNet20(classes, mean, std),
         3,
@@ -360,7 +387,7 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         "CIFAR ResNet-20 (He et al. 2016): 3x3 basic blocks, 16/32/64 channels",
         False,
     ),
-    "resnet20-wide": ClassifierSpec(
+    ClassifierSpec(
         "resnet20-wide",
         lambda classes, mean, std: ResNet20(classes, mean, std, width=32),
         3,
@@ -369,7 +396,7 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         "ResNet-20 with doubled widths 32/64/128: more accurate in fewer epochs",
         False,
     ),
-    "efficientnet-lite0": ClassifierSpec(
+    ClassifierSpec(
         "efficientnet-lite0",
         lambda classes, mean, std: _efficientnet_lite0(classes, mean, std),
         3,
@@ -379,7 +406,8 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         False,
         LITE_NORMALIZATION,
     ),
-}
+):
+    register_classifier(_spec)
 
 
 def _efficientnet_lite0(
@@ -396,9 +424,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def get_classifier_spec(name: str) -> ClassifierSpec:
     """The registry entry of ``name``; a :class:`UsageError` lists the valid names."""
-    if name not in CLASSIFIERS:
-        raise UsageError(f"unknown classifier {name!r}; valid: {', '.join(CLASSIFIERS)}")
-    return CLASSIFIERS[name]
+    return CLASSIFIERS.get(name)
 
 
 def list_classifiers() -> list[dict[str, Any]]:
@@ -406,26 +432,69 @@ def list_classifiers() -> list[dict[str, Any]]:
     return [spec.summary() for spec in CLASSIFIERS.values()]
 
 
-def check_dataset_fits(arch: str, dataset: str) -> None:
-    """Raise :class:`UsageError` when ``dataset`` images cannot be fed to ``arch``."""
-    from comdefend.data.datasets import DATASETS
+def check_classifier_fits(
+    classifier: nn.Module | str, dataset: str, *, label: str | None = None
+) -> DatasetSpec:
+    """Raise :class:`UsageError` when ``dataset``'s images and labels do not fit ``classifier``.
 
-    spec = get_classifier_spec(arch)
-    if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-    channels = DATASETS[dataset].channels
-    if channels != spec.in_channels:
-        fitting = [name for name, other in CLASSIFIERS.items() if other.in_channels == channels]
+    The one check of classifier against dataset, used by training, evaluation and the seed
+    experiment. ``classifier`` is an architecture name (checked before training: channels, and
+    the image size of fixed-size heads) or a loaded model (also its number of classes and the
+    dataset its checkpoint says it was trained on).
+
+    Args:
+        classifier: a registered architecture name or a loaded :class:`Classifier`.
+        dataset: a registered dataset name.
+        label: how to name the classifier in messages (e.g. its checkpoint path).
+
+    Returns:
+        The dataset's description.
+
+    Example:
+        >>> check_classifier_fits("resnet20", "cifar100").num_classes
+        100
+    """
+    data = DATASETS.get(dataset)
+    if isinstance(classifier, str):
+        arch: ClassifierSpec | None = get_classifier_spec(classifier)
+        channels: int | None = arch.in_channels if arch is not None else None
+        classes = trained_on = None
+        name = label or classifier
+    else:
+        config = getattr(classifier, "config", None)
+        arch_name = getattr(config, "arch", None)
+        arch = CLASSIFIERS.get(arch_name) if arch_name in CLASSIFIERS else None
+        channels = getattr(classifier, "in_channels", None)
+        classes = getattr(config, "num_classes", None)
+        trained_on = getattr(config, "dataset", None)
+        name = label or arch_name or type(classifier).__name__
+    if trained_on in DATASETS and DATASETS.canonical(trained_on) != data.name:
         raise UsageError(
-            f"classifier {arch} takes {spec.in_channels}-channel images but {dataset} has "
-            f"{channels}; architectures for {dataset}: {', '.join(fitting)}"
+            f"classifier {name} was trained on {trained_on}, not {data.name}; pass --dataset "
+            f"{trained_on} or a {data.name} classifier"
         )
-    size = DATASET_IMAGE_SIZE.get(dataset)
-    if spec.fixed_size and size is not None and size != spec.image_size:
+    if channels is not None and channels != data.channels:
+        fitting = [n for n, other in CLASSIFIERS.items() if other.in_channels == data.channels]
         raise UsageError(
-            f"classifier {arch} takes {spec.image_size}x{spec.image_size} images but {dataset} "
-            f"images are {size}x{size}"
+            f"classifier {name} takes {channels}-channel images but {data.name} has "
+            f"{data.channels}; architectures for {data.name}: {', '.join(fitting) or 'none'}"
         )
+    if classes is not None and classes != data.num_classes:
+        raise UsageError(
+            f"classifier {name} has {classes} classes but {data.name} has {data.num_classes}"
+        )
+    size = data.image_size
+    if arch is not None and arch.fixed_size and size is not None and size != arch.image_size:
+        raise UsageError(
+            f"classifier {name} takes {arch.image_size}x{arch.image_size} images but "
+            f"{data.name} images are {size}x{size}"
+        )
+    return data
+
+
+def check_dataset_fits(arch: str, dataset: str) -> None:
+    """Architecture-name form of :func:`check_classifier_fits` (kept for existing callers)."""
+    check_classifier_fits(arch, dataset)
 
 
 def classifier_from_config(config: ClassifierConfig) -> Classifier:
@@ -465,7 +534,7 @@ def build_classifier(
     if mean is None and std is None and spec.normalization and dataset in (None, spec.dataset):
         mean, std = spec.normalization
     config = ClassifierConfig(
-        arch=name,
+        arch=spec.name,
         dataset=dataset or spec.dataset,
         num_classes=num_classes,
         mean=tuple(mean) if mean is not None else None,
@@ -585,7 +654,11 @@ def load_torchvision_classifier(
         raise CheckpointError(f"{path} does not fit torchvision {name}: {first}") from error
     model = TorchvisionClassifier(network)
     model.config = ClassifierConfig(
-        arch=f"{TORCHVISION_PREFIX}{name}", dataset="imagenet", num_classes=1000
+        arch=f"{TORCHVISION_PREFIX}{name}",
+        dataset="imagenet",
+        num_classes=1000,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )
     model.checkpoint_metadata = {"source": str(path)}
     return model.to(map_location).eval()
@@ -594,7 +667,6 @@ def load_torchvision_classifier(
 __all__ = [
     "CLASSIFIERS",
     "CLASSIFIER_KIND",
-    "DATASET_IMAGE_SIZE",
     "DATASET_NORMALIZATION",
     "BasicBlock",
     "CifarResNet",
@@ -606,12 +678,14 @@ __all__ = [
     "ResNet20",
     "TorchvisionClassifier",
     "build_classifier",
+    "check_classifier_fits",
     "check_dataset_fits",
     "classifier_from_config",
     "count_parameters",
     "get_classifier_spec",
     "list_classifiers",
     "load_classifier",
+    "register_classifier",
     "load_torchvision_classifier",
     "save_classifier",
 ]

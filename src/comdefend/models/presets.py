@@ -12,6 +12,7 @@ from torch import nn
 
 from comdefend.errors import UsageError
 from comdefend.models.layers import PlainCNN, ResidualCNN
+from comdefend.registry import Registry
 
 # The authors' plain widths (hidden layers only), per image channel count.
 PLAIN_ENCODER_WIDTHS = {
@@ -48,7 +49,16 @@ class Preset:
         return asdict(self)
 
 
-def _declare() -> dict[str, Preset]:
+#: The presets, registered under their canonical names with the seed's names as aliases.
+PRESETS: Registry[Preset] = Registry("preset")
+
+
+def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
+    """Register ``preset`` under its name and seed name (alias)."""
+    return PRESETS.add(preset.name, preset, aliases=(preset.seed_name,), replace=replace)
+
+
+def _declare() -> list[Preset]:
     presets = [Preset("plain", "normal", 0, 0, "the authors' ComCNN + RecCNN")]
     for n in (1, 2, 3):
         presets.append(
@@ -76,13 +86,11 @@ def _declare() -> dict[str, Preset]:
                 f"residual-both-{n}", f"{n}_{n}", n, n, f"residual encoder and decoder (depth {n})"
             )
         )
-    return {preset.name: preset for preset in presets}
+    return presets
 
 
-PRESETS: dict[str, Preset] = _declare()
-_ALIASES: dict[str, str] = {
-    alias: preset.name for preset in PRESETS.values() for alias in preset.names
-}
+for _preset in _declare():
+    register_preset(_preset)
 
 
 def list_presets() -> list[str]:
@@ -94,11 +102,10 @@ def get_preset(name: str) -> Preset:
     """Look a preset up by canonical name or seed alias (e.g. ``"normal"`` or ``"1_on_off"``)."""
     if name == "all":
         raise UsageError("'all' names every preset; pass one preset here")
-    try:
-        return PRESETS[_ALIASES[name]]
-    except KeyError:
-        valid = ", ".join(f"{p.name} ({p.seed_name})" for p in PRESETS.values())
-        raise UsageError(f"unknown preset {name!r}; valid presets: {valid}") from None
+    if name in PRESETS:
+        return PRESETS.get(name)
+    valid = ", ".join(f"{p.name} ({p.seed_name})" for p in PRESETS.values())
+    raise UsageError(f"unknown preset {name!r}; valid presets: {valid}")
 
 
 def _check_channels(image_channels: int) -> None:

@@ -18,7 +18,6 @@ Usage from Python::
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Iterator
@@ -33,17 +32,16 @@ from tqdm.auto import tqdm
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import UsageError
 from comdefend.models.classifiers import (
-    DATASET_IMAGE_SIZE,
     ClassifierConfig,
-    check_dataset_fits,
+    check_classifier_fits,
     classifier_from_config,
     count_parameters,
     save_classifier,
 )
 from comdefend.training.batches import iteration_generator
 from comdefend.training.run import RunDirectory, environment, resolve_device
+from comdefend.training.schedules import CLASSIFIER_SCHEDULES, classifier_learning_rate
 
-CLASSIFIER_SCHEDULES = ("cosine", "onecycle", "constant")
 PADDING_MODES = ("reflect", "zeros")
 DEFAULT_ARCH = {"fashion-mnist": "fashion-cnn", "cifar10": "resnet20", "cifar100": "resnet20"}
 LOG_EVERY = 10
@@ -102,7 +100,7 @@ class ClassifierTrainConfig:
             raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.arch is None:
             self.arch = DEFAULT_ARCH[self.dataset]
-        check_dataset_fits(self.arch, self.dataset)
+        check_classifier_fits(self.arch, self.dataset)
         if self.lr_schedule not in CLASSIFIER_SCHEDULES:
             raise UsageError(
                 f"unknown --lr-schedule {self.lr_schedule!r}; valid: "
@@ -113,7 +111,7 @@ class ClassifierTrainConfig:
                 f"unknown padding mode {self.padding_mode!r}; valid: {', '.join(PADDING_MODES)}"
             )
         if self.crop_padding is None:
-            self.crop_padding = 2 if DATASET_IMAGE_SIZE.get(self.dataset, 32) <= 28 else 4
+            self.crop_padding = 2 if (DATASETS[self.dataset].image_size or 32) <= 28 else 4
         for name in ("epochs", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be >= 1")
@@ -146,27 +144,6 @@ class ClassifierTrainConfig:
     def resume_dict(self) -> dict[str, Any]:
         """The settings an interrupted run must be resumed with (see :data:`RESUMABLE_CHANGES`)."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
-
-
-def classifier_learning_rate(
-    schedule: str, base_lr: float, iteration: int, total: int, warmup: int = 0
-) -> float:
-    """Learning rate of 0-based ``iteration`` of ``total``; linear warm-up over ``warmup``."""
-    if iteration < warmup:
-        return base_lr * (iteration + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    span = max(1, total - warmup)
-    progress = (iteration - warmup) / span
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "onecycle":
-        rise = 0.3
-        if progress < rise:
-            start = base_lr / 25
-            return start + (base_lr - start) * progress / rise
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * (progress - rise) / (1 - rise)))
-    raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(CLASSIFIER_SCHEDULES)}")
 
 
 class LabelledBatches:

@@ -29,7 +29,7 @@ from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset
 from comdefend.training.batches import EpochBatches, FolderPatches, iteration_generator
 from comdefend.training.run import RunDirectory, environment, resolve_device, sigterm_as_interrupt
-from comdefend.training.schedules import DEFAULT_LR, SCHEDULES, learning_rate
+from comdefend.training.schedules import SCHEDULES, learning_rate
 
 
 @dataclass
@@ -58,12 +58,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.preset = get_preset(self.preset).name
-        if self.lr_schedule not in SCHEDULES:
-            raise UsageError(
-                f"unknown --lr-schedule {self.lr_schedule!r}; valid: {', '.join(SCHEDULES)}"
-            )
+        schedule = SCHEDULES.get(self.lr_schedule)  # UsageError listing the valid names
+        self.lr_schedule = schedule.name
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.lr_schedule]
+            if schedule.default_lr is None:
+                raise UsageError(f"--lr-schedule {schedule.name} has no default; pass --lr")
+            self.lr = schedule.default_lr
         if self.dataset not in DATASETS and self.dataset != "folder":
             raise UsageError(
                 f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, folder"
