@@ -19,6 +19,27 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from comdefend import __version__
+
+        typer.echo(f"comdefend {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the comdefend version and exit.",
+    ),
+) -> None:
+    """ComDefend: compression-based defenses against adversarial examples."""
+
+
 def _echo_json(data: object) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
