@@ -19,7 +19,16 @@ def test_first_python_example_runs() -> None:
 
 
 def test_readme_commands_match_ci() -> None:
+    """CI ends by running exactly README's test command, whose steps are joined by ``&&`` so that
+    a failing linter or test fails CI."""
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = next(line for line in ci.splitlines() if "pytest" in line)
-    assert test_command.strip() in text
+    commands = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    ci_command = commands[-1].strip()
+    block = re.search(r"Tests \(this is what `\.ci/run` runs.*?```bash\n(.*?)\n```", text, re.S)
+    assert block, "README has no test command"
+    assert block.group(1).strip() == ci_command
+    steps = [step.strip() for step in ci_command.split("&&")]
+    assert "ruff check src tests" in steps
+    assert steps[-1] == "python -m pytest -q"
+    assert "set -euo pipefail" in ci

@@ -102,6 +102,7 @@ class BPDA(Defense):
         - Output: ``defense(x)``'s shape (the substitute must return the same shape).
 
     Example:
+        >>> from comdefend.defenses import JPEG
         >>> x = torch.rand(1, 3, 8, 8, requires_grad=True)
         >>> BPDA(JPEG(75))(x).sum().backward()
         >>> bool((x.grad == 1).all())
@@ -336,6 +337,7 @@ def make_threat_model_defense(
             ``bpda+eot`` on a randomized defense without ``classifier``.
 
     Example:
+        >>> from comdefend.defenses import parse_defense
         >>> view = make_threat_model_defense(parse_defense("jpeg:75+median:2"), "bpda")
         >>> view.name
         'bpda(jpeg:75)+median:2'
