@@ -125,9 +125,8 @@ def purify(
         overrides["patch_size"] = patch_size
     if noise_std is not None:
         overrides["inference_noise_std"] = noise_std
-    model = ComDefend.from_checkpoint(
-        resolve_weights(model_path), resolve_device(device), **overrides
-    )
+    weights = resolve_weights(model_path)
+    model = ComDefend.from_checkpoint(weights, resolve_device(device), **overrides)
     model.binarizer.reseed(seed)
     files = collect_images(inputs)
     targets = [out / (file.stem + ".png") for file in files]
@@ -175,9 +174,10 @@ def reconstruct(
     from comdefend.models.comdefend import ComDefend
     from comdefend.zoo import resolve_weights
 
-    model = ComDefend.from_checkpoint(resolve_weights(model_path))
+    weights = resolve_weights(model_path)
+    model = ComDefend.from_checkpoint(weights)
     report = reconstruction_report(model, dataset, split, n, data_dir, batch_size, progress=True)
-    report["model"] = str(model_path)
+    report["model"] = weights.to_dict()
     if as_json:
         _echo_json(report)
     else:

@@ -29,6 +29,7 @@ from typing import Any
 
 from comdefend.checkpoint import atomic_write_text
 from comdefend.errors import UsageError
+from comdefend.zoo import ZOO_PREFIX
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ class DemoDataset:
 
     def zoo_names(self) -> list[str]:
         """The shipped models this dataset's demo loads: the classifier, then the purifiers."""
-        return [self.classifier] + [
+        references = [self.classifier] + [
             d.split(":", 1)[1] for d in self.defenses if d.startswith("comdefend:")
         ]
+        return [r.removeprefix(ZOO_PREFIX) for r in references]
 
 
 #: Per dataset: zoo classifier, the paper's L-inf budgets (units of 1/255) and the defenses.
@@ -52,25 +54,25 @@ class DemoDataset:
 #: filter (5 bits on CIFAR-10 as in their paper; 3 bits on the grayscale Fashion-MNIST).
 DEMO_DATASETS: dict[str, DemoDataset] = {
     "fashion-mnist": DemoDataset(
-        classifier="fashion-cnn",
+        classifier="zoo:fashion-cnn",
         eps=(8.0, 25.0),
         defenses=(
             "none",
             "jpeg:75",
             "bits:3+median:2",
-            "comdefend:comdefend-fashion-mnist",
+            "comdefend:zoo:comdefend-fashion-mnist",
         ),
         description="Fashion-MNIST: fashion-cnn classifier, ComDefend with a 4-bit code",
     ),
     "cifar10": DemoDataset(
-        classifier="resnet20-cifar10",
+        classifier="zoo:resnet20-cifar10",
         eps=(2.0, 8.0, 16.0),
         defenses=(
             "none",
             "jpeg:75",
             "bits:5+median:2",
-            "comdefend:comdefend-cifar10",
-            "comdefend:comdefend-cifar10-1_on_off",
+            "comdefend:zoo:comdefend-cifar10",
+            "comdefend:zoo:comdefend-cifar10-1_on_off",
         ),
         description="CIFAR-10: ResNet-20 classifier, ComDefend (12-bit code) and its residual "
         "variant 1_on_off",

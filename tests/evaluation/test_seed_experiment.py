@@ -188,3 +188,30 @@ def test_parse_presets() -> None:
     ]
     with pytest.raises(UsageError, match="empty"):
         parse_presets(" , ")
+
+
+def test_zoo_name_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-c fashion-cnn` used to load the zoo file, then hash the bare name (FileNotFoundError)."""
+    from comdefend.evaluation import seed_experiment
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise Reached
+
+    monkeypatch.setattr(seed_experiment, "load_dataset", stop)  # past loading and hashing
+    loaded = []
+    real_check = seed_experiment.check_classifier_fits
+    monkeypatch.setattr(
+        seed_experiment,
+        "check_classifier_fits",
+        lambda model, *a, **k: loaded.append(model) or real_check(model, *a, **k),
+    )
+    config = SeedExperimentConfig(
+        classifier="fashion-cnn", out=str(tmp_path / "x"), dataset="fashion-mnist"
+    )
+    with pytest.raises(Reached):
+        run_seed_experiment(config, progress=False)
+    weights = loaded[0].weights
+    assert (weights.source, weights.kind, weights.zoo_name) == ("fashion-cnn", "zoo", "fashion-cnn")

@@ -52,19 +52,69 @@ def test_corrupt_file_is_refused(fake_zoo: Path) -> None:
         zoo.load_pretrained("tiny")
 
 
-def test_zoo_names_stand_for_checkpoint_paths(fake_zoo: Path, tmp_path: Path) -> None:
+def test_zoo_names_stand_for_checkpoint_paths(
+    fake_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from comdefend.defenses import parse_defense
 
-    assert zoo.resolve_weights("tiny") == str(fake_zoo / "weights" / "tiny.safetensors")
-    local = tmp_path / "tiny"  # an existing file wins over a zoo name
-    local.write_bytes(b"")
-    assert zoo.resolve_weights(str(local)) == str(local)
-    assert zoo.resolve_weights("no-such-model") == "no-such-model"
+    ref = zoo.resolve_weights("tiny")
+    shipped = fake_zoo / "weights" / "tiny.safetensors"
+    assert (ref.kind, ref.zoo_name, ref.path, ref.source) == ("zoo", "tiny", shipped, "tiny")
+    assert ref.sha256 == sha256_of(shipped) and zoo.resolve_weights(ref) is ref
+    assert zoo.resolve_weights("zoo:tiny").source == "zoo:tiny"
+    local = tmp_path / "elsewhere.safetensors"
+    local.write_bytes(shipped.read_bytes())
+    file_ref = zoo.resolve_weights(str(local))
+    assert (file_ref.kind, file_ref.path, file_ref.zoo_name) == ("file", local, None)
+    assert file_ref.to_dict() == {
+        "source": str(local),
+        "kind": "file",
+        "path": str(local),
+        "sha256": ref.sha256,
+        "zoo_name": None,
+    }
+    with pytest.raises(CheckpointError, match="not found: no-such-model and no shipped model"):
+        zoo.resolve_weights("no-such-model")
+    with pytest.raises(UsageError, match="unknown pretrained model 'nope'; valid: tiny"):
+        zoo.resolve_weights("zoo:nope")
     defense = parse_defense("comdefend:tiny@noise=0")
     assert defense.name.split("@")[0] == "comdefend:tiny"  # reports name the model as given
+    assert defense.params()["weights"]["kind"] == "zoo"
     assert parse_defense(defense.name).name == defense.name
     with pytest.raises(CheckpointError, match="not found"):
         parse_defense("comdefend:no-such-model")
+
+
+def test_local_folder_named_like_a_zoo_model_says_how_to_pick(
+    fake_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(UsageError, match=r"both a local folder .* write zoo:tiny .* or ./tiny"):
+        zoo.resolve_weights("tiny")
+    assert zoo.resolve_weights("zoo:tiny").kind == "zoo"
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        zoo.resolve_weights("./tiny")
+    (tmp_path / "tiny").rmdir()
+    (tmp_path / "tiny").write_bytes((fake_zoo / "weights" / "tiny.safetensors").read_bytes())
+    with pytest.raises(UsageError, match="both a local file"):
+        ComDefend.from_checkpoint("tiny")
+    assert ComDefend.from_checkpoint("./tiny").weights.kind == "file"
+    assert ComDefend.from_checkpoint(Path("tiny")).weights.kind == "file"  # a Path is a file
+
+
+def test_loaders_keep_the_reference_and_refuse_a_file_changed_after_resolution(
+    fake_zoo: Path, tmp_path: Path
+) -> None:
+    model = zoo.load_pretrained("tiny")
+    assert model.weights is not None and model.weights.source == "zoo:tiny"
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes((fake_zoo / "weights" / "tiny.safetensors").read_bytes())
+    ref = zoo.resolve_weights(str(copy))
+    assert ComDefend.from_checkpoint(ref).weights is ref
+    ComDefend(ComDefendConfig(image_channels=1, code_channels=2)).save(copy)
+    with pytest.raises(CheckpointError, match="changed since it was resolved"):
+        ComDefend.from_checkpoint(ref)
 
 
 def test_unknown_name_lists_valid(fake_zoo: Path) -> None:

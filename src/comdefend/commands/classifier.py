@@ -113,7 +113,7 @@ def test_classifier_command(
 ) -> None:
     """Top-1 accuracy of a classifier checkpoint on a dataset."""
     from comdefend.data.datasets import DATASETS, load_dataset
-    from comdefend.models.classifiers import load_classifier
+    from comdefend.models.classifiers import check_classifier_fits, load_classifier
     from comdefend.training.classifier import evaluate_accuracy
     from comdefend.training.run import resolve_device
     from comdefend.zoo import resolve_weights
@@ -122,24 +122,17 @@ def test_classifier_command(
         raise UsageError(f"--n must be >= 1, got {n}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    model = load_classifier(resolve_weights(classifier), resolve_device(device))
+    weights = resolve_weights(classifier)
+    model = load_classifier(weights, resolve_device(device))
     assert model.config is not None  # set by load_classifier
-    name = dataset or model.config.dataset
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    spec = DATASETS[name]
-    if spec.channels != model.in_channels:
-        raise UsageError(
-            f"{classifier} takes {model.in_channels}-channel images but {name} has {spec.channels}"
-        )
-    if spec.num_classes != model.config.num_classes:
-        raise UsageError(
-            f"{classifier} has {model.config.num_classes} classes but {name} has {spec.num_classes}"
-        )
+    name = DATASETS.canonical(dataset or model.config.dataset)
+    # another dataset of the same shape is a legitimate test (distribution shift)
+    check_classifier_fits(model, name, label=classifier, check_trained_on=False)
     data = load_dataset(name, split, data_dir).head(n)
     result = evaluate_accuracy(model, data, batch_size=batch_size, progress=not as_json)
     report = {
         "classifier": str(classifier),
+        "weights": weights.to_dict(),
         "arch": model.config.arch,
         "dataset": name,
         "split": split,

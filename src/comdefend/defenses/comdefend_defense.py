@@ -128,8 +128,10 @@ class ComDefendDefense(Defense):
 
     def params(self) -> dict[str, Any]:
         config = self.model.config
+        weights = getattr(self.model, "weights", None)
         return {
             "label": self.label,
+            "weights": weights.to_dict() if weights is not None else None,
             "noise_std": self.noise_std,
             "seed": self.seed,
             "binarizer_mode": self.binarizer_mode,

@@ -144,7 +144,8 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
 
     from comdefend.zoo import resolve_weights
 
-    model = ComDefend.from_checkpoint(resolve_weights(path), map_location=device, **overrides)
+    weights = resolve_weights(path)
+    model = ComDefend.from_checkpoint(weights, map_location=device, **overrides)
     return ComDefendDefense(model, noise, seed, label=path, binarizer_mode=binarizer)
 
 

@@ -56,7 +56,6 @@ import torch
 from torch import nn
 
 from comdefend.attacks import ATTACKS, make_attack
-from comdefend.checkpoint import sha256_of
 from comdefend.defenses import (
     DETECTORS,
     THREAT_MODELS,
@@ -70,6 +69,7 @@ from comdefend.defenses import (
 from comdefend.errors import UsageError
 from comdefend.evaluation.progress import PROGRESS_FILE, EvaluationProgress, fingerprint
 from comdefend.metrics import mse_per_image, psnr_from_mse, quantize_8bit
+from comdefend.zoo import WeightsRef
 
 #: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
 MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
@@ -258,11 +258,8 @@ def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
     return [m for m in defense.modules() if isinstance(m, ComDefendDefense)]
 
 
-def _checkpoint_paths(defense: nn.Module) -> list[str]:
-    from comdefend.zoo import resolve_weights
-
-    labels = [resolve_weights(p.label) for p in _comdefend_parts(defense) if p.label]
-    return [label for label in labels if Path(label).is_file()]
+def _checkpoint_refs(defense: nn.Module) -> list[WeightsRef]:
+    return [p.model.weights for p in _comdefend_parts(defense) if p.model.weights is not None]
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -284,9 +281,7 @@ class _Evaluator:
 
         self.config = config
         self.device = _resolve_device(config.device)
-        from comdefend.zoo import resolve_weights
-
-        self.classifier = load_classifier(resolve_weights(config.classifier), self.device).eval()
+        self.classifier = load_classifier(config.classifier, self.device).eval()
         _check_classifier_fits(self.classifier, config.classifier, config.dataset)
         self.classifier.requires_grad_(False)
         self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
@@ -741,18 +736,20 @@ def _environment(environment: Any) -> dict[str, Any]:
 
 
 def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
-    from comdefend.zoo import resolve_weights
-
-    paths = [resolve_weights(config.classifier)]
-    for defense in ev.defenses:
-        paths.extend(_checkpoint_paths(defense))
-    return {path: sha256_of(path) for path in dict.fromkeys(paths)}
+    refs = [ev.classifier.weights] + [r for d in ev.defenses for r in _checkpoint_refs(d)]
+    # keyed as before WeightsRef: a file as written, a zoo model by its path (resume fingerprints)
+    return {
+        (ref.source if ref.kind == "file" else str(ref.path)): ref.sha256
+        for ref in refs
+        if ref is not None
+    }
 
 
 def _classifier_info(ev: _Evaluator) -> dict[str, Any]:
     config = getattr(ev.classifier, "config", None)
     return {
         "path": ev.config.classifier,
+        "weights": ev.classifier.weights.to_dict() if ev.classifier.weights else None,
         "config": config.to_dict() if config is not None else None,
         "recorded_metrics": (ev.classifier.checkpoint_metadata or {}).get("metrics", {}),
     }

@@ -52,7 +52,6 @@ from comdefend.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
-    sha256_of,
 )
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import UsageError
@@ -434,13 +433,8 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
 
 def load_checked_classifier(config: SeedExperimentConfig, device: torch.device) -> Classifier:
     """Load the classifier; :class:`UsageError` if it was not made for ``config.dataset``."""
-    from comdefend.zoo import resolve_weights
-
-    path = Path(resolve_weights(config.classifier))
-    if not path.is_file():
-        raise UsageError(f"--classifier {path} does not exist")
-    model = load_classifier(path, device)
-    check_classifier_fits(model, config.dataset, label=str(path))
+    model = load_classifier(config.classifier, device)  # resolved once, kept as model.weights
+    check_classifier_fits(model, config.dataset, label=config.classifier)
     return model
 
 
@@ -493,7 +487,8 @@ def run_seed_experiment(
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     classifier = load_checked_classifier(config, device)
-    classifier_sha = sha256_of(config.classifier)
+    assert classifier.weights is not None  # set by load_classifier
+    classifier_sha = classifier.weights.sha256
     test = load_dataset(config.dataset, "test", config.data_dir)
 
     attack_settings = BIM(
@@ -521,6 +516,7 @@ def run_seed_experiment(
         "classifier": {
             "path": str(config.classifier),
             "sha256": classifier_sha,
+            "weights": classifier.weights.to_dict(),
             "arch": classifier.config.arch if classifier.config else None,
             "dataset": config.dataset,
         },

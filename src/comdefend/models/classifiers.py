@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +43,9 @@ from comdefend.checkpoint import (
 from comdefend.data.datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
 from comdefend.errors import CheckpointError, InputError, UsageError
 from comdefend.registry import Registry
+
+if TYPE_CHECKING:
+    from comdefend.zoo import WeightsRef
 
 CLASSIFIER_KIND = "classifier"
 TORCHVISION_PREFIX = "torchvision:"
@@ -153,6 +156,7 @@ class Classifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.config: ClassifierConfig | None = None
         self.checkpoint_metadata: dict[str, Any] | None = None
+        self.weights: WeightsRef | None = None  # set by load_classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Shape checks only: a value-range check would synchronise the GPU on every call.
@@ -433,7 +437,11 @@ def list_classifiers() -> list[dict[str, Any]]:
 
 
 def check_classifier_fits(
-    classifier: nn.Module | str, dataset: str, *, label: str | None = None
+    classifier: nn.Module | str,
+    dataset: str,
+    *,
+    label: str | None = None,
+    check_trained_on: bool = True,
 ) -> DatasetSpec:
     """Raise :class:`UsageError` when ``dataset``'s images and labels do not fit ``classifier``.
 
@@ -446,6 +454,8 @@ def check_classifier_fits(
         classifier: a registered architecture name or a loaded :class:`Classifier`.
         dataset: a registered dataset name.
         label: how to name the classifier in messages (e.g. its checkpoint path).
+        check_trained_on: refuse a loaded model whose checkpoint names another dataset (off to
+            test a classifier on another dataset of the same shape).
 
     Returns:
         The dataset's description.
@@ -468,7 +478,7 @@ def check_classifier_fits(
         classes = getattr(config, "num_classes", None)
         trained_on = getattr(config, "dataset", None)
         name = label or arch_name or type(classifier).__name__
-    if trained_on in DATASETS and DATASETS.canonical(trained_on) != data.name:
+    if check_trained_on and trained_on in DATASETS and DATASETS.canonical(trained_on) != data.name:
         raise UsageError(
             f"classifier {name} was trained on {trained_on}, not {data.name}; pass --dataset "
             f"{trained_on} or a {data.name} classifier"
@@ -567,13 +577,18 @@ def save_classifier(
 
 
 def load_classifier(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    weights: WeightsRef | str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> Classifier:
     """Load a classifier checkpoint (safetensors only) in eval mode.
 
-    The returned model carries ``config`` and ``checkpoint_metadata`` (e.g. ``metrics``).
-    Raises :class:`CheckpointError` for other kinds of checkpoint or weights that do not fit.
+    ``weights`` is a :class:`~comdefend.zoo.WeightsRef`, a file path or a shipped model's name.
+    The returned model carries ``config``, ``checkpoint_metadata`` (e.g. ``metrics``) and
+    ``weights`` (the resolved reference). Raises :class:`CheckpointError` for other kinds of
+    checkpoint or weights that do not fit.
     """
+    from comdefend.zoo import weights_file
+
+    ref, path = weights_file(weights)
     tensors, metadata = load_checkpoint(path, expected_kind=CLASSIFIER_KIND)
     if "config" not in metadata:
         raise CheckpointError(f"{path} has no classifier config in its metadata")
@@ -584,6 +599,7 @@ def load_classifier(
         raise CheckpointError(f"{path}: {error}") from error
     load_weights(model, tensors, path, f"{config.arch}, {config.num_classes} classes")
     model.checkpoint_metadata = metadata
+    model.weights = ref
     return model.to(map_location).eval()
 
 

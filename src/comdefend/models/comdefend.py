@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from comdefend.models.presets import (
     receptive_radius,
 )
 from comdefend.models.tiling import run_overlapping, run_patches
+
+if TYPE_CHECKING:
+    from comdefend.zoo import WeightsRef
 
 PurifyMode = Literal["patch", "full"]
 PURIFIER_KIND = "purifier"
@@ -164,6 +167,7 @@ class ComDefend(nn.Module):
         )
         self.decoder = build_decoder(preset, config.image_channels, code_channels)
         self.receptive_radius = receptive_radius(self.encoder) + receptive_radius(self.decoder)
+        self.weights: WeightsRef | None = None  # set by from_checkpoint
 
     # -- the network, image-sized input, no tiling ------------------------------------------
     def _to_model_order(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,15 +220,23 @@ class ComDefend(nn.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | os.PathLike,
+        weights: WeightsRef | str | os.PathLike,
         map_location: str | torch.device = "cpu",
         **overrides: Any,
     ) -> ComDefend:
         """Load a purifier checkpoint (safetensors only; nothing is unpickled) in eval mode.
 
-        ``overrides`` replace config fields, e.g. ``purify_mode="patch"`` or
-        ``inference_noise_std=1.0``.
+        Args:
+            weights: a :class:`~comdefend.zoo.WeightsRef`, a file path or a shipped model's name
+                (resolved with :func:`~comdefend.zoo.resolve_weights`); the resolved reference
+                is kept as ``model.weights``.
+            map_location: device of the returned model.
+            overrides: config fields to replace, e.g. ``purify_mode="patch"`` or
+                ``inference_noise_std=1.0``.
         """
+        from comdefend.zoo import weights_file
+
+        ref, path = weights_file(weights)
         tensors, metadata = load_checkpoint(path, expected_kind=PURIFIER_KIND)
         if "config" not in metadata:
             raise CheckpointError(f"{path} has no ComDefend config in its metadata")
@@ -238,4 +250,5 @@ class ComDefend(nn.Module):
             f"{config.code_channels} code channels",
         )
         model.checkpoint_metadata = metadata
+        model.weights = ref
         return model.to(map_location).eval()

@@ -16,10 +16,11 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -153,34 +154,145 @@ def pretrained_path(name: str, verify: bool = True) -> Path:
     return entry.path
 
 
-def resolve_weights(path_or_name: str | Path) -> str:
-    """A checkpoint path for ``path_or_name``: an existing file as given, else a zoo name's file.
+#: Prefix that names a shipped model explicitly: ``zoo:comdefend-cifar10``.
+ZOO_PREFIX = "zoo:"
 
-    Lets every command that takes a checkpoint path also take a shipped model's name
-    (``--classifier resnet20-cifar10``, ``comdefend:comdefend-cifar10``); the zoo file's sha256
-    is verified. Anything else is returned unchanged, so the caller's missing-file error applies.
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """A model reference resolved once: what the user wrote, and the file it names.
+
+    Loaders (:meth:`ComDefend.from_checkpoint <comdefend.models.comdefend.ComDefend.
+    from_checkpoint>`, :func:`~comdefend.models.classifiers.load_classifier`) accept it and set
+    it as ``model.weights``; :meth:`to_dict` is what results and summaries record.
+
+    Attributes:
+        source: the reference as the user wrote it (``zoo:fashion-cnn``, ``runs/a/m.safetensors``).
+        kind: ``zoo`` (a shipped model) or ``file``.
+        path: the resolved absolute path of the checkpoint file.
+        sha256: hex sha256 of that file (for ``zoo``, checked against the zoo registry).
+        zoo_name: the shipped model's name when ``kind`` is ``zoo``.
     """
-    text = str(path_or_name)
-    if Path(text).exists():
-        return text
-    registry = _read_registry()
-    if text in registry:
-        return str(pretrained_path(text))
-    return text
+
+    source: str
+    kind: Literal["zoo", "file"]
+    path: Path
+    sha256: str
+    zoo_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (``path`` as a string)."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "zoo_name": self.zoo_name,
+        }
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def _zoo_ref(source: str, name: str) -> WeightsRef:
+    entry = get_entry(name)
+    return WeightsRef(source, "zoo", pretrained_path(name).resolve(), entry.sha256, entry.name)
+
+
+def _file_ref(source: str, path: Path) -> WeightsRef:
+    if path.is_dir():
+        raise CheckpointError(f"{source} is a folder, not a checkpoint file")
+    return WeightsRef(source, "file", path.resolve(), sha256_of(path))
+
+
+def resolve_weights(reference: str | os.PathLike | WeightsRef) -> WeightsRef:
+    """Resolve a checkpoint reference once: a file path or the name of a shipped model.
+
+    ``zoo:NAME`` names a shipped model explicitly; a :class:`~pathlib.Path` is always a file;
+    a plain string is a file when one exists there, else a zoo name. A bare name that is both
+    (a local file or folder called like a shipped model) is refused with a message saying how
+    to pick (``zoo:NAME`` or ``./NAME``). A :class:`WeightsRef` is returned as is.
+
+    Args:
+        reference: what the user wrote (``--classifier``, ``comdefend:...``, ``--model``).
+
+    Returns:
+        The :class:`WeightsRef` (zoo files have their sha256 verified against the registry).
+
+    Raises:
+        CheckpointError: nothing found, a folder, or a zoo file that is missing or corrupt.
+        UsageError: an unknown ``zoo:`` name, or an ambiguous bare name.
+
+    Example:
+        >>> ref = resolve_weights("zoo:fashion-cnn")  # doctest: +SKIP
+        >>> ref.kind, ref.zoo_name, ref.path.name  # doctest: +SKIP
+        ('zoo', 'fashion-cnn', 'fashion-cnn.safetensors')
+    """
+    if isinstance(reference, WeightsRef):
+        return reference
+    if not isinstance(reference, str):
+        path = Path(reference)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        return _file_ref(str(reference), path)
+    text = reference.strip()
+    if not text:
+        raise UsageError("empty checkpoint reference: give a file path or zoo:NAME")
+    if text.startswith(ZOO_PREFIX):
+        return _zoo_ref(text, text[len(ZOO_PREFIX) :].strip())
+    local = Path(text).expanduser()
+    shipped = _read_registry()
+    if local.exists():
+        if text in shipped:
+            what = "folder" if local.is_dir() else "file"
+            raise UsageError(
+                f"{text!r} is both a local {what} ({local.resolve()}) and a shipped model; "
+                f"write zoo:{text} for the shipped model or ./{text} for the local {what}"
+            )
+        return _file_ref(text, local)
+    if text in shipped:
+        return _zoo_ref(text, text)
+    hint = ""
+    if "/" not in text and not local.suffix:
+        hint = f" and no shipped model is called that (shipped: {', '.join(shipped) or 'none'})"
+    raise CheckpointError(f"checkpoint not found: {text}{hint}")
+
+
+def weights_file(reference: str | os.PathLike | WeightsRef) -> tuple[WeightsRef, Path]:
+    """Resolve ``reference`` (once, if it is not a :class:`WeightsRef` yet) and return it with
+    the file to read, after checking that the file still has the recorded sha256."""
+    ref = resolve_weights(reference)
+    if sha256_of(ref.path) != ref.sha256:
+        raise CheckpointError(
+            f"{ref.source}: {ref.path} changed since it was resolved (sha256 {ref.sha256[:12]}...)"
+        )
+    return ref, ref.path
 
 
 def load_pretrained(name: str, map_location: str = "cpu", verify: bool = True) -> nn.Module:
-    """Load a shipped model by name (eval mode): a ComDefend purifier or a classifier."""
-    path = pretrained_path(name, verify)
-    kind = read_metadata(path).get("kind")
+    """Load a shipped model by name (eval mode): a ComDefend purifier or a classifier.
+
+    ``verify=False`` skips the sha256 check against the registry (the hash is still recorded
+    in ``model.weights``).
+    """
+    bare = name[len(ZOO_PREFIX) :] if name.startswith(ZOO_PREFIX) else name
+    if verify:
+        ref = _zoo_ref(f"{ZOO_PREFIX}{bare}", bare)
+    else:
+        path = pretrained_path(bare, verify=False)
+        ref = WeightsRef(f"{ZOO_PREFIX}{bare}", "zoo", path.resolve(), sha256_of(path), bare)
+    kind = read_metadata(ref.path).get("kind")
     if kind == "purifier":
         from comdefend.models.comdefend import ComDefend
 
-        return ComDefend.from_checkpoint(path, map_location)
+        return ComDefend.from_checkpoint(ref, map_location)
     if kind == "classifier":
         from comdefend.models.classifiers import load_classifier
 
-        return load_classifier(path, map_location)
+        return load_classifier(ref, map_location)
     raise CheckpointError(f"{name}: unexpected checkpoint kind {kind!r}")
 
 
@@ -219,11 +331,14 @@ def measure_on_sample(name: str) -> dict[str, Any]:
 
 __all__ = [
     "ExternalSource",
+    "ZOO_PREFIX",
     "PretrainedEntry",
+    "WeightsRef",
     "get_entry",
     "list_pretrained",
     "load_pretrained",
     "measure_on_sample",
     "pretrained_path",
     "resolve_weights",
+    "weights_file",
 ]
