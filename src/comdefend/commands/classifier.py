@@ -107,6 +107,9 @@ def test_classifier_command(
     split: str = typer.Option("test", help="train or test."),
     n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    image_size: int | None = typer.Option(
+        None, help="Center-crop size for imagenet (default 224; resize to size / 0.875 first)."
+    ),
     batch_size: int = typer.Option(500, help="Images per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -128,7 +131,7 @@ def test_classifier_command(
     name = DATASETS.canonical(dataset or model.config.dataset)
     # another dataset of the same shape is a legitimate test (distribution shift)
     check_classifier_fits(model, name, label=classifier, check_trained_on=False)
-    data = load_dataset(name, split, data_dir).head(n)
+    data = load_dataset(name, split, data_dir, image_size=image_size).head(n)
     result = evaluate_accuracy(model, data, batch_size=batch_size, progress=not as_json)
     report = {
         "classifier": str(classifier),
@@ -136,6 +139,8 @@ def test_classifier_command(
         "arch": model.config.arch,
         "dataset": name,
         "split": split,
+        "image_size": int(data.images.shape[-1]),
+        "source": data.source,
         **result,
         "recorded_metrics": (model.checkpoint_metadata or {}).get("metrics", {}),
     }

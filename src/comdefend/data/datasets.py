@@ -22,6 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comdefend.data.imagenet import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGENET_CLASSES,
+    ImageNetLoader,
+    is_imagenet_folder,
+)
 from comdefend.errors import DatasetNotFoundError, InputError, UsageError
 from comdefend.registry import Registry
 
@@ -413,6 +419,23 @@ register_dataset(
     )
 )
 
+register_dataset(
+    DatasetSpec(
+        "imagenet",
+        channels=3,
+        num_classes=1000,
+        image_size=DEFAULT_IMAGE_SIZE,  # the center crop; load_dataset(image_size=...) changes it
+        loader=ImageNetLoader(),
+        is_present=is_imagenet_folder,
+        class_names=IMAGENET_CLASSES,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        subfolders=("", "imagenet-sample", "imagenet"),
+        how_to_get="point --data-dir / $COMDEFEND_DATA at an ImageNet folder: labels.csv with "
+        "images/ (like the project's 1,000-image sample) or one folder per WordNet id "
+        "(n01440764/, ...; ILSVRC-2012 validation images, not downloadable here)",
+    )
+)
 
 def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding dataset ``name``; a clear error lists every place looked at."""
@@ -439,10 +462,16 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(
-    name: str, split: str = "test", data_dir: str | os.PathLike | None = None
+    name: str,
+    split: str = "test",
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
 ) -> ImageSet:
     """Load a registered dataset (see :data:`DATASETS`, e.g. ``fashion-mnist``, ``cifar10``,
-    ``cifar100``) or ``folder`` into memory.
+    ``cifar100``, ``imagenet``) or ``folder`` into memory.
+
+    ``image_size`` changes the crop of datasets that are cropped on loading (``imagenet``:
+    center crop, default 224); for the others it must be their size or ``None``.
 
     ``split="sample"`` gives the 1,000 class-balanced test images embedded in the package
     (Fashion-MNIST and CIFAR-10 only), so that no dataset needs to be installed.
@@ -467,7 +496,16 @@ def load_dataset(
         raise UsageError(
             f"dataset {spec.name} has no {split!r} split; valid: {', '.join(spec.splits)}"
         )
-    return spec.loader(find_dataset(spec.name, data_dir), split)
+    loader = spec.loader
+    if image_size is not None and image_size != spec.image_size:
+        resized = getattr(loader, "with_image_size", None)
+        if resized is None:
+            raise UsageError(
+                f"dataset {spec.name} has {spec.image_size}x{spec.image_size} images; "
+                "--image-size only changes the crop of datasets cropped on loading (imagenet)"
+            )
+        loader = resized(image_size)
+    return loader(find_dataset(spec.name, data_dir), split)
 
 
 def class_balanced_indices(labels: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:

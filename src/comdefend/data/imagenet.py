@@ -289,12 +289,27 @@ def load_imagenet(
     )
 
 
+@dataclass(frozen=True)
+class ImageNetLoader:
+    """The registered dataset's loader: ``loader(folder, split)`` with a fixed crop size;
+    :meth:`with_image_size` gives the same loader for another crop (``--image-size``)."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+
+    def __call__(self, folder: Path, split: str):
+        return load_imagenet(folder, split, self.image_size)
+
+    def with_image_size(self, image_size: int) -> ImageNetLoader:
+        return ImageNetLoader(image_size)
+
+
 __all__ = [
     "CROP_FRACTION",
     "DEFAULT_IMAGE_SIZE",
     "IMAGENET_CLASSES",
     "IMAGENET_WNIDS",
     "WNID_TO_LABEL",
+    "ImageNetLoader",
     "ImageNetTransform",
     "is_imagenet_folder",
     "list_imagenet",
