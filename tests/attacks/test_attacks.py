@@ -550,3 +550,20 @@ def test_model_only_sees_valid_images(name: str) -> None:
     seen = torch.cat(recorder.seen)
     assert seen.min() >= 0 and seen.max() <= 1
 
+
+
+def test_cw_defaults_move_saturated_pixels() -> None:
+    """Issue 15, item 6: pixels at exactly 0 start far out in tanh space (w = atanh(-1 + 1e-6)
+    ~ -7.25); Adam moves w by about lr per step, so the old default lr 0.01 could not bring
+    them into play within 100 steps. Here only black pixels can flip the label."""
+    weight = torch.zeros(2, 16)
+    weight[1] = 1.0  # logit_1 - logit_0 = sum(x) - 0.5: brighten the black image by 0.5 in sum
+    model = linear_model(weight, torch.tensor([0.5, 0.0]))
+    x = torch.zeros(4, 1, 4, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    assert accuracy(model, x, y) == 1.0
+    x_adv = CW(model)(x, y)  # the defaults
+    assert accuracy(model, x_adv, y) == 0.0
+    # the smallest L2 change of the sum by 0.5 spreads it evenly: 16 pixels of 1/32, L2 0.125
+    assert l2_norms(x_adv, x).max() < 0.2
+    assert accuracy(model, CW(model, lr=0.01)(x, y), y) == 1.0  # the old default fails
