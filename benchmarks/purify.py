@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -293,6 +294,7 @@ def measure_case(
         print(
             f"  {name}: {label}: {result.median_seconds:.3f} s, reference "
             f"{statistics.median(result.reference_seconds):.3f} s, ratio {result.ratio:.2f}",
+            file=sys.stderr,
             flush=True,
         )
     all_reference = [t for result in case.paths.values() for t in result.reference_seconds]
@@ -361,7 +363,7 @@ def main() -> None:
         results.append(measure_case(name, model, images, patch, paths, args.repeats))
 
     summary = {
-        "command": "python benchmarks/purify.py " + " ".join(__import__("sys").argv[1:]),
+        "command": "python benchmarks/purify.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "threads": threads,
         "machine": platform.processor() or platform.machine(),

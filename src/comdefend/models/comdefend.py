@@ -215,12 +215,14 @@ class ComDefend(nn.Module):
     def inference_chunk_size(self, x: torch.Tensor) -> int:
         """Images per chunk for inference on ``x`` (CPU only; elsewhere the whole batch).
 
-        The widest activation of a chunk fits in :data:`CPU_CHUNK_BYTES`.
+        The widest activation of a chunk fits in :data:`CPU_CHUNK_BYTES`, with at least 2
+        images: oneDNN runs a batch of one image with other kernels (last bits differ), so no
+        chunk holds a single image unless the whole batch is one.
         """
         if x.device.type != "cpu":
             return x.shape[0]
         widest_bytes = self.widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
-        return max(1, CPU_CHUNK_BYTES // widest_bytes)
+        return max(2, CPU_CHUNK_BYTES // widest_bytes)
 
     def _in_chunks(
         self, network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
@@ -232,10 +234,13 @@ class ComDefend(nn.Module):
         """
         if self.training or self._records_autograd(x):
             return network(x)
-        chunk = self.inference_chunk_size(x)
-        if chunk >= x.shape[0]:
+        chunk, n = self.inference_chunk_size(x), x.shape[0]
+        if chunk >= n:
             return network(x)
-        return torch.cat([network(part) for part in x.split(chunk)])
+        sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+        if sizes[-1] == 1:  # no lone image (see inference_chunk_size)
+            sizes[-2] += sizes.pop()
+        return torch.cat([network(part) for part in x.split(sizes)])
 
     # -- purification of any image size -----------------------------------------------------
     def purify(self, x: torch.Tensor, mode: PurifyMode | None = None) -> torch.Tensor:
