@@ -238,8 +238,9 @@ class ComDefend(nn.Module):
         if chunk >= n:
             return network(x)
         sizes = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-        if sizes[-1] == 1:  # no lone image (see inference_chunk_size)
-            sizes[-2] += sizes.pop()
+        if sizes[-1] == 1:  # no lone image (see inference_chunk_size): join the previous chunk
+            sizes.pop()
+            sizes[-1] += 1
         return torch.cat([network(part) for part in x.split(sizes)])
 
     # -- purification of any image size -----------------------------------------------------
