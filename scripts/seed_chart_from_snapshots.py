@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    classifier = load_classifier(resolve_weights(args.classifier)).requires_grad_(False)
+    weights = resolve_weights(args.classifier)
+    classifier = load_classifier(weights).requires_grad_(False)
     config = SeedExperimentConfig(
         classifier=args.classifier,
         dataset=args.dataset,
@@ -120,7 +121,7 @@ def main() -> None:
         "settings": {**config.__dict__, "source": "snapshots of the zoo trainings"},
         "attack": attack,
         "adversarial_set": adv.stats,
-        "classifier": {"path": resolve_weights(args.classifier)},
+        "classifier": {"path": args.classifier, "weights": weights.to_dict()},
         "presets": presets,
     }
     args.out.mkdir(parents=True, exist_ok=True)

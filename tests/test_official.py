@@ -50,7 +50,7 @@ def test_malicious_object_array_is_refused(tmp_path: Path) -> None:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    array = np.empty(1, dtype=object)
+    array = np.empty(18, dtype=object)  # the expected count: the pickle itself is reached
     array[0] = Evil()
     np.savez(tmp_path / "evil.npz", w=array)
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
@@ -162,3 +162,79 @@ def test_purify_cli_reproduces_the_authors_pipeline(official_dir: Path, tmp_path
     mean_absolute_error = np.abs(ours - reference).mean() / 255
     assert mean_absolute_error <= 1 / 255, mean_absolute_error
     assert np.abs(ours - corner).mean() > 1  # it did purify something
+
+
+def _official_like(tmp_path: Path, name: str, items: list) -> Path:
+    array = np.empty(len(items), dtype=object)
+    for index, item in enumerate(items):
+        array[index] = item
+    np.savez(tmp_path / name, w=array)
+    return tmp_path / f"{name}.npz"
+
+
+def _valid_items() -> list[np.ndarray]:
+    widths = [1, 32, 64, 128, 256, 128, 64, 64, 32, 4]
+    items: list[np.ndarray] = []
+    for c_in, c_out in zip(widths, widths[1:], strict=False):
+        items += [np.zeros((3, 3, c_in, c_out), np.float32), np.zeros(c_out, np.float32)]
+    return items
+
+
+def test_small_crafted_npy_fails_fast(tmp_path: Path) -> None:
+    """8 KB that unpickle to lists sharing one list: np.asarray would build 2**26 numbers."""
+    import time
+
+    nested: list = [0.0]
+    for _ in range(26):
+        nested = [nested, nested]
+    raw = pickle.dumps(nested, protocol=2)
+    header = {"descr": "|O", "fortran_order": False, "shape": (18,)}
+    path = tmp_path / "crafted.npy"
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(raw)
+    assert path.stat().st_size < 8192
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="holds a list, not 18 NumPy arrays"):
+        read_official_arrays(path)
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"descr": "<f4", "fortran_order": False, "shape": (18,)}, "found dtype float32"),
+        ({"descr": "|O", "fortran_order": False, "shape": (10**12,)}, "shape (1000000000000,)"),
+    ],
+)
+def test_npy_header_is_checked_before_any_work(tmp_path: Path, header: dict, message: str) -> None:
+    path = tmp_path / "bad.npy"
+    with path.open("wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_official_arrays(path)
+    (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(CheckpointError, match="not a NumPy array file"):
+        read_official_arrays(tmp_path / "garbage.npy")
+
+
+def test_official_arrays_must_be_finite_floats_of_bounded_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert len(read_official_arrays(_official_like(tmp_path, "ok", _valid_items()))) == 18
+    items = _valid_items()
+    items[3] = items[3].astype(np.int64)
+    with pytest.raises(CheckpointError, match="array 3 \\(layer 1 bias\\) is int64"):
+        read_official_arrays(_official_like(tmp_path, "int", items))
+    items = _valid_items()
+    items[4][0, 0, 0, 0] = np.nan
+    with pytest.raises(CheckpointError, match="tensor 'array 4' holds 1 NaN"):
+        read_official_arrays(_official_like(tmp_path, "nan", items))
+    import comdefend.official as official
+
+    monkeypatch.setattr(official, "MAX_ARRAY_ELEMENTS", 100_000)  # their largest has 294,912
+    with pytest.raises(CheckpointError, match="has 294,912 elements, more than any"):
+        read_official_arrays(tmp_path / "ok.npz")
+    monkeypatch.setenv("COMDEFEND_MAX_OFFICIAL_BYTES", "1000")
+    with pytest.raises(CheckpointError, match="raise \\$COMDEFEND_MAX_OFFICIAL_BYTES"):
+        read_official_arrays(tmp_path / "ok.npz")

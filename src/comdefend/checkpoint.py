@@ -64,13 +64,17 @@ def save_checkpoint(
 
 def _describe_foreign_file(path: Path) -> str:
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then "{".
+    # Check that first: the length's low byte can be anything, e.g. 0x80 or "(" like a pickle.
+    if len(head) == 9 and head[8:9] == b"{":
+        return "a corrupt or truncated safetensors file"
     if head.startswith(b"PK"):
         return "a zip archive (a torch.save or numpy .npz file?)"
-    if head[:1] == b"\x80" or head.startswith(b"(") or head.startswith(b"c"):
-        return "a Python pickle"
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy .npy array"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
     return "not a safetensors file"
 
 
@@ -128,19 +132,88 @@ def check_config_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
         raise CheckpointError(f"unknown {what} config fields: {sorted(unknown)}")
 
 
+def check_weights(
+    tensors: Mapping[str, torch.Tensor],
+    source: object,
+    expected: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Refuse weights that would load silently but compute garbage.
+
+    Every floating-point tensor must be finite; a tensor that the model holds as floating point
+    (``expected``, its ``state_dict()``) must be floating point in the file too, and without
+    ``expected`` every tensor must be (integer and bool tensors are only accepted where the
+    model itself keeps integers, e.g. BatchNorm's ``num_batches_tracked``).
+
+    Args:
+        tensors: name -> tensor, as read from the file.
+        source: what to name in the message (the file).
+        expected: the model's own state dict, when known.
+
+    Raises:
+        CheckpointError: one line naming the first offending tensor.
+    """
+    for name, tensor in tensors.items():
+        reference = expected.get(name) if expected is not None else None
+        wants_float = reference is None or reference.is_floating_point()
+        if wants_float and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                "weights must be floating point"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of "
+                f"{tensor.numel()}; refusing weights that would compute garbage"
+            )
+
+
+def _describe_mismatch(
+    expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> str:
+    """Which keys are missing, unexpected or of another shape, named (a few of each)."""
+
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(repr(n) for n in names[:3])
+        return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    reshaped = [
+        f"{name!r} is {tuple(tensors[name].shape)} in the file but "
+        f"{tuple(expected[name].shape)} in the model"
+        for name in expected
+        if name in tensors and tuple(tensors[name].shape) != tuple(expected[name].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {listing(unexpected)}")
+    if reshaped:
+        parts.append(
+            reshaped[0] + (f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else "")
+        )
+    return "; ".join(parts)
+
+
 def load_weights(
     model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: object, architecture: str
 ) -> None:
-    """``model.load_state_dict(tensors, strict=True)``, with a :class:`CheckpointError` that
-    names the file and the architecture its config describes when they do not fit."""
+    """``model.load_state_dict(tensors, strict=True)`` after :func:`check_weights`, with a
+    :class:`CheckpointError` that names the file, ``architecture`` (how to name the model, e.g.
+    ``"the architecture its config describes (preset plain, ...)"``) and the first keys that
+    do not fit."""
+    expected = model.state_dict()
+    mismatch = _describe_mismatch(expected, tensors)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not fit {architecture}: {mismatch}")
+    check_weights(tensors, path, expected)
     try:
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(
-            f"{path}: weights do not fit the architecture its config describes "
-            f"({architecture}): {first}"
-        ) from error
+    except RuntimeError as error:  # not expected after the checks above; keep it one line
+        detail = " ".join(str(error).split())
+        raise CheckpointError(f"{path}: weights do not fit {architecture}: {detail}") from error
 
 
 # (resolved path, size, mtime in ns) -> sha256: an evaluation verifies a zoo file when it loads

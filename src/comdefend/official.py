@@ -9,6 +9,7 @@ rebuild NumPy arrays: a file that asks for anything else is refused, never execu
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comdefend.checkpoint import check_weights
 from comdefend.errors import CheckpointError
+from comdefend.limits import limit
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import PLAIN_DECODER_WIDTHS, PLAIN_ENCODER_WIDTHS
 
@@ -43,7 +46,23 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         )
 
 
+#: The authors' files hold one object array of this many arrays (9 kernels, 9 biases).
+EXPECTED_ARRAYS = 18
+#: Largest single array (elements): their largest kernel, 3x3x256x128, has 294,912.
+MAX_ARRAY_ELEMENTS = 1 << 24
+
+
+def _check_size(size: int, source: str) -> None:
+    ceiling = limit("official_bytes")
+    if size > ceiling:
+        raise CheckpointError(
+            f"{source}: {size:,} bytes is more than the authors' files could hold ({ceiling:,}); "
+            "raise $COMDEFEND_MAX_OFFICIAL_BYTES if this file is genuine"
+        )
+
+
 def _read_npy_bytes(raw: bytes, source: str) -> np.ndarray:
+    """The object array of an authors' ``.npy``, with shape and dtype checked before any work."""
     stream = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(stream)
@@ -53,22 +72,38 @@ def _read_npy_bytes(raw: bytes, source: str) -> np.ndarray:
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     except ValueError as error:
         raise CheckpointError(f"{source}: not a NumPy array file ({error})") from error
-    if dtype.hasobject:
-        try:
-            array = _ArraysOnlyUnpickler(stream, encoding="latin1").load()
-        except CheckpointError:
-            raise
-        except Exception as error:  # a corrupt pickle can raise almost anything
-            raise CheckpointError(f"{source}: corrupt object array ({error})") from error
-        return np.asarray(array).reshape(shape)
-    return np.frombuffer(stream.read(), dtype=dtype).reshape(shape)
+    count = math.prod(shape)
+    if not dtype.hasobject or count != EXPECTED_ARRAYS:
+        raise CheckpointError(
+            f"{source}: expected an object array of {EXPECTED_ARRAYS} weight arrays, found "
+            f"dtype {dtype} and shape {tuple(shape)}"
+        )
+    try:
+        array = _ArraysOnlyUnpickler(stream, encoding="latin1").load()
+    except CheckpointError:
+        raise
+    except Exception as error:  # a corrupt pickle can raise almost anything
+        raise CheckpointError(f"{source}: corrupt object array ({error})") from error
+    # Never np.asarray() an unchecked object: nested lists sharing one list explode in size.
+    if not isinstance(array, np.ndarray) or array.dtype != object or array.size != count:
+        raise CheckpointError(
+            f"{source}: the object array holds a {type(array).__name__}, not "
+            f"{EXPECTED_ARRAYS} NumPy arrays"
+        )
+    return array.reshape(-1)
 
 
 def read_official_arrays(path: str | os.PathLike) -> list[np.ndarray]:
-    """The 18 weight arrays of one authors' ``.npy`` file, safely."""
+    """The 18 weight arrays of one authors' ``.npy`` file, safely.
+
+    Sizes are bounded before anything is allocated (the file: ``official_bytes`` in
+    :mod:`comdefend.limits`; each array: :data:`MAX_ARRAY_ELEMENTS`); every array must be
+    floating point and finite.
+    """
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"file not found: {file}")
+    _check_size(file.stat().st_size, str(file))
     raw = file.read_bytes()
     if raw.startswith(b"PK"):
         try:
@@ -77,23 +112,34 @@ def read_official_arrays(path: str | os.PathLike) -> list[np.ndarray]:
                     raise CheckpointError(
                         f"{file}: archive has no 'w' entry (found {archive.namelist()})"
                     )
+                _check_size(archive.getinfo("w.npy").file_size, f"{file} (w.npy unpacked)")
                 array = _read_npy_bytes(archive.read("w.npy"), str(file))
-        except zipfile.BadZipFile as error:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
             raise CheckpointError(f"{file}: corrupt archive ({error})") from error
     else:
         array = _read_npy_bytes(raw, str(file))
-    arrays = [np.asarray(item, dtype=np.float32) for item in array.ravel()]
-    if len(arrays) != 18:
-        raise CheckpointError(
-            f"{file}: expected 18 arrays (9 kernels and 9 biases), found {len(arrays)}"
-        )
-    for index in range(0, 18, 2):
+    arrays = []
+    for index, item in enumerate(array):
+        name = f"array {index} (layer {index // 2} {'bias' if index % 2 else 'kernel'})"
+        if not isinstance(item, np.ndarray) or item.dtype.kind != "f":
+            kind = item.dtype if isinstance(item, np.ndarray) else type(item).__name__
+            raise CheckpointError(f"{file}: {name} is {kind}; weights must be floating point")
+        if item.size > MAX_ARRAY_ELEMENTS:
+            raise CheckpointError(
+                f"{file}: {name} has {item.size:,} elements, more than any ComDefend layer "
+                f"({MAX_ARRAY_ELEMENTS:,})"
+            )
+        arrays.append(np.asarray(item, dtype=np.float32))
+    for index in range(0, EXPECTED_ARRAYS, 2):
         kernel, bias = arrays[index], arrays[index + 1]
         if kernel.ndim != 4 or kernel.shape[:2] != (3, 3) or bias.shape != (kernel.shape[3],):
             raise CheckpointError(
                 f"{file}: layer {index // 2} has kernel {kernel.shape} and bias {bias.shape}; "
                 "expected a 3x3 HWIO kernel and a matching bias"
             )
+    check_weights(
+        {f"array {i}": torch.from_numpy(a) for i, a in enumerate(arrays)}, file
+    )  # NaN / inf
     return arrays
 
 

@@ -453,3 +453,15 @@ def test_threat_models_and_detectors_are_registries() -> None:
     with pytest.raises(UsageError, match="unknown threat model 'bpdaa'; valid: oblivious, bpda"):
         make_threat_model_defense(Identity(), "bpdaa")
     assert make_threat_model_defense(Identity(), " BPDA ") is not None
+
+
+def test_option_without_value_is_named_not_a_missing_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    ComDefend(ComDefendConfig(image_channels=1)).save(path)
+    with pytest.raises(UsageError, match=r"option 'noise' needs a value \(noise=...\)"):
+        parse_defense(f"comdefend:{path}@noise")
+    with pytest.raises(UsageError, match="option 'seed' needs a value"):
+        parse_defense(f"comdefend:{path}@Seed")
+    odd = tmp_path / "odd@noise"  # a file really named so still loads
+    odd.write_bytes(path.read_bytes())
+    assert parse_defense(f"comdefend:{odd}").name == f"comdefend:{odd}"

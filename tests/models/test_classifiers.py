@@ -184,7 +184,7 @@ def test_torchvision_classifier_uses_local_weights_only(monkeypatch, tmp_path: P
 
     bad = tmp_path / "bad.pth"
     torch.save({"0.weight": torch.zeros(1)}, bad)
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="do not fit torchvision resnet101: missing"):
         load_torchvision_classifier("resnet101", weights_path=bad)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,6 +100,17 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
         head, _, tail = argument.rpartition("@")
         if "=" in tail:
             path, options_text = head, tail
+        else:
+            named = [item.strip().lower() for item in tail.split(",")]
+            given = [item for item in named if item in COMDEFEND_OPTIONS]
+            if (
+                given and not Path(argument).exists()
+            ):  # "@noise" reads as an option without its value, not as part of a path
+                raise UsageError(
+                    f"comdefend: option {given[0]!r} needs a value ({given[0]}=...), e.g. "
+                    f"comdefend:{head}@noise=1.0; valid options: "
+                    f"{', '.join(k + '=' for k in COMDEFEND_OPTIONS)}"
+                )
     if not path:
         raise UsageError(f"comdefend needs a checkpoint path: {DEFENSES.get('comdefend').usage}")
     options: dict[str, str] = {}

@@ -42,6 +42,7 @@ from comdefend.checkpoint import (
 )
 from comdefend.data.datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
 from comdefend.errors import CheckpointError, InputError, UsageError
+from comdefend.limits import check_int, check_number
 from comdefend.registry import Registry
 
 if TYPE_CHECKING:
@@ -110,8 +111,19 @@ class ClassifierConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_classes < 2:
-            raise UsageError(f"num_classes must be >= 2, got {self.num_classes}")
+        # The fields may come from a file's metadata: types and sizes are checked first.
+        for name in ("arch", "dataset"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, got {getattr(self, name)!r}")
+        check_int("num_classes", self.num_classes, 2, limit="num_classes")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (
+                not isinstance(values, (list, tuple)) or not 1 <= len(values) <= 4
+            ):
+                raise UsageError(f"{name} must be 1 to 4 numbers (one per channel), got {values!r}")
+            for value in values or ():
+                check_number(name, value)
         if self.mean is None or self.std is None:
             if self.dataset not in DATASET_NORMALIZATION:
                 raise UsageError(
@@ -134,7 +146,7 @@ class ClassifierConfig:
         check_config_fields(cls, data, "classifier")
         values = dict(data)
         for key in ("mean", "std"):
-            if values.get(key) is not None:
+            if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
 
@@ -590,14 +602,17 @@ def load_classifier(
 
     ref, path = weights_file(weights)
     tensors, metadata = load_checkpoint(path, expected_kind=CLASSIFIER_KIND)
-    if "config" not in metadata:
+    if not isinstance(metadata.get("config"), dict):
         raise CheckpointError(f"{path} has no classifier config in its metadata")
     try:
         config = ClassifierConfig.from_dict(metadata["config"])
         model = classifier_from_config(config)
     except UsageError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    load_weights(model, tensors, path, f"{config.arch}, {config.num_classes} classes")
+    described = (
+        f"the architecture its config describes ({config.arch}, {config.num_classes} classes)"
+    )
+    load_weights(model, tensors, path, described)
     model.checkpoint_metadata = metadata
     model.weights = ref
     return model.to(map_location).eval()
@@ -663,11 +678,11 @@ def load_torchvision_classifier(
         raise CheckpointError(f"{path} is not a loadable state_dict: {error}") from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    try:
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(f"{path} does not fit torchvision {name}: {first}") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise CheckpointError(f"{path} is not a state_dict (a dict of named tensors)")
+    load_weights(network, state, path, f"torchvision {name}")
     model = TorchvisionClassifier(network)
     model.config = ClassifierConfig(
         arch=f"{TORCHVISION_PREFIX}{name}",

@@ -17,7 +17,8 @@ from comdefend.checkpoint import (
     save_checkpoint,
 )
 from comdefend.errors import CheckpointError, InputError, UsageError
-from comdefend.models.binarizer import Binarizer, BinarizerMode
+from comdefend.limits import check_choice, check_int, check_number
+from comdefend.models.binarizer import BINARIZER_MODES, Binarizer, BinarizerMode
 from comdefend.models.presets import (
     DEFAULT_CODE_CHANNELS,
     build_decoder,
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 PurifyMode = Literal["patch", "full"]
 PURIFIER_KIND = "purifier"
+#: Binarizer modes valid outside training.
+INFERENCE_MODES = tuple(mode for mode in BINARIZER_MODES if mode != "noisy")
 
 # Inference on the CPU runs the batch in chunks whose widest activation fits in this many bytes.
 # A batch of 256 CIFAR-10 images has 268 MB activations in the 256-channel layers, far beyond
@@ -78,21 +81,28 @@ class ComDefendConfig:
     source: str = ""
 
     def __post_init__(self) -> None:
+        # Every field may come from a file's metadata: check types and bound sizes here, before
+        # a network of that size is built.
+        if not isinstance(self.preset, str):
+            raise UsageError(f"preset must be a name, got {self.preset!r}")
         self.preset = get_preset(self.preset).name
+        check_int("image_channels", self.image_channels, 1, 3)
         if self.image_channels not in DEFAULT_CODE_CHANNELS:
             raise UsageError(f"image_channels must be 1 or 3, got {self.image_channels}")
         if self.code_channels is None:
             self.code_channels = DEFAULT_CODE_CHANNELS[self.image_channels]
-        if self.code_channels < 1:
-            raise UsageError(f"code_channels must be >= 1, got {self.code_channels}")
-        if self.purify_mode not in ("patch", "full"):
-            raise UsageError(f"purify_mode must be 'patch' or 'full', got {self.purify_mode!r}")
-        if self.patch_size < 1 or self.max_tile < 1:
-            raise UsageError("patch_size and max_tile must be >= 1")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise UsageError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
-        if self.output_quantization not in ("round", "floor"):
-            raise UsageError("output_quantization must be 'round' or 'floor'")
+        check_int("code_channels", self.code_channels, 1, limit="code_channels")
+        for name in ("noise_std", "inference_noise_std"):
+            setattr(self, name, check_number(name, getattr(self, name), 0.0))
+        self.threshold = check_number("threshold", self.threshold, 0.0, 1.0)
+        check_choice("inference_mode", self.inference_mode, INFERENCE_MODES)
+        check_choice("purify_mode", self.purify_mode, ("patch", "full"))
+        check_int("patch_size", self.patch_size, 1, limit="patch_size")
+        check_int("max_tile", self.max_tile, 1, limit="max_tile")
+        check_choice("channel_order", self.channel_order, ("RGB", "BGR"))
+        check_choice("output_quantization", self.output_quantization, ("round", "floor"))
+        if not isinstance(self.source, str):
+            raise UsageError(f"source must be a string, got {self.source!r}")
 
     @property
     def bits_per_pixel(self) -> int:
@@ -294,16 +304,23 @@ class ComDefend(nn.Module):
 
         ref, path = weights_file(weights)
         tensors, metadata = load_checkpoint(path, expected_kind=PURIFIER_KIND)
-        if "config" not in metadata:
+        stored = metadata.get("config")
+        if not isinstance(stored, dict):
             raise CheckpointError(f"{path} has no ComDefend config in its metadata")
-        config = ComDefendConfig.from_dict({**metadata["config"], **overrides})
+        try:
+            ComDefendConfig.from_dict(stored)  # the file's own settings, checked first
+        except UsageError as error:
+            raise CheckpointError(
+                f"{path}: bad ComDefend config in its metadata: {error}"
+            ) from error
+        config = ComDefendConfig.from_dict({**stored, **overrides})  # UsageError: bad override
         model = cls(config)
         load_weights(
             model,
             tensors,
             path,
-            f"preset {config.preset}, {config.image_channels} image channels, "
-            f"{config.code_channels} code channels",
+            f"the architecture its config describes (preset {config.preset}, "
+            f"{config.image_channels} image channels, {config.code_channels} code channels)",
         )
         model.checkpoint_metadata = metadata
         model.weights = ref
