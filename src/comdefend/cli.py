@@ -191,16 +191,29 @@ def reconstruct(
 
 @app.command("train")
 def train_command(
-    dataset: str = typer.Option("cifar10", help="fashion-mnist, cifar10, cifar100 or folder."),
-    preset: str = typer.Option("normal", help="Architecture preset (see 'comdefend presets')."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder, e.g. runs/NAME."),
-    iterations: int | None = typer.Option(None, help="Training iterations (default 7500)."),
+    recipe: str = typer.Option(
+        "residual-study",
+        help="Named settings (residual-study, authors, authors-torch); flags override them.",
+    ),
+    dataset: str | None = typer.Option(
+        None, help="fashion-mnist, cifar10, cifar100 or folder (recipe: cifar10)."
+    ),
+    preset: str | None = typer.Option(
+        None, help="Architecture preset (see 'comdefend presets'; recipe: plain)."
+    ),
+    iterations: int | None = typer.Option(None, help="Training iterations (recipe's)."),
     epochs: float | None = typer.Option(None, help="Alternative to --iterations."),
-    batch_size: int = typer.Option(20, help="Batch size."),
-    lr: float | None = typer.Option(None, help="Initial learning rate (1e-3 for constant)."),
-    lr_schedule: str = typer.Option("constant", help="constant, piecewise or exponential."),
-    noise_std: float = typer.Option(20.0, help="Training noise std before the sigmoid."),
-    code_penalty: float = typer.Option(1e-4, help="lambda of the code penalty."),
+    batch_size: int | None = typer.Option(None, help="Global batch size (recipe's)."),
+    lr: float | None = typer.Option(None, help="Initial learning rate (recipe's)."),
+    lr_schedule: str | None = typer.Option(None, help="constant, piecewise or exponential."),
+    noise_std: float | None = typer.Option(None, help="Training noise std before the sigmoid."),
+    code_penalty: float | None = typer.Option(None, help="lambda of the code penalty."),
+    stabilize: str | None = typer.Option(
+        None,
+        help="Measures against collapse, NAME[=VALUE][,NAME...]: clip-grad, code-bound, "
+        "adam-eps, cosine-decay (none in any recipe; 'none' turns them off).",
+    ),
     code_channels: int | None = typer.Option(None, help="Code channels (bits/pixel)."),
     seed: int = typer.Option(0, help="Random seed (init, batches, noise)."),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
@@ -211,32 +224,28 @@ def train_command(
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
-    """Train a ComDefend purifier (Ctrl-C saves a checkpoint; --resume continues exactly)."""
-    from comdefend.data.datasets import DATASETS
-    from comdefend.training.trainer import TrainConfig, train
+    """Train a ComDefend purifier (Ctrl-C saves a checkpoint; --resume continues exactly).
 
-    if iterations is not None and epochs is not None:
-        raise UsageError("pass --iterations or --epochs, not both")
-    if epochs is not None:
-        if epochs <= 0:
-            raise UsageError("--epochs must be > 0")
-        if dataset not in DATASETS:
-            raise UsageError("--epochs needs a fixed-size dataset; use --iterations for folders")
-        from comdefend.data.datasets import load_dataset
+    Data-parallel: torchrun --nproc-per-node N -m comdefend train ... (the batch is split).
+    """
+    from comdefend.training.engine import TrainingInterrupted
+    from comdefend.training.recipes import resolve_config
+    from comdefend.training.trainer import train
 
-        size = len(load_dataset(dataset, "train", data_dir))
-        iterations = max(1, round(epochs * (size // batch_size)))
-    config = TrainConfig(
+    config = resolve_config(
+        recipe,
         dataset=dataset,
         out=str(out),
         preset=preset,
         code_channels=code_channels,
-        iterations=iterations or 7500,
+        iterations=iterations,
+        epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         lr_schedule=lr_schedule,
         noise_std=noise_std,
         code_penalty=code_penalty,
+        stabilize=stabilize,
         seed=seed,
         data_dir=str(data_dir) if data_dir else None,
         eval_every=eval_every,
@@ -245,7 +254,13 @@ def train_command(
         device=device,
         threads=threads,
     )
-    summary = train(config, resume=resume)
+    try:
+        summary = train(config, resume=resume)
+    except TrainingInterrupted as interrupted:
+        typer.echo(str(interrupted), err=True)
+        raise typer.Exit(130) from None
+    if "config" not in summary:
+        return  # a data-parallel process other than 0: process 0 reports
     heldout = summary["heldout"]
     if heldout:
         typer.echo(

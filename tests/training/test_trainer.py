@@ -64,7 +64,21 @@ def test_training_lowers_the_loss(fashion_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+def _assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, b = load_file(a_path), load_file(b_path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_is_bit_identical(fashion_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C (a real SIGINT) arriving during the 4th optimizer step: the step finishes, the
+    4th iteration is checkpointed, the run stops with the resume hint, and --resume ends with
+    the weights of an uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    from comdefend.training.engine import TrainingInterrupted
+
     train(_config(tmp_path / "straight", 6), progress=False)
 
     real_step = torch.optim.Adam.step
@@ -72,27 +86,60 @@ def test_resume_is_bit_identical(fashion_dir: Path, tmp_path: Path, monkeypatch)
 
     def interrupting_step(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # the 4th step never finishes: Ctrl-C arrives during it
-            raise KeyboardInterrupt
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match="after iteration 4 of 6.*--resume") as caught:
         train(_config(tmp_path / "resumed", 6), progress=False)
+    assert isinstance(caught.value, KeyboardInterrupt) and caught.value.saved
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     state = (tmp_path / "resumed" / "log.jsonl").read_text()
-    assert '"event": "interrupted", "iteration": 3' in state
+    assert '"event": "interrupted", "iteration": 4, "saved": true' in state
     train(_config(tmp_path / "resumed", 6), resume=True, progress=False)
 
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model.safetensors")
     records = [
         json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
     ]
     (resumed,) = [r for r in records if r.get("event") == "resume"]
-    assert resumed["iteration"] == 3 and resumed["env"]["cpu_threads"] == torch.get_num_threads()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert resumed["iteration"] == 4 and resumed["env"]["cpu_threads"] == torch.get_num_threads()
+    _assert_same_weights(
+        tmp_path / "straight" / "model.safetensors", tmp_path / "resumed" / "model.safetensors"
+    )
+
+
+def test_an_interrupt_inside_the_optimizer_step_keeps_the_last_checkpoint(
+    fashion_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A KeyboardInterrupt raised inside an optimizer step (a second Ctrl-C) may leave the
+    weights half-updated: that state is never checkpointed; the last periodic checkpoint
+    stays and --resume from it still gives the uninterrupted run's weights."""
+    from comdefend.checkpoint import read_metadata
+    from comdefend.training.engine import TrainingInterrupted
+
+    train(_config(tmp_path / "straight", 6), progress=False)
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th step never finishes
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupting_step)
+    with pytest.raises(TrainingInterrupted, match="middle of an optimizer step") as caught:
+        train(_config(tmp_path / "resumed", 6), progress=False)
+    assert not caught.value.saved
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    assert read_metadata(tmp_path / "resumed" / "checkpoint.safetensors")["iteration"] == 2
+    log = (tmp_path / "resumed" / "log.jsonl").read_text()
+    assert '"event": "interrupted", "iteration": 3, "saved": false' in log
+    train(_config(tmp_path / "resumed", 6), resume=True, progress=False)
+    _assert_same_weights(
+        tmp_path / "straight" / "model.safetensors", tmp_path / "resumed" / "model.safetensors"
+    )
 
 
 def test_resume_after_moving_the_folder_and_setting_threads(

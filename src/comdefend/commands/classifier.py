@@ -41,6 +41,7 @@ def train_classifier_command(
 ) -> None:
     """Train a classifier (Ctrl-C saves a checkpoint; --resume continues exactly)."""
     from comdefend.training.classifier import ClassifierTrainConfig, train_classifier
+    from comdefend.training.engine import TrainingInterrupted
 
     config = ClassifierTrainConfig(
         dataset=dataset,
@@ -65,14 +66,12 @@ def train_classifier_command(
     )
     try:
         summary = train_classifier(config, resume=resume, progress=progress)
-    except KeyboardInterrupt:
-        # typer turns KeyboardInterrupt into a silent exit 130: say what was kept first.
-        if (out / "checkpoint.safetensors").exists():
-            typer.echo(
-                f"interrupted: checkpoint saved in {out}; add --resume to continue exactly",
-                err=True,
-            )
-        raise
+    except TrainingInterrupted as interrupted:
+        # Said here: the CLI framework turns a KeyboardInterrupt into a bare exit 130.
+        typer.echo(str(interrupted), err=True)
+        raise typer.Exit(130) from None
+    if "config" not in summary:
+        return  # a data-parallel process other than 0: process 0 reports
     typer.echo(
         f"done: {summary['arch']} on {dataset}, {summary['iterations']} iterations, test accuracy "
         f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"

@@ -18,10 +18,6 @@ Usage from Python::
 
 from __future__ import annotations
 
-import signal
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,7 +35,8 @@ from comdefend.models.classifiers import (
     save_classifier,
 )
 from comdefend.training.batches import iteration_generator
-from comdefend.training.run import RunDirectory, environment, resolve_device
+from comdefend.training.engine import Processes, TrainingTask, run_training
+from comdefend.training.run import RunDirectory
 from comdefend.training.schedules import CLASSIFIER_SCHEDULES, classifier_learning_rate
 
 PADDING_MODES = ("reflect", "zeros")
@@ -231,31 +228,6 @@ def evaluate_accuracy(
     return {"accuracy": correct / len(data), "correct": correct, "images": len(data)}
 
 
-@contextmanager
-def deferred_interrupts() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C / SIGTERM into a flag (``state["stop"]``) checked between
-    iterations, so the checkpoint never holds a half-applied optimizer step; a second one
-    interrupts at once."""
-    state = {"stop": False}
-
-    def handler(signum: int, frame: object) -> None:  # noqa: ARG001
-        if state["stop"]:
-            raise KeyboardInterrupt
-        state["stop"] = True
-
-    previous: dict[int, Any] = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not in the main thread: leave the default behaviour
-        pass
-    try:
-        yield state
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _training_sets(config: ClassifierTrainConfig) -> tuple[ImageSet, ImageSet]:
     train_set = load_dataset(config.dataset, "train", config.data_dir).head(config.limit_train)
     if config.limit_train is not None and len(train_set) < config.limit_train:
@@ -267,179 +239,167 @@ def _training_sets(config: ClassifierTrainConfig) -> tuple[ImageSet, ImageSet]:
     return train_set, test_set
 
 
+class ClassifierTask(TrainingTask):
+    """The ``classifier`` task: cross-entropy with the configured augmentation, SGD."""
+
+    kind = "classifier"
+
+    def __init__(self, config: ClassifierTrainConfig) -> None:
+        super().__init__(config)
+        self.config: ClassifierTrainConfig = config
+        self.last_epoch_eval: dict[str, Any] = {}
+        self._epoch: dict[str, float] = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        self.progress = True
+        self.is_main = True
+
+    def resume_config(self) -> dict[str, Any]:
+        return self.config.resume_dict()
+
+    def setup(self, device: torch.device, processes: Processes) -> None:
+        config = self.config
+        self.device = device
+        self.is_main = processes.is_main
+        self.train_set, test_set = _training_sets(config)
+        self.final_test_set = test_set.head(config.limit_test)
+        self.epoch_test_set = test_set.head(config.eval_images) if config.eval_images else None
+        assert config.arch is not None  # filled in by __post_init__
+        self.model_config = ClassifierConfig(
+            arch=config.arch,
+            dataset=config.dataset,
+            num_classes=DATASETS[config.dataset].num_classes,
+        )
+        torch.manual_seed(config.seed)  # weight initialisation
+        self.model = classifier_from_config(self.model_config).to(device)
+        self.batches = LabelledBatches(self.train_set, config.batch_size, config.seed, device)
+        self.steps = self.batches.steps_per_epoch
+        self.total_iterations = config.epochs * self.steps
+        self.warmup = round(config.warmup_epochs * self.steps)
+
+    def build_optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        config = self.config
+        return torch.optim.SGD(
+            parameters,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+
+    def learning_rate(self, iteration: int) -> float:
+        config = self.config
+        return classifier_learning_rate(
+            config.lr_schedule, config.lr, iteration, self.total_iterations, self.warmup
+        )
+
+    def compute_loss(
+        self, module: torch.nn.Module, iteration: int, share: slice
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        config = self.config
+        raw, labels = self.batches(iteration)
+        x = raw.float().div_(255)
+        if config.augment:
+            x = augment_batch(
+                x,
+                iteration_generator(config.seed, iteration, stream=_AUGMENT_STREAM),
+                int(config.crop_padding or 0),
+                config.padding_mode,
+                config.flip,
+            )
+        x, labels = x[share], labels[share]
+        # Dropout draws from the global generators: seed them per iteration.
+        dropout_seed = iteration_generator(config.seed, iteration, stream=_DROPOUT_STREAM)
+        torch.manual_seed(dropout_seed.initial_seed())
+        logits = module(x)
+        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+        with torch.no_grad():
+            accuracy = (logits.argmax(1) == labels).float().mean()
+        return loss, {"loss": loss, "train_accuracy": accuracy}
+
+    def after_step(self, iteration: int, metrics: dict[str, float]) -> list[dict[str, Any]]:
+        count = float(self.config.batch_size)
+        self._epoch["loss"] += metrics["loss"] * count
+        self._epoch["correct"] += metrics["train_accuracy"] * count
+        self._epoch["count"] += count
+        if iteration % self.steps:
+            return []
+        epoch = iteration // self.steps
+        seen = max(self._epoch["count"], 1.0)
+        record: dict[str, Any] = {
+            "event": "epoch",
+            "iteration": iteration,
+            "epoch": epoch,
+            "train_loss": self._epoch["loss"] / seen,
+            "train_accuracy": self._epoch["correct"] / seen,
+            "train_images_this_session": int(self._epoch["count"]),
+        }
+        self._epoch = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        if self.epoch_test_set is not None and self.is_main:
+            self.last_epoch_eval = evaluate_accuracy(self.model, self.epoch_test_set)
+            record["test_accuracy"] = self.last_epoch_eval["accuracy"]
+            record["test_images"] = self.last_epoch_eval["images"]
+            record["message"] = (
+                f"epoch {epoch}/{self.config.epochs}: train acc {record['train_accuracy']:.4f}, "
+                f"test acc {record['test_accuracy']:.4f} ({record['test_images']} images)"
+            )
+        return [record]
+
+    def checkpoint_due(self, iteration: int) -> bool:
+        return iteration % self.config.checkpoint_every == 0 or iteration % self.steps == 0
+
+    def evaluate(self, iteration: int) -> dict[str, Any]:
+        return {}  # the per-epoch test accuracy is part of the epoch record (after_step)
+
+    def describe_progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.3f}", "acc": f"{metrics['train_accuracy']:.3f}"}
+
+    def finish(self, run: RunDirectory, iteration: int, state: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        final = evaluate_accuracy(self.model, self.final_test_set, progress=self.progress)
+        metrics = {
+            "test_accuracy": final["accuracy"],
+            "test_correct": final["correct"],
+            "test_images": final["images"],
+        }
+        run.save(self.model, state["optimizer"], iteration, extra={"metrics": metrics})
+        model_path = run.path / "model.safetensors"
+        training = {"config": config.to_dict(), "iterations": iteration, "epochs": config.epochs}
+        save_classifier(
+            self.model.eval(),
+            model_path,
+            self.model_config,
+            extra={"metrics": metrics, "training": training},
+        )
+        run.log({"event": "done", "iteration": iteration, **metrics})
+        return {
+            "arch": config.arch,
+            "parameters": count_parameters(self.model),
+            "iterations_per_epoch": self.steps,
+            "train_images": len(self.train_set),
+            **metrics,
+            "last_epoch_eval": self.last_epoch_eval,
+            "model": str(model_path),
+        }
+
+
 def train_classifier(
     config: ClassifierTrainConfig, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Train (or resume) a classifier run; returns the summary written to ``summary.json``.
 
-    Ctrl-C or SIGTERM saves a checkpoint at the last finished iteration and raises
-    ``KeyboardInterrupt``; ``resume=True`` continues exactly from it. The final model is written
-    to ``OUT/model.safetensors`` (kind ``classifier``) with its test accuracy in ``metrics``.
+    Ctrl-C or SIGTERM finishes the current iteration, saves a checkpoint and raises
+    :class:`~comdefend.training.engine.TrainingInterrupted` (a ``KeyboardInterrupt``);
+    ``resume=True`` continues exactly from it. The final model is written to
+    ``OUT/model.safetensors`` (kind ``classifier``) with its test accuracy in ``metrics``.
+    Started by ``torchrun`` with several processes, the run is data-parallel.
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    train_set, test_set = _training_sets(config)
-    final_test_set = test_set.head(config.limit_test)
-    epoch_test_set = test_set.head(config.eval_images) if config.eval_images else None
-    run = RunDirectory(config.out, resume, config.resume_dict())
-
-    assert config.arch is not None  # filled in by __post_init__
-    model_config = ClassifierConfig(
-        arch=config.arch, dataset=config.dataset, num_classes=DATASETS[config.dataset].num_classes
-    )
-    torch.manual_seed(config.seed)  # weight initialisation
-    model = classifier_from_config(model_config).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    start = 0
-    if resume:
-        start = int(run.load(model, optimizer)["iteration"])
-        run.log({"event": "resume", "iteration": start, "env": environment()})
-    else:
-        run.log(
-            {"event": "start", "iteration": 0, "config": config.to_dict(), "env": environment()}
-        )
-    batches = LabelledBatches(train_set, config.batch_size, config.seed, device)
-    steps = batches.steps_per_epoch
-    total = config.epochs * steps
-    warmup = round(config.warmup_epochs * steps)
-
-    model.train()
-    iteration = start
-    zero = torch.zeros((), device=device)
-    window = {"loss": zero.clone(), "correct": zero.clone(), "count": 0}
-    epoch_stats = {"loss": zero.clone(), "correct": zero.clone(), "count": 0}
-    last_epoch_eval: dict[str, Any] = {}
-    bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="it")
-    started, images_seen = time.perf_counter(), 0
-    try:
-        with deferred_interrupts() as interrupts:
-            while iteration < total:
-                if interrupts["stop"]:
-                    raise KeyboardInterrupt
-                epoch, step = divmod(iteration, steps)
-                lr = classifier_learning_rate(
-                    config.lr_schedule, config.lr, iteration, total, warmup
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                raw, labels = batches(iteration)
-                x = raw.float().div_(255)
-                if config.augment:
-                    x = augment_batch(
-                        x,
-                        iteration_generator(config.seed, iteration, stream=_AUGMENT_STREAM),
-                        int(config.crop_padding or 0),
-                        config.padding_mode,
-                        config.flip,
-                    )
-                # Dropout draws from the global generators: seed them per iteration.
-                dropout_seed = iteration_generator(config.seed, iteration, stream=_DROPOUT_STREAM)
-                torch.manual_seed(dropout_seed.initial_seed())
-                logits = model(x)
-                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                iteration += 1
-                images_seen += x.shape[0]
-                with torch.no_grad():
-                    batch_loss = loss.detach() * x.shape[0]
-                    batch_correct = (logits.argmax(1) == labels).sum()
-                for stats in (window, epoch_stats):
-                    stats["loss"] += batch_loss
-                    stats["correct"] += batch_correct
-                    stats["count"] += x.shape[0]
-                epoch_done = step == steps - 1
-                if iteration % LOG_EVERY == 0 or epoch_done:
-                    count = max(int(window["count"]), 1)
-                    record = {
-                        "iteration": iteration,
-                        "epoch": epoch + 1,
-                        "lr": lr,
-                        "loss": float(window["loss"]) / count,
-                        "train_accuracy": float(window["correct"]) / count,
-                    }
-                    run.log(record)
-                    rate = images_seen / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(
-                        epoch=epoch + 1,
-                        loss=f"{record['loss']:.3f}",
-                        acc=f"{record['train_accuracy']:.3f}",
-                        img_s=f"{rate:.0f}",
-                        refresh=False,
-                    )
-                    window = {"loss": zero.clone(), "correct": zero.clone(), "count": 0}
-                if epoch_done:
-                    count = max(int(epoch_stats["count"]), 1)
-                    record = {
-                        "event": "epoch",
-                        "iteration": iteration,
-                        "epoch": epoch + 1,
-                        "train_loss": float(epoch_stats["loss"]) / count,
-                        "train_accuracy": float(epoch_stats["correct"]) / count,
-                        "train_images_this_session": count,
-                    }
-                    if epoch_test_set is not None:
-                        last_epoch_eval = evaluate_accuracy(model, epoch_test_set, device=device)
-                        record["test_accuracy"] = last_epoch_eval["accuracy"]
-                        record["test_images"] = last_epoch_eval["images"]
-                        bar.write(
-                            f"epoch {epoch + 1}/{config.epochs}: train acc "
-                            f"{record['train_accuracy']:.4f}, test acc "
-                            f"{record['test_accuracy']:.4f} ({record['test_images']} images)"
-                        )
-                    run.log(record)
-                    epoch_stats = {"loss": zero.clone(), "correct": zero.clone(), "count": 0}
-                if iteration % config.checkpoint_every == 0 or epoch_done:
-                    run.save(model, optimizer, iteration)
-                bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        run.save_interrupted(model, optimizer, iteration)
-        raise
-    bar.close()
-    session_seconds = time.perf_counter() - started
-
-    final = evaluate_accuracy(model, final_test_set, device=device, progress=progress)
-    metrics = {
-        "test_accuracy": final["accuracy"],
-        "test_correct": final["correct"],
-        "test_images": final["images"],
-    }
-    run.save(model, optimizer, iteration, extra={"metrics": metrics})
-    model_path = run.path / "model.safetensors"
-    training = {"config": config.to_dict(), "iterations": iteration, "epochs": config.epochs}
-    save_classifier(
-        model.eval(), model_path, model_config, extra={"metrics": metrics, "training": training}
-    )
-    summary = {
-        "config": config.to_dict(),
-        "arch": config.arch,
-        "parameters": count_parameters(model),
-        "iterations": iteration,
-        "iterations_per_epoch": steps,
-        "train_images": len(train_set),
-        **metrics,
-        "last_epoch_eval": last_epoch_eval,
-        "model": str(model_path),
-        "env": environment(),
-        "device": str(device),
-        "images_per_second_this_session": images_seen / max(session_seconds, 1e-9),
-    }
-    run.log({"event": "done", "iteration": iteration, **metrics})
-    run.write_summary(summary)
-    return summary
+    task = ClassifierTask(config)
+    task.progress = progress
+    return run_training(task, resume=resume, progress=progress)
 
 
 __all__ = [
     "CLASSIFIER_SCHEDULES",
+    "ClassifierTask",
     "DEFAULT_ARCH",
     "ClassifierTrainConfig",
     "LabelledBatches",

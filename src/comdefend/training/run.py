@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +58,34 @@ RESUMABLE_CHANGES = frozenset(
 
 
 class RunDirectory:
-    """Checkpoints and logs of one run; refuses to clobber a finished or foreign run."""
+    """Checkpoints and logs of one run; refuses to clobber a finished or foreign run.
 
-    def __init__(self, path: str | os.PathLike, resume: bool, config: dict[str, Any]) -> None:
+    Args:
+        path: the run folder.
+        resume: continue the run in ``path`` (its checkpoint must exist).
+        config: the settings that must match on resume (see :data:`RESUMABLE_CHANGES`).
+        writer: whether this process writes (in a data-parallel run only process 0 does;
+            the others read the checkpoint on resume and write nothing).
+        world_size: processes of a data-parallel run; a resume must use as many.
+        legacy_defaults: values of settings that older run folders do not record.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resume: bool,
+        config: dict[str, Any],
+        writer: bool = True,
+        world_size: int = 1,
+        legacy_defaults: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.checkpoint_path = self.path / "checkpoint.safetensors"
         self.log_path = self.path / "log.jsonl"
         self.config = config
+        self.writer = writer
+        self.world_size = world_size
+        self.legacy_defaults = legacy_defaults or {}
         if self.checkpoint_path.exists() and not resume:
             raise UsageError(
                 f"{self.path} already holds a run; pass --resume to continue it, "
@@ -75,7 +93,17 @@ class RunDirectory:
             )
         if resume and not self.checkpoint_path.exists():
             raise UsageError(f"--resume: no checkpoint in {self.path}")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of writes that a killed process left behind
+        (``.NAME.XXXX.tmp``, see :func:`comdefend.checkpoint.atomic_write`)."""
+        stale = [p for p in self.path.glob(".*.tmp") if p.is_file()]
+        for file in stale:
+            file.unlink(missing_ok=True)
+        return stale
 
     def save(
         self,
@@ -84,27 +112,31 @@ class RunDirectory:
         iteration: int,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if not self.writer:
+            return
         optim_tensors, optim_extra = flatten_optimizer(optimizer)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | optim_tensors
         metadata = {
             "kind": TRAINING_STATE_KIND,
             "iteration": iteration,
             "train_config": self.config,
+            "world_size": self.world_size,
             "optimizer": optim_extra,
             **(extra or {}),
         }
         save_checkpoint(self.checkpoint_path, tensors, metadata)
 
-    def save_interrupted(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int
-    ) -> None:
-        """Ctrl-C / SIGTERM: checkpoint the last finished iteration and log the interruption."""
-        self.save(model, optimizer, iteration)
-        self.log({"event": "interrupted", "iteration": iteration})
-
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         tensors, metadata = load_checkpoint(self.checkpoint_path, TRAINING_STATE_KIND)
-        saved = metadata["train_config"]
+        saved = {**self.legacy_defaults, **metadata["train_config"]}
+        saved_world = int(metadata.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise UsageError(
+                f"--resume: the run in {self.path} was trained by {saved_world} process(es) and "
+                f"this is {self.world_size}; resume it with the same number (torchrun "
+                f"--nproc-per-node {saved_world}, or no torchrun for 1): the batch split across "
+                "processes is part of the run"
+            )
         differing = {
             key
             for key in set(saved) | set(self.config)
@@ -123,10 +155,13 @@ class RunDirectory:
                 f"{self.checkpoint_path} does not fit this model: {error}"
             ) from error
         restore_optimizer(optimizer, tensors, metadata["optimizer"])
-        self.truncate_log(int(metadata["iteration"]))
+        if self.writer:
+            self.truncate_log(int(metadata["iteration"]))
         return metadata
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with self.log_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -145,25 +180,9 @@ class RunDirectory:
         atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C so that ``kill`` also saves a checkpoint before exiting."""
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_device(name: str) -> torch.device:

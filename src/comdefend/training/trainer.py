@@ -1,9 +1,13 @@
-"""Training ComDefend (any preset) with the paper's objective.
+"""Training ComDefend (any preset) with the paper's objective: the ``purifier`` task of the
+training engine (:mod:`comdefend.training.engine`).
 
 Usage from Python::
 
     from comdefend.training import TrainConfig, train
     summary = train(TrainConfig(dataset="cifar10", preset="normal", iterations=7500, out="runs/c"))
+    # or by recipe (comdefend.training.recipes), with overrides:
+    from comdefend.training.recipes import resolve_config
+    summary = train(resolve_config("authors", out="runs/authors", stabilize="clip-grad"))
 """
 
 from __future__ import annotations
@@ -11,30 +15,47 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from comdefend.checkpoint import atomic_write, read_metadata
+from comdefend.checkpoint import atomic_write
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
-from comdefend.errors import ComDefendError, UsageError
+from comdefend.errors import UsageError
 from comdefend.losses import comdefend_loss
 from comdefend.metrics import mean_psnr, psnr_from_mse
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset
 from comdefend.training.batches import EpochBatches, FolderPatches, iteration_generator
-from comdefend.training.run import RunDirectory, environment, resolve_device, sigterm_as_interrupt
+from comdefend.training.engine import (
+    BEST_FILE,
+    Processes,
+    TrainingDivergedError,
+    TrainingTask,
+    gradients_all_zero,
+    read_best,
+    run_training,
+)
+from comdefend.training.run import RunDirectory
 from comdefend.training.schedules import SCHEDULES, learning_rate
+from comdefend.training.stabilizers import STABILIZERS, Stabilization
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a ComDefend training run (saved in its checkpoints and summary)."""
+    """Every setting of a ComDefend training run (saved in its checkpoints and summary).
+
+    Attributes:
+        recipe: the recipe these settings came from (:mod:`comdefend.training.recipes`); the
+            fields below are the resolved values, flags included.
+        adam_beta1, adam_beta2: Adam's betas (0.9, 0.999 by default; the authors' PyTorch
+            script used 0.5, 0.999).
+        stabilize: measures against collapse, ``{name: strength}``
+            (:mod:`comdefend.training.stabilizers`); empty in every recipe.
+    """
 
     dataset: str = "cifar10"
     out: str = "runs/comdefend"
@@ -55,6 +76,10 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "residual-study"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    stabilize: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.preset = get_preset(self.preset).name
@@ -73,6 +98,15 @@ class TrainConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0 or self.noise_std < 0 or self.code_penalty < 0:
             raise UsageError("lr must be > 0; noise-std and code-penalty must be >= 0")
+        for value in (self.lr, self.noise_std, self.code_penalty):
+            if not math.isfinite(value):
+                raise UsageError("lr, noise-std and code-penalty must be finite numbers")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise UsageError("Adam's betas must lie in [0, 1)")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be >= 1, got {self.threads}")
+        self.stabilize = {STABILIZERS.canonical(k): float(v) for k, v in self.stabilize.items()}
+        Stabilization.from_names(self.stabilize)  # checks the values
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,19 +171,20 @@ EvaluationHook = Callable[[int, ComDefend], dict[str, Any]]
 # recipe (Adam 1e-3, constant) can diverge late: on a GPU the plain CIFAR-10 model fell from
 # 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered (docs/RESULTS.md).
 COLLAPSE_DB = 6.0
-BEST_FILE = "best.safetensors"
 # Every gradient exactly zero for this many iterations in a row (each with its own batch and
 # noise) ends the run early: it can no longer learn. This is how the plain recipe collapses:
 # the output sigmoid saturates (pre-activations of -300 to -3,000 on every pixel), its gradient
 # is exactly 0 in float32, and so is every gradient behind it; Adam's remaining momentum has
 # decayed to 0.9**100 of its value by then. Both plain Fashion-MNIST runs stayed there.
 DEAD_ITERATIONS = 100
-
-
-def gradients_all_zero(model: torch.nn.Module) -> bool:
-    """Whether every parameter's gradient of the last backward pass is exactly zero."""
-    grads = [p.grad.detach().abs().amax() for p in model.parameters() if p.grad is not None]
-    return bool(grads) and not bool(torch.stack(grads).amax() > 0)
+# Settings that older run folders do not record: the values they were trained with.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "recipe": "residual-study",
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "stabilize": {},
+}
+NOISE_STREAM = 2
 
 
 def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
@@ -157,31 +192,166 @@ def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
     return best is not None and psnr_db < best["psnr_db"] - COLLAPSE_DB
 
 
-class TrainingDivergedError(ComDefendError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
-
-
-def read_best(path: str | os.PathLike) -> dict[str, Any] | None:
-    """``{"iteration", "psnr_db"}`` of a run's ``best.safetensors``, or None if it has none."""
-    try:
-        training = read_metadata(path)["training"]
-    except (KeyError, ComDefendError):  # no best.safetensors yet, or not one of ours
-        return None
-    return {"iteration": int(training["iterations"]), "psnr_db": training["metrics"]["psnr_db"]}
-
-
 def _save_weights(
     model: ComDefend, path, config: TrainConfig, iteration: int, metrics: dict[str, float]
 ) -> None:
     was_training = model.training
     model.eval()
+    recipe = {"name": config.recipe, "fields": config.to_dict()}
     model.save(
         path,
         extra={
-            "training": {"config": config.to_dict(), "iterations": iteration, "metrics": metrics}
+            "training": {
+                "config": config.to_dict(),
+                "recipe": recipe,
+                "iterations": iteration,
+                "metrics": metrics,
+            }
         },
     )
     model.train(was_training)
+
+
+class NoisyReconstruction(nn.Module):
+    """ComDefend's training pass as one ``forward`` (what DistributedDataParallel wraps):
+    code logits (bounded if a stabilizer says so), ``sigmoid(logits - noise)``, decoder.
+
+    The noise of iteration ``i`` is drawn for the whole global batch from the generator of
+    ``(seed, i)`` and this process's rows are taken from it, so a data-parallel run sees the
+    noise a single process would. For one process it is exactly the binarizer's own draw.
+    """
+
+    def __init__(self, model: ComDefend, stabilization: Stabilization) -> None:
+        super().__init__()
+        self.model = model
+        self.stabilization = stabilization
+
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator, global_batch: int, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.stabilization.bound_logits(self.model.code_logits(x))
+        std = float(self.model.binarizer.noise_std)
+        if std == 0.0:
+            code = torch.sigmoid(logits)
+        else:
+            shape = (global_batch, *logits.shape[1:])
+            if generator.device != logits.device:
+                noise = torch.randn(shape, generator=generator, device=generator.device)
+                noise = noise[rows].to(device=logits.device, dtype=logits.dtype) * std
+            else:
+                noise = torch.randn(shape, generator=generator, dtype=logits.dtype)[rows] * std
+            code = torch.sigmoid(logits - noise)
+        return self.model.decode(code), code
+
+
+class PurifierTask(TrainingTask):
+    """The ``purifier`` task: ComDefend with ``mse + lambda * mean(code^2)``.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        on_evaluation: ``hook(iteration, model)`` called at every held-out evaluation (model in
+            eval mode); the numbers it returns join that log record.
+    """
+
+    kind = "purifier"
+    monitor = "heldout_psnr_db"
+    legacy_defaults = LEGACY_DEFAULTS
+
+    def __init__(self, config: TrainConfig, on_evaluation: EvaluationHook | None = None) -> None:
+        super().__init__(config)
+        self.config: TrainConfig = config
+        self.on_evaluation = on_evaluation
+        self.stabilization = Stabilization.from_names(config.stabilize)
+        self.collapse_margin = COLLAPSE_DB
+        self.evaluation_images: torch.Tensor | None = None
+
+    @property
+    def dead_iterations(self) -> int:
+        return DEAD_ITERATIONS  # read at call time: tests shorten it
+
+    def setup(self, device: torch.device, processes: Processes) -> None:
+        self.device = device
+        torch.manual_seed(self.config.seed)  # weight initialisation
+        self.model = build_model(self.config).to(device)
+        self.batches = make_batches(self.config)
+        self.evaluation_images = held_out(self.config) if processes.is_main else None
+        self.total_iterations = self.config.iterations
+        self.step_module = NoisyReconstruction(self.model, self.stabilization)
+
+    def build_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        eps = self.stabilization.adam_eps or 1e-8
+        betas = (self.config.adam_beta1, self.config.adam_beta2)
+        return torch.optim.Adam(parameters, lr=float(self.config.lr), betas=betas, eps=eps)
+
+    def learning_rate(self, iteration: int) -> float:
+        config = self.config
+        return learning_rate(config.lr_schedule, float(config.lr), iteration, config.iterations)
+
+    def training_module(self) -> nn.Module:
+        return self.step_module
+
+    def compute_loss(
+        self, module: nn.Module, iteration: int, share: slice
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = self.batches(iteration)
+        x = images[share].to(self.device, non_blocking=True)
+        noise = iteration_generator(self.config.seed, iteration, stream=NOISE_STREAM)
+        reconstruction, code = module(x, noise, images.shape[0], share)
+        loss, mse, code_term = comdefend_loss(reconstruction, x, code, self.config.code_penalty)
+        with torch.no_grad():
+            ones = (code > 0.5).float().mean()
+        metrics = {"loss": loss, "mse": mse, "code_term": code_term, "train_bit_density": ones}
+        return loss, metrics
+
+    def evaluation_due(self, iteration: int) -> bool:
+        return iteration % self.config.eval_every == 0
+
+    def evaluate(self, iteration: int) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if self.evaluation_images is not None:
+            heldout = evaluate_reconstruction(self.model, self.evaluation_images)
+            record.update({f"heldout_{k}": v for k, v in heldout.items()})
+        if self.on_evaluation is not None:
+            record.update(self.on_evaluation(iteration, self.model))
+        return record
+
+    def save_weights(self, path: os.PathLike | str, iteration: int, metrics: dict) -> None:
+        assert isinstance(self.model, ComDefend)
+        _save_weights(self.model, path, self.config, iteration, metrics)
+
+    def describe_progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {
+            "loss": f"{metrics['loss']:.4f}",
+            "psnr": f"{psnr_from_mse(metrics['mse']):.2f}",
+            "bits": f"{metrics['train_bit_density']:.2f}",
+        }
+
+    def finish(self, run: RunDirectory, iteration: int, state: dict[str, Any]) -> dict[str, Any]:
+        model = self.model
+        assert isinstance(model, ComDefend)
+        images = self.evaluation_images
+        final = evaluate_reconstruction(model, images) if images is not None else {}
+        model.eval()
+        model_path = run.path / "model.safetensors"
+        _save_weights(model, model_path, self.config, iteration, final)
+        best = state["best"]
+        if final and (best is None or final["psnr_db"] >= best["psnr_db"]):
+            best = {"iteration": iteration, "psnr_db": final["psnr_db"]}
+            atomic_write(run.path / BEST_FILE, lambda tmp: shutil.copyfile(model_path, tmp))
+        run.log(
+            {
+                "event": "done",
+                "iteration": iteration,
+                **{f"heldout_{k}": v for k, v in final.items()},
+            }
+        )
+        return {
+            "recipe": self.config.recipe,
+            "heldout": final,
+            "model": str(model_path),
+            "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
+            "collapsed": bool(final) and collapsed(final["psnr_db"], best),
+        }
 
 
 def train(
@@ -196,167 +366,33 @@ def train(
     ``eval_every`` iterations and at the end) with the model in eval mode; the numbers it
     returns are added to that log record (the seed experiment measures defended accuracy here).
 
-    Ctrl-C or SIGTERM saves a checkpoint at the last finished iteration and re-raises
-    ``KeyboardInterrupt``; ``resume=True`` continues exactly from it.
+    Ctrl-C or SIGTERM finishes the current iteration, saves a checkpoint and raises
+    :class:`~comdefend.training.engine.TrainingInterrupted` (a ``KeyboardInterrupt``);
+    ``resume=True`` continues exactly from it. Started by ``torchrun`` with several processes,
+    the run is data-parallel (see :mod:`comdefend.training.engine`).
 
     The weights with the best held-out PSNR so far are kept in ``best.safetensors``; an
     evaluation more than :data:`COLLAPSE_DB` below that best is logged as a collapse and warned
-    about. A NaN or infinite loss stops the run with :class:`TrainingDivergedError`, before the
-    last good checkpoint could be overwritten. A run whose gradients have all been exactly zero
-    for :data:`DEAD_ITERATIONS` iterations is dead: it is checkpointed and ends early, with
+    about. A NaN or infinite loss stops the run with :class:`TrainingDivergedError` before the
+    step is applied. A run whose gradients have all been exactly zero for
+    :data:`DEAD_ITERATIONS` iterations is dead: it is checkpointed and ends early, with
     ``stopped_early`` in its summary (and usually ``collapsed``: use ``best.safetensors``).
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    # Subnormal floats appear in saturated sigmoid/ELU gradients and are slow on CPUs.
-    torch.set_flush_denormal(True)
-    device = resolve_device(config.device)
-    run = RunDirectory(config.out, resume, config.to_dict())
-    torch.manual_seed(config.seed)  # weight initialisation
-    model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(config.lr))
-    start = 0
-    if resume:
-        start = int(run.load(model, optimizer)["iteration"])
-    batches = make_batches(config)
-    evaluation_images = held_out(config)
-    best = read_best(run.path / BEST_FILE) if resume else None
-    collapse_warned = False
-    zero_streak, stopped_early = 0, None
-    if not resume:
-        run.log(
-            {"event": "start", "iteration": 0, "config": config.to_dict(), "env": environment()}
-        )
-    else:
-        # Threads, device and machine may change between sessions: keep each one's provenance.
-        run.log(
-            {"event": "resume", "iteration": start, "device": str(device), "env": environment()}
-        )
+    return run_training(PurifierTask(config, on_evaluation), resume=resume, progress=progress)
 
-    model.train()
-    iteration = start
-    bar = tqdm(
-        total=config.iterations, initial=start, disable=not progress, desc="train", unit="it"
-    )
-    started, images_seen = time.perf_counter(), 0
-    try:
-        with sigterm_as_interrupt():
-            while iteration < config.iterations:
-                lr = learning_rate(
-                    config.lr_schedule, float(config.lr), iteration, config.iterations
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = batches(iteration).to(device, non_blocking=True)
-                noise = iteration_generator(config.seed, iteration, stream=2)
-                reconstruction, code = model.reconstruct(x, generator=noise)
-                loss, mse, code_term = comdefend_loss(reconstruction, x, code, config.code_penalty)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                zero_streak = zero_streak + 1 if gradients_all_zero(model) else 0
-                optimizer.step()
-                iteration += 1
-                images_seen += x.shape[0]
-                record = {
-                    "iteration": iteration,
-                    "lr": lr,
-                    "loss": float(loss.detach()),
-                    "mse": float(mse.detach()),
-                    "code_term": float(code_term.detach()),
-                }
-                if not math.isfinite(record["loss"]):
-                    run.log({"event": "diverged", "iteration": iteration})
-                    raise TrainingDivergedError(
-                        f"the loss became {record['loss']} at iteration {iteration}; "
-                        f"{run.checkpoint_path} still holds the last good state (every "
-                        f"{config.checkpoint_every} iterations) and {run.path / BEST_FILE} the "
-                        "best weights so far; a lower --lr may help"
-                    )
-                if iteration % config.eval_every == 0 or iteration == config.iterations:
-                    if evaluation_images is not None:
-                        heldout = evaluate_reconstruction(model, evaluation_images)
-                        record.update({f"heldout_{k}": v for k, v in heldout.items()})
-                        if best is None or heldout["psnr_db"] > best["psnr_db"]:
-                            best = {"iteration": iteration, "psnr_db": heldout["psnr_db"]}
-                            _save_weights(model, run.path / BEST_FILE, config, iteration, heldout)
-                        elif collapsed(heldout["psnr_db"], best):
-                            record["collapse"] = True
-                            if not collapse_warned:
-                                collapse_warned = True
-                                tqdm.write(
-                                    f"warning: held-out PSNR fell to {heldout['psnr_db']:.2f} dB "
-                                    f"at iteration {iteration}, from {best['psnr_db']:.2f} dB at "
-                                    f"iteration {best['iteration']}: the run is diverging; the "
-                                    f"best weights are kept in {run.path / BEST_FILE}",
-                                    file=sys.stderr,
-                                )
-                    if on_evaluation is not None:
-                        model.eval()
-                        record.update(on_evaluation(iteration, model))
-                        model.train()
-                if zero_streak >= DEAD_ITERATIONS:
-                    stopped_early = {
-                        "iteration": iteration,
-                        "reason": f"every gradient was exactly zero for {zero_streak} "
-                        "iterations in a row: the model cannot learn any more (a saturated "
-                        "output, as in a collapse)",
-                    }
-                    record["dead"] = True
-                if iteration % 10 == 0 or len(record) > 5:
-                    run.log(record)
-                if (
-                    iteration % config.checkpoint_every == 0
-                    or iteration == config.iterations
-                    or stopped_early
-                ):
-                    run.save(model, optimizer, iteration)
-                rate = images_seen / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    psnr=f"{psnr_from_mse(record['mse']):.2f}",
-                    bits=f"{float((code > 0.5).float().mean()):.2f}",
-                    img_s=f"{rate:.0f}",
-                    refresh=False,
-                )
-                bar.update(1)
-                if stopped_early:
-                    run.log({"event": "stopped_early", **stopped_early})
-                    tqdm.write(
-                        f"warning: stopping at iteration {iteration} of {config.iterations}: "
-                        f"{stopped_early['reason']}; the best weights are in "
-                        f"{run.path / BEST_FILE}",
-                        file=sys.stderr,
-                    )
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        run.save_interrupted(model, optimizer, iteration)
-        raise
-    bar.close()
 
-    final = (
-        evaluate_reconstruction(model, evaluation_images) if evaluation_images is not None else {}
-    )
-    model.eval()
-    model_path = run.path / "model.safetensors"
-    _save_weights(model, model_path, config, iteration, final)
-    if final and (best is None or final["psnr_db"] >= best["psnr_db"]):
-        best = {"iteration": iteration, "psnr_db": final["psnr_db"]}
-        atomic_write(run.path / BEST_FILE, lambda tmp: shutil.copyfile(model_path, tmp))
-    summary = {
-        "config": config.to_dict(),
-        "iterations": iteration,
-        "heldout": final,
-        "model": str(model_path),
-        "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
-        "collapsed": bool(final) and collapsed(final["psnr_db"], best),
-        "stopped_early": stopped_early,
-        "env": environment(),
-        "device": str(device),
-        "images_per_second_this_session": images_seen / max(time.perf_counter() - started, 1e-9),
-    }
-    run.log(
-        {"event": "done", "iteration": iteration, **{f"heldout_{k}": v for k, v in final.items()}}
-    )
-    run.write_summary(summary)
-    return summary
+__all__ = [
+    "BEST_FILE",
+    "COLLAPSE_DB",
+    "DEAD_ITERATIONS",
+    "NoisyReconstruction",
+    "PurifierTask",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "build_model",
+    "collapsed",
+    "evaluate_reconstruction",
+    "gradients_all_zero",
+    "read_best",
+    "train",
+]

@@ -1,0 +1,151 @@
+"""Optional measures against the plain recipe's collapse, by name (``--stabilize NAME[,NAME]``).
+
+The plain ComDefend recipe (Adam, constant learning rate, noise of std 20 before the code's
+sigmoid) can collapse: the code logits grow without bound and the decoder's output sigmoid
+saturates, after which every gradient is exactly zero (docs/RESULTS.md). None of the measures
+here changes what the model *is*: the architecture, the loss and the inference path (the sign
+of the code logits decides each bit) stay the same; they only change how it is trained.
+
+Each measure is a registered :class:`Stabilizer`; ``NAME=VALUE`` overrides its default
+strength. The resolved measures are a :class:`Stabilization`, recorded in the run's config and
+in every checkpoint it writes.
+
+Example:
+    >>> from comdefend.training.stabilizers import parse_stabilizers
+    >>> parse_stabilizers("clip-grad,adam-eps=1e-6")
+    {'clip-grad': 1.0, 'adam-eps': 1e-06}
+    >>> Stabilization.from_names({"clip-grad": 0.5}).clip_grad_norm
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from comdefend.errors import UsageError
+from comdefend.registry import Registry
+
+
+@dataclass(frozen=True)
+class Stabilization:
+    """The resolved training measures (``None``: not used).
+
+    Attributes:
+        clip_grad_norm: rescale the gradient of all parameters together to at most this L2 norm
+            before every optimizer step.
+        code_bound: during training, code logits ``l`` enter the noisy sigmoid as
+            ``B * tanh(l / B)``: bounded by ``B``, unchanged in sign (so every bit at inference is
+            what the unbounded logit would give) and close to ``l`` while ``|l|`` is small.
+        adam_eps: Adam's epsilon (PyTorch's default is 1e-8): a larger value damps the steps of
+            parameters whose gradients have become tiny.
+        cosine_decay: decay the learning rate along a half cosine to 0 over the run, on top of
+            the recipe's schedule.
+    """
+
+    clip_grad_norm: float | None = None
+    code_bound: float | None = None
+    adam_eps: float | None = None
+    cosine_decay: bool = False
+
+    @classmethod
+    def from_names(cls, chosen: dict[str, float]) -> Stabilization:
+        """The measures ``{name: strength}`` (as returned by :func:`parse_stabilizers`)."""
+        result = cls()
+        for name, value in chosen.items():
+            result = STABILIZERS.get(name).apply(result, value)
+        return result
+
+    def bound_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Training-time code logits after the bound (``logits`` itself without one)."""
+        if self.code_bound is None:
+            return logits
+        return self.code_bound * torch.tanh(logits / self.code_bound)
+
+    def lr_factor(self, iteration: int, total: int) -> float:
+        """Factor on the recipe's learning rate at 0-based ``iteration`` of ``total``."""
+        if not self.cosine_decay:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * iteration / max(1, total)))
+
+    def clip(self, parameters: list[torch.nn.Parameter]) -> float | None:
+        """Clip the gradients in place; returns their norm before clipping (None if unused)."""
+        if self.clip_grad_norm is None:
+            return None
+        return float(torch.nn.utils.clip_grad_norm_(parameters, self.clip_grad_norm))
+
+
+@dataclass(frozen=True)
+class Stabilizer:
+    """One registered measure: its field of :class:`Stabilization` and default strength."""
+
+    name: str
+    field: str
+    default: float
+    description: str
+
+    def apply(self, settings: Stabilization, value: float) -> Stabilization:
+        if self.field == "cosine_decay":
+            return replace(settings, cosine_decay=True)
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"--stabilize {self.name}={value}: the value must be > 0")
+        return replace(settings, **{self.field: float(value)})
+
+
+STABILIZERS: Registry[Stabilizer] = Registry("stabilizer")
+for _entry in (
+    Stabilizer(
+        "clip-grad",
+        "clip_grad_norm",
+        1.0,
+        "clip the global gradient norm before each step (value: the max norm, default 1)",
+    ),
+    Stabilizer(
+        "code-bound",
+        "code_bound",
+        60.0,
+        "train with code logits B*tanh(l/B) (value: B, default 60 = 3 noise stds); bits unchanged",
+    ),
+    Stabilizer(
+        "adam-eps",
+        "adam_eps",
+        1e-4,
+        "Adam's epsilon (value, default 1e-4; PyTorch's own is 1e-8)",
+    ),
+    Stabilizer(
+        "cosine-decay",
+        "cosine_decay",
+        1.0,
+        "multiply the learning rate by a half cosine from 1 to 0 over the run",
+    ),
+):
+    STABILIZERS.add(_entry.name, _entry)
+
+
+def parse_stabilizers(text: str | None) -> dict[str, float]:
+    """``"clip-grad,code-bound=40"`` -> ``{"clip-grad": 1.0, "code-bound": 40.0}``.
+
+    ``None``, ``""`` and ``"none"`` mean no measure. Names are canonicalised and checked.
+    """
+    if text is None or text.strip().lower() in ("", "none"):
+        return {}
+    chosen: dict[str, float] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if not name.strip():
+            raise UsageError(f"--stabilize {text!r}: empty name")
+        entry = STABILIZERS.get(name)
+        try:
+            strength = float(value) if value.strip() else entry.default
+        except ValueError:
+            raise UsageError(f"--stabilize {item!r}: {value!r} is not a number") from None
+        if entry.name in chosen:
+            raise UsageError(f"--stabilize names {entry.name} twice")
+        entry.apply(Stabilization(), strength)  # checks the value
+        chosen[entry.name] = strength
+    return chosen
+
+
+__all__ = ["STABILIZERS", "Stabilization", "Stabilizer", "parse_stabilizers"]
