@@ -62,7 +62,7 @@ def summarise(runs: list[dict], speed: dict[str, float]) -> tuple[int, list[dict
             {
                 "run": run["name"],
                 "dataset": run["config"]["dataset"],
-                "preset": f"{preset.name} ({preset.seed_name})",
+                "preset": f"{preset.name} ({preset.study_name})",
                 "parameters": parameters(run["config"]),
                 "ms_per_iteration": speed.get(f"{preset.name}/{channels}"),
                 "iterations": last,

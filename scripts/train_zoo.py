@@ -28,7 +28,7 @@ from comdefend.checkpoint import read_metadata
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = "--data-dir ../shared/data/cifar10"
 
-# name -> (comdefend arguments, notes); the seed's ComDefend schedule: 7,500 iterations of
+# name -> (comdefend arguments, notes); the residual study's ComDefend schedule: 7,500 iterations of
 # batch 20, Adam 1e-3, noise std 20, lambda 1e-4.
 PLAN: dict[str, tuple[str, str]] = {
     "fashion-cnn": (

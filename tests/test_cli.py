@@ -51,7 +51,7 @@ def test_presets_json() -> None:
     result = run_cli("presets", "--json")
     assert result.returncode == 0
     rows = json.loads(result.stdout)
-    assert {row["seed_name"] for row in rows} >= {"normal", "1_on_off", "3_3"}
+    assert {row["study_name"] for row in rows} >= {"normal", "1_on_off", "3_3"}
     assert all(row["encoder_macs_per_pixel"] > 0 for row in rows)
 
 

@@ -203,7 +203,9 @@ def test_register_weights_auto_ships_a_healthy_runs_final_weights(
     assert sha256_of(run / "best.safetensors") == entry["sha256"]
 
 
-def test_seed_chart_measures_each_snapshots_heldout_psnr(fashion_dir: Path, tmp_path: Path) -> None:
+def test_residual_chart_measures_each_snapshots_heldout_psnr(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
     from comdefend.training.trainer import TrainConfig, train
 
     run = tmp_path / "run"
@@ -235,7 +237,7 @@ def test_seed_chart_measures_each_snapshots_heldout_psnr(fashion_dir: Path, tmp_
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "seed_chart_from_snapshots.py"),
+            str(REPO / "scripts" / "residual_chart_from_snapshots.py"),
             str(snapshots),
             "--classifier",
             "fashion-cnn",

@@ -59,12 +59,12 @@ def presets(
         _echo_json(rows)
         return
     typer.echo(
-        f"{'preset':<20}{'seed name':<10}{'enc params':>12}{'dec params':>12}"
+        f"{'preset':<20}{'study name':<10}{'enc params':>12}{'dec params':>12}"
         f"{'enc MAC/px':>12}{'dec MAC/px':>12}"
     )
     for row in rows:
         typer.echo(
-            f"{row['name']:<20}{row['seed_name']:<10}{row['encoder_parameters']:>12,}"
+            f"{row['name']:<20}{row['study_name']:<10}{row['encoder_parameters']:>12,}"
             f"{row['decoder_parameters']:>12,}{row['encoder_macs_per_pixel']:>12,}"
             f"{row['decoder_macs_per_pixel']:>12,}"
         )

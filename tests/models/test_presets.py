@@ -33,9 +33,9 @@ SEED_NAMES = [
 
 def test_ten_presets_with_seed_aliases() -> None:
     assert len(PRESETS) == 10
-    assert sorted(p.seed_name for p in PRESETS.values()) == sorted(SEED_NAMES)
-    for seed_name in SEED_NAMES:
-        preset = get_preset(seed_name)
+    assert sorted(p.study_name for p in PRESETS.values()) == sorted(SEED_NAMES)
+    for study_name in SEED_NAMES:
+        preset = get_preset(study_name)
         assert get_preset(preset.name) is preset
 
 

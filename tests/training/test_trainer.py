@@ -190,7 +190,7 @@ def test_residual_preset_trains_on_cifar(cifar_dir: Path, tmp_path: Path) -> Non
 def test_best_weights_are_kept_and_a_collapse_is_reported(
     fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, scripted_psnrs
 ) -> None:
-    """The seed's recipe can diverge late (seen on a GPU): the best evaluated weights survive in
+    """The study's recipe can diverge late (seen on a GPU): the best evaluated weights survive in
     best.safetensors, the collapse is logged and warned about, and the summary says so."""
     real = trainer_module.evaluate_reconstruction
     scripted_psnrs(20.0, 25.0, 12.0, 11.0)

@@ -36,6 +36,7 @@ def test_lite0_entry_records_source_size_normalization_and_both_hashes() -> None
     assert entry.input_size == 224 and entry.mean == (0.498,) * 3 and entry.std == (0.502,) * 3
     assert entry.kind == "classifier" and entry.dataset == "imagenet"
     assert entry.metrics["imagenet_sample_images"] == 1000
+    assert entry.metrics["imagenet_sample_accuracy"] == 0.881  # test-classifier, 881 of 1,000
 
 
 def test_missing_package_says_how_to_install(cache: Path, monkeypatch) -> None:

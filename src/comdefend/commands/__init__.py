@@ -6,7 +6,7 @@ import importlib
 
 import typer
 
-COMMAND_MODULES = ("classifier", "evaluation", "seed", "zoo")
+COMMAND_MODULES = ("classifier", "evaluation", "residual_study", "zoo")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -49,7 +49,7 @@ class ComDefendConfig:
     """Everything needed to rebuild a ComDefend model; travels inside every checkpoint.
 
     Attributes:
-        preset: architecture preset (canonical name or seed alias, see ``comdefend presets``).
+        preset: architecture preset (canonical name or study alias, see ``comdefend presets``).
         image_channels: 3 (RGB) or 1 (grayscale).
         code_channels: binary code channels = bits per pixel (12 for RGB, 4 for grayscale).
         noise_std: std of the training noise before the sigmoid (20).

@@ -49,7 +49,7 @@ class PlainCNN(nn.Sequential):
 
 
 def _conv_bn(c_in: int, c_out: int, kernel_size: int) -> list[nn.Module]:
-    # No conv bias: BatchNorm's shift makes it redundant (as in the seed's TF layers).
+    # No conv bias: BatchNorm's shift makes it redundant (as in the residual study's TF layers).
     return [
         nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(c_out),
@@ -100,7 +100,7 @@ class ResidualStage(nn.Sequential):
 
 
 def residual_widths(depth: int) -> tuple[list[int], list[int]]:
-    """The seed's stage widths for depth ``n``.
+    """The residual study's stage widths for depth ``n``.
 
     ``f1 = [2^(6+i) for i < n] + [2^(6+n-1-i) for i < n]`` (bottleneck widths) and
     ``f2 = 4 * f1`` with its middle element (index n) removed and 32 appended (stage outputs).
@@ -124,7 +124,7 @@ class ResidualCNN(nn.Module):
     Args:
         in_channels: image channels (encoder) or code channels (decoder).
         out_channels: code channels (encoder) or image channels (decoder).
-        depth: n, the seed's residual depth (1, 2 or 3 in the ten presets).
+        depth: n, the residual study's residual depth (1, 2 or 3 in the ten presets).
         final_activation: ``None`` (encoder) or ``"sigmoid"`` (decoder).
     """
 

@@ -1,7 +1,7 @@
 """The ten ComDefend architecture presets, declared once.
 
 Training, checkpoint loading, the CLI (``comdefend presets``) and the docs all read
-:data:`PRESETS`. Each preset has a readable canonical name and the seed's name as an alias.
+:data:`PRESETS`. Each preset has a readable canonical name and the study's name as an alias.
 """
 
 from __future__ import annotations
@@ -36,26 +36,26 @@ class Preset:
     """
 
     name: str
-    seed_name: str
+    study_name: str
     encoder_depth: int
     decoder_depth: int
     description: str
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.name, self.seed_name)
+        return (self.name, self.study_name)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-#: The presets, registered under their canonical names with the seed's names as aliases.
+#: The presets, registered under their canonical names with the residual study's names as aliases.
 PRESETS: Registry[Preset] = Registry("preset")
 
 
 def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
-    """Register ``preset`` under its name and seed name (alias)."""
-    return PRESETS.add(preset.name, preset, aliases=(preset.seed_name,), replace=replace)
+    """Register ``preset`` under its name and study name (alias)."""
+    return PRESETS.add(preset.name, preset, aliases=(preset.study_name,), replace=replace)
 
 
 def _declare() -> list[Preset]:
@@ -94,17 +94,17 @@ for _preset in _declare():
 
 
 def list_presets() -> list[str]:
-    """Canonical preset names, in the seed's order."""
+    """Canonical preset names, in the residual study's order."""
     return list(PRESETS)
 
 
 def get_preset(name: str) -> Preset:
-    """Look a preset up by canonical name or seed alias (e.g. ``"normal"`` or ``"1_on_off"``)."""
+    """Look a preset up by canonical name or study alias (e.g. ``"normal"`` or ``"1_on_off"``)."""
     if name == "all":
         raise UsageError("'all' names every preset; pass one preset here")
     if name in PRESETS:
         return PRESETS.get(name)
-    valid = ", ".join(f"{p.name} ({p.seed_name})" for p in PRESETS.values())
+    valid = ", ".join(f"{p.name} ({p.study_name})" for p in PRESETS.values())
     raise UsageError(f"unknown preset {name!r}; valid presets: {valid}")
 
 

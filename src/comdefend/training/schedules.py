@@ -1,6 +1,6 @@
 """Learning-rate schedules, as pure functions of the iteration, in two registries.
 
-:data:`SCHEDULES` holds ComDefend's (the seed study's ``constant``, ``piecewise`` and
+:data:`SCHEDULES` holds ComDefend's (the residual study's ``constant``, ``piecewise`` and
 ``exponential``), :data:`CLASSIFIER_SCHEDULES` the classifier trainer's (``cosine``,
 ``onecycle``, ``constant``). A user adds one with ``SCHEDULES.add(name, Schedule(...))``.
 
@@ -76,7 +76,7 @@ def _onecycle(base_lr: float, iteration: int, total: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * fall))
 
 
-# Default initial learning rates: the paper's 1e-3, and the seed's 1e-2 for the decays.
+# Default initial learning rates: the paper's 1e-3, and the residual study's 1e-2 for the decays.
 for _schedule in (
     Schedule("constant", _constant, 1e-3, "the paper's constant learning rate"),
     Schedule(

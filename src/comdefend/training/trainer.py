@@ -167,7 +167,7 @@ def build_model(config: TrainConfig) -> ComDefend:
 
 EvaluationHook = Callable[[int, ComDefend], dict[str, Any]]
 
-# A held-out PSNR this many dB below the best of the run is reported as a collapse. The seed's
+# A held-out PSNR this many dB below the best of the run is reported as a collapse. The study's
 # recipe (Adam 1e-3, constant) can diverge late: on a GPU the plain CIFAR-10 model fell from
 # 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered (docs/RESULTS.md).
 COLLAPSE_DB = 6.0
@@ -364,7 +364,7 @@ def train(
 
     ``on_evaluation(iteration, model)`` is called at every held-out evaluation (every
     ``eval_every`` iterations and at the end) with the model in eval mode; the numbers it
-    returns are added to that log record (the seed experiment measures defended accuracy here).
+    returns are added to that log record (the residual study measures defended accuracy here).
 
     Ctrl-C or SIGTERM finishes the current iteration, saves a checkpoint and raises
     :class:`~comdefend.training.engine.TrainingInterrupted` (a ``KeyboardInterrupt``);

@@ -1,4 +1,4 @@
-"""The seed study's experiment as a command: ``comdefend seed-experiment``."""
+"""The residual-variant study as a command: ``comdefend residual-study``."""
 
 from __future__ import annotations
 
@@ -7,25 +7,38 @@ from pathlib import Path
 import typer
 
 
-def seed_experiment_command(
+def residual_study_command(
     classifier: str = typer.Option(
         ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Experiment folder, e.g. reports/NAME."),
-    dataset: str = typer.Option("cifar10", help="cifar10, cifar100 or fashion-mnist."),
+    dataset: str = typer.Option(
+        "cifar10", help="Dataset attacked and evaluated (imagenet, cifar10, ...)."
+    ),
     presets: str = typer.Option(
-        "all", help="'all' or comma-separated presets/seed names, e.g. normal,1_on_off."
+        "all", help="'all' or comma-separated presets/study names, e.g. normal,1_on_off."
     ),
     iterations: int = typer.Option(7500, help="Training iterations of every preset."),
-    eval_every: int = typer.Option(1000, help="Measure accuracy every N iterations (and at end)."),
+    eval_every: int = typer.Option(
+        1000, help="Measure accuracy every N iterations and at the end (the study: 100)."
+    ),
     batch_size: int = typer.Option(20, help="Training batch size."),
     lr: float | None = typer.Option(None, help="Learning rate (default: the schedule's)."),
     lr_schedule: str = typer.Option("constant", help="Learning-rate schedule."),
-    attack_eps: float = typer.Option(0.03, help="BIM L-inf budget in (0, 1] (pixel units)."),
+    attack_eps: float = typer.Option(
+        7.65, help="BIM L-inf budget in units of 1/255 (default 7.65/255 = the study's 0.03)."
+    ),
     attack_steps: int = typer.Option(10, help="BIM iterations."),
     n: int = typer.Option(1000, help="Attack the first N test images."),
     seed: int = typer.Option(0, help="Training seed."),
-    data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    data_dir: Path | None = typer.Option(None, help="Folder of --dataset (else $COMDEFEND_DATA)."),
+    train_dataset: str | None = typer.Option(
+        None, help="What ComDefend trains on (default: --dataset; cifar10 for imagenet)."
+    ),
+    train_data_dir: Path | None = typer.Option(
+        None, help="Folder of --train-dataset (else $COMDEFEND_DATA)."
+    ),
+    image_size: int | None = typer.Option(None, help="Crop size of imagenet images (224)."),
     eval_images: int = typer.Option(500, help="Held-out test images for the PSNR."),
     inference_batch: int = typer.Option(250, help="Images per forward pass when measuring."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -35,22 +48,22 @@ def seed_experiment_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Accuracy after defending vs. training iteration for ComDefend presets (seed study).
+    """Accuracy after defending vs. training iteration for ComDefend presets (residual study).
 
     BIM adversarial examples (against the undefended classifier) that fool it are purified by
     each preset's ComDefend at every evaluation step of its training; results.json, table.md
     and accuracy_vs_iteration.png are written to --out. Ctrl-C keeps a checkpoint: rerun with
     --resume.
     """
-    from comdefend.evaluation.seed_experiment import (
+    from comdefend.evaluation.residual_study import (
         PLOT_FILE,
         RESULTS_FILE,
         TABLE_FILE,
-        SeedExperimentConfig,
-        run_seed_experiment,
+        ResidualStudyConfig,
+        run_residual_study,
     )
 
-    config = SeedExperimentConfig(
+    config = ResidualStudyConfig(
         classifier=str(classifier),
         out=str(out),
         dataset=dataset,
@@ -65,13 +78,16 @@ def seed_experiment_command(
         n=n,
         seed=seed,
         data_dir=str(data_dir) if data_dir else None,
+        train_dataset=train_dataset,
+        train_data_dir=str(train_data_dir) if train_data_dir else None,
+        image_size=image_size,
         eval_images=eval_images,
         inference_batch=inference_batch,
         device=device,
         threads=threads,
     )
     try:
-        results = run_seed_experiment(config, resume=resume, progress=progress)
+        results = run_residual_study(config, resume=resume, progress=progress)
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: finished presets and a checkpoint are kept in {out}; "
@@ -89,12 +105,12 @@ def seed_experiment_command(
         accuracy = final.get("accuracy_after_defense")
         shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
         typer.echo(
-            f"{entry['name']} ({entry['seed_name']}, {entry['status']}): "
+            f"{entry['name']} ({entry['study_name']}, {entry['status']}): "
             f"accuracy after defending {shown}"
         )
     typer.echo(f"wrote {out / RESULTS_FILE}, {out / TABLE_FILE}, {out / PLOT_FILE}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``seed-experiment`` to ``app``."""
-    app.command("seed-experiment")(seed_experiment_command)
+    """Add ``residual-study`` to ``app``."""
+    app.command("residual-study")(residual_study_command)

@@ -1,15 +1,15 @@
-"""The seed experiment's chart, measured on snapshots of the zoo trainings instead of new runs.
+"""The residual study's chart, measured on snapshots of the zoo trainings instead of new runs.
 
-    python scripts/seed_chart_from_snapshots.py runs/snapshots --classifier resnet20-cifar10 \
-        --data-dir ../shared/data/cifar10 --out reports/seed-zoo
+    python scripts/residual_chart_from_snapshots.py runs/snapshots --classifier resnet20-cifar10 \
+        --data-dir ../shared/data/cifar10 --out reports/residual-study-zoo
 
-``comdefend seed-experiment`` trains every preset itself and measures "accuracy after defending"
+``comdefend residual-study`` trains every preset itself and measures "accuracy after defending"
 at each evaluation. On a machine that can only afford the zoo trainings, the same measurement can
 be made afterwards on copies of their training checkpoints: SNAPSHOTS holds files named
 ``<zoo name>-<iteration>.safetensors`` (training-state checkpoints, as ``comdefend train``
 writes them). The fooling set (BIM against the undefended classifier, kept where the classifier
 was right and the attack fooled it), the measurements and the outputs (``results.json``,
-``table.md``, ``accuracy_vs_iteration.png``) are those of the seed experiment.
+``table.md``, ``accuracy_vs_iteration.png``) are those of the residual study.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 
 from comdefend.checkpoint import load_checkpoint
 from comdefend.data.datasets import load_dataset
-from comdefend.evaluation.seed_experiment import (
-    SeedExperimentConfig,
+from comdefend.evaluation.residual_study import (
+    ResidualStudyConfig,
     defended_accuracy,
     make_adversarial_set,
     write_reports,
@@ -62,14 +62,14 @@ def main() -> None:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--n", type=int, default=1000, help="test images attacked")
-    parser.add_argument("--eps", type=float, default=0.03, help="BIM L-inf budget in [0, 1]")
+    parser.add_argument("--eps", type=float, default=7.65, help="BIM L-inf budget in 1/255")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     weights = resolve_weights(args.classifier)
     classifier = load_classifier(weights).requires_grad_(False)
-    config = SeedExperimentConfig(
+    config = ResidualStudyConfig(
         classifier=args.classifier,
         dataset=args.dataset,
         out=str(args.out),

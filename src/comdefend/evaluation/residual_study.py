@@ -1,11 +1,15 @@
-"""The seed study's experiment: accuracy after defending, per preset, along training.
+"""The residual study: accuracy after defending, per preset, along training.
 
-Protocol (the seed study's ``PAPER.md``):
+Protocol (the residual-variant study, ``PAPER.md``):
 
-1. Adversarial examples are made once with BIM (L-inf, ``eps`` in [0, 1] pixel units) against
-   the *undefended* classifier, from the first ``n`` test images. Only the images that the
-   classifier gets right *and* that the attack fools are kept: the "fooling set".
-2. For every preset, ComDefend is trained with :func:`comdefend.training.train` (run folder
+1. Adversarial examples are made once with BIM (L-inf ``eps`` in units of 1/255 like
+   ``comdefend evaluate``; the study's 0.03 is the default 7.65/255) against the *undefended*
+   classifier, from the first ``n`` test images of ``dataset`` (the study: ImageNet,
+   ``--dataset imagenet --classifier efficientnet-lite0`` here). Only the images that the
+   classifier gets right *and* that the attack fools are kept: the "fooling set", cached in
+   ``OUT`` and reused by ``--resume``.
+2. For every preset, ComDefend is trained with :func:`comdefend.training.train` on
+   ``train_dataset`` (the study: CIFAR-10, also the default for ImageNet; run folder
    ``OUT/runs/<preset>``). At every held-out evaluation (every ``eval_every`` iterations and at
    the end) the evaluation hook measures
 
@@ -19,7 +23,7 @@ Protocol (the seed study's ``PAPER.md``):
 
 Outputs in ``OUT`` (all written atomically, refreshed after every preset):
 
-* ``adversarial.safetensors``: the cached fooling set. The adversarial images are stored as the
+* ``fooling_set.safetensors``: the cached fooling set. The adversarial images are stored as the
   exact float32 tensors the attack returned (not re-quantised to uint8, not regenerated: BIM on
   a GPU is not bit-reproducible), with their test-set indices and labels; the clean images are
   re-read from the dataset by index (they are uint8 there, hence exact). The metadata records
@@ -27,13 +31,15 @@ Outputs in ``OUT`` (all written atomically, refreshed after every preset):
   match the current settings.
 * ``results.json``: settings, classifier provenance, fooling-set size, and per preset its names,
   parameter counts, every evaluation point and the final values.
-* ``accuracy_vs_iteration.png``: one line per preset (accuracy after defending vs. iteration).
+* ``accuracy_vs_iteration.png``: the study's three panels (residual encoder 1-3, residual
+  decoder 1-3, both 1-3), each with the plain model's curve: accuracy after defending vs.
+  training iteration.
 * ``table.md``: the final table.
 
 Usage from Python::
 
-    from comdefend.evaluation.seed_experiment import SeedExperimentConfig, run_seed_experiment
-    results = run_seed_experiment(SeedExperimentConfig(classifier="c.safetensors", out="r/x"))
+    from comdefend.evaluation.residual_study import ResidualStudyConfig, run_residual_study
+    results = run_residual_study(ResidualStudyConfig(classifier="c.safetensors", out="r/x"))
 """
 
 from __future__ import annotations
@@ -61,8 +67,16 @@ from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.run import resolve_device
 from comdefend.training.trainer import EvaluationHook, TrainConfig, train
 
-ADVERSARIAL_KIND = "seed-adversarial-set"
-ADVERSARIAL_FILE = "adversarial.safetensors"
+ADVERSARIAL_KIND = "residual-study-fooling-set"
+ADVERSARIAL_FILE = "fooling_set.safetensors"
+#: The study's BIM budget, 0.03 on [0, 1] images, in units of 1/255.
+STUDY_EPS = 0.03 * 255
+#: The chart's panels: preset-name prefix -> title (each also shows the plain model).
+CHART_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("residual-encoder-", "residual encoder 1-3"),
+    ("residual-decoder-", "residual decoder 1-3"),
+    ("residual-both-", "residual encoder and decoder 1-3"),
+)
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy_vs_iteration.png"
 TABLE_FILE = "table.md"
@@ -72,24 +86,29 @@ _IGNORED_TRAIN_KEYS = ("device", "threads", "checkpoint_every")
 
 
 @dataclass
-class SeedExperimentConfig:
-    """Every setting of a seed experiment (saved in ``results.json``).
+class ResidualStudyConfig:
+    """Every setting of a residual study (saved in ``results.json``).
 
     Attributes:
-        dataset: ``cifar10``, ``cifar100`` or ``fashion-mnist`` (the classifier's dataset).
+        dataset: the classifier's dataset, whose test images are attacked (``imagenet``,
+            ``cifar10``, ``cifar100``, ``fashion-mnist``).
         classifier: path of the classifier checkpoint (``comdefend train-classifier``).
-        presets: ``"all"`` or comma-separated preset names / seed aliases.
+        presets: ``"all"`` or comma-separated preset names / study aliases.
         out: experiment folder.
         iterations: training iterations of every preset.
         eval_every: evaluation interval (iterations); the last iteration is always evaluated.
         batch_size: training batch size.
         lr: learning rate (``None``: the schedule's default).
         lr_schedule: learning-rate schedule (see ``comdefend.training.schedules``).
-        attack_eps: BIM L-inf budget, in (0, 1].
+        attack_eps: BIM L-inf budget in units of 1/255, in (0, 255] (default 7.65 = 0.03).
         attack_steps: BIM iterations.
         n: the first ``n`` test images are attacked.
         seed: training seed (and the attack's, which is deterministic anyway).
-        data_dir: dataset folder (else ``$COMDEFEND_DATA`` / defaults).
+        data_dir: folder of ``dataset`` (else ``$COMDEFEND_DATA`` / defaults).
+        train_dataset: what ComDefend trains on (``None``: ``dataset``; ``cifar10`` when
+            ``dataset`` is ``imagenet``, as the study did).
+        train_data_dir: folder of ``train_dataset`` (else ``$COMDEFEND_DATA`` / defaults).
+        image_size: crop size of ``imagenet`` images (``None``: 224).
         eval_images: held-out images for the trainer's PSNR.
         inference_batch: images per forward pass when attacking and measuring accuracy.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -105,19 +124,34 @@ class SeedExperimentConfig:
     batch_size: int = 20
     lr: float | None = None
     lr_schedule: str = "constant"
-    attack_eps: float = 0.03
+    attack_eps: float = STUDY_EPS
     attack_steps: int = 10
     n: int = 1000
     seed: int = 0
     data_dir: str | None = None
+    train_dataset: str | None = None
+    train_data_dir: str | None = None
+    image_size: int | None = None
     eval_images: int = 500
     inference_batch: int = 250
     device: str = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        self.dataset = DATASETS.get(self.dataset).name  # UsageError listing the valid ones
+        if self.train_dataset is None:
+            self.train_dataset = "cifar10" if self.dataset == "imagenet" else self.dataset
+        train_spec = DATASETS.get(self.train_dataset)
+        self.train_dataset = train_spec.name
+        if "train" not in train_spec.splits:
+            raise UsageError(f"--train-dataset {train_spec.name} has no training split")
+        if train_spec.channels != DATASETS.get(self.dataset).channels:
+            raise UsageError(
+                f"--train-dataset {train_spec.name} has {train_spec.channels}-channel images but "
+                f"{self.dataset} has {DATASETS.get(self.dataset).channels}"
+            )
+        if self.image_size is not None and self.image_size < 32:
+            raise UsageError(f"--image-size must be >= 32, got {self.image_size}")
         parse_presets(self.presets)
         for name in ("iterations", "eval_every", "batch_size", "attack_steps", "n"):
             value = getattr(self, name)
@@ -130,10 +164,10 @@ class SeedExperimentConfig:
         if self.seed < 0:
             raise UsageError(f"--seed must be >= 0, got {self.seed}")
         try:
-            self.attack_eps = check_real("eps", self.attack_eps, low=0.0, high=1.0, low_open=True)
+            self.attack_eps = check_real("eps", self.attack_eps, low=0.0, high=255.0, low_open=True)
         except UsageError as error:
             raise UsageError(
-                f"--attack-eps is an L-inf budget in [0, 1] pixel units and must be in (0, 1], "
+                f"--attack-eps is an L-inf budget in units of 1/255 and must be in (0, 255], "
                 f"got {self.attack_eps!r} ({error})"
             ) from None
 
@@ -144,7 +178,7 @@ class SeedExperimentConfig:
     def train_config(self, preset: Preset) -> TrainConfig:
         """The :class:`TrainConfig` of ``preset``'s run in ``OUT/runs/<preset>``."""
         return TrainConfig(
-            dataset=self.dataset,
+            dataset=self.train_dataset or self.dataset,
             out=str(Path(self.out) / RUNS_FOLDER / preset.name),
             preset=preset.name,
             iterations=self.iterations,
@@ -152,7 +186,7 @@ class SeedExperimentConfig:
             lr=self.lr,
             lr_schedule=self.lr_schedule,
             seed=self.seed,
-            data_dir=self.data_dir,
+            data_dir=self.train_data_dir,
             eval_every=self.eval_every,
             eval_images=self.eval_images,
             device=self.device,
@@ -215,13 +249,15 @@ def predict(
 
 
 def make_adversarial_set(
-    classifier: Classifier, data: ImageSet, config: SeedExperimentConfig, device: torch.device
+    classifier: Classifier, data: ImageSet, config: ResidualStudyConfig, device: torch.device
 ) -> tuple[AdversarialSet, dict[str, Any]]:
     """Attack the first ``n`` test images with BIM; keep those correct before and fooled after.
 
     Returns the set and the attack's settings.
     """
-    attack = BIM(classifier, eps=config.attack_eps, steps=config.attack_steps, seed=config.seed)
+    attack = BIM(
+        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
+    )
     head = data.head(config.n)
     clean = head.float_images()
     labels = head.labels
@@ -252,10 +288,11 @@ def make_adversarial_set(
 
 
 def _adversarial_identity(
-    config: SeedExperimentConfig, classifier_sha: str, attack: dict[str, Any]
+    config: ResidualStudyConfig, classifier_sha: str, attack: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "dataset": config.dataset,
+        "image_size": config.image_size,
         "n": config.n,
         "classifier_sha256": classifier_sha,
         "attack": attack,
@@ -362,20 +399,21 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
     """The final table (Markdown), one row per preset."""
     adv = results["adversarial_set"]
     lines = [
-        f"# Seed experiment: accuracy after defending ({results['settings']['dataset']})",
+        f"# Residual study: accuracy after defending ({results['settings']['dataset']})",
         "",
-        f"BIM L-inf eps {results['attack']['eps']:g}, {results['attack']['steps']} steps, "
+        f"BIM L-inf eps {results['attack']['eps'] * 255:.4g}/255, "
+        f"{results['attack']['steps']} steps, "
         f"against the undefended classifier; fooling set: {adv['size']} of "
         f"{adv['attacked_images']} test images (clean accuracy {adv['clean_accuracy']:.4f}).",
         "",
-        "| preset | seed name | iterations | accuracy after defending | clean accuracy "
+        "| preset | study name | iterations | accuracy after defending | clean accuracy "
         "(defended) | held-out PSNR (dB) | encoder params | decoder params |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in results["presets"].values():
         final = entry.get("final") or {}
         lines.append(
-            f"| {entry['name']} | {entry['seed_name']} | {_fmt(final.get('iteration'), 'd')} | "
+            f"| {entry['name']} | {entry['study_name']} | {_fmt(final.get('iteration'), 'd')} | "
             f"{_fmt(final.get('accuracy_after_defense'), '.4f')} | "
             f"{_fmt(final.get('clean_accuracy_defended'), '.4f')} | "
             f"{_fmt(final.get('heldout_psnr_db'), '.2f')} | "
@@ -384,39 +422,62 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def _family_panels(
+    presets: list[dict[str, Any]],
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The chart's panels: (title, presets) per residual family, each led by plain."""
+    plain = [entry for entry in presets if entry["name"] == "plain"]
+    panels = []
+    for prefix, title in CHART_FAMILIES:
+        members = [entry for entry in presets if entry["name"].startswith(prefix)]
+        if members:
+            panels.append((title, plain + members))
+    if not panels:  # only plain (or presets outside the families): one panel of everything
+        panels.append(("presets", presets))
+    return panels
+
+
 def write_plot(path: Path, results: dict[str, Any]) -> None:
-    """Accuracy after defending vs. iteration, one line per preset (matplotlib, Agg)."""
+    """The study's chart: one panel per residual family (encoder, decoder, both), each with
+    the plain model's curve; accuracy after defending vs. training iteration (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    for entry in results["presets"].values():
-        points = entry["evaluations"]
-        if not points:
-            continue
-        axes.plot(
-            [point["iteration"] for point in points],
-            [point["accuracy_after_defense"] for point in points],
-            marker="o",
-            markersize=3,
-            label=f"{entry['seed_name']} ({entry['name']})",
-        )
-    axes.set_xlabel("training iteration")
-    axes.set_ylabel("accuracy after defending")
-    axes.set_ylim(-0.02, 1.02)  # a margin keeps lines at exactly 0 or 1 visible
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
+    panels = _family_panels(list(results["presets"].values()))
+    figure = Figure(figsize=(5 * len(panels), 4.5))
+    axes_list = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for axes, (title, entries) in zip(axes_list, panels, strict=True):
+        for entry in entries:
+            points = entry["evaluations"]
+            if not points:
+                continue
+            axes.plot(
+                [point["iteration"] for point in points],
+                [point["accuracy_after_defense"] for point in points],
+                marker="o",
+                markersize=3,
+                color="black" if entry["name"] == "plain" else None,
+                linestyle="--" if entry["name"] == "plain" else "-",
+                label=f"{entry['study_name']} ({entry['name']})",
+            )
+        axes.set_title(title)
+        axes.set_xlabel("training iteration")
+        axes.set_ylim(-0.02, 1.02)  # a margin keeps lines at exactly 0 or 1 visible
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+    axes_list[0].set_ylabel("accuracy after defending")
     adv = results["adversarial_set"]
-    axes.set_title(
-        f"{results['settings']['dataset']}: BIM eps {results['attack']['eps']:g}, "
+    settings = results["settings"]
+    figure.suptitle(
+        f"{settings['dataset']} ({results['classifier'].get('arch')}), ComDefend trained on "
+        f"{settings.get('train_dataset')}: BIM eps {results['attack']['eps'] * 255:.4g}/255, "
         f"{adv['size']} fooling examples"
     )
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize="small")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
 
@@ -431,7 +492,7 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the experiment
 
 
-def load_checked_classifier(config: SeedExperimentConfig, device: torch.device) -> Classifier:
+def load_checked_classifier(config: ResidualStudyConfig, device: torch.device) -> Classifier:
     """Load the classifier; :class:`UsageError` if it was not made for ``config.dataset``."""
     model = load_classifier(config.classifier, device)  # resolved once, kept as model.weights
     check_classifier_fits(model, config.dataset, label=config.classifier)
@@ -459,10 +520,10 @@ def _finished_run(run: Path, train_config: TrainConfig) -> bool:
     return True
 
 
-def run_seed_experiment(
-    config: SeedExperimentConfig, resume: bool = False, progress: bool = True
+def run_residual_study(
+    config: ResidualStudyConfig, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Run (or resume) the seed experiment; returns what is written to ``results.json``.
+    """Run (or resume) the residual study; returns what is written to ``results.json``.
 
     With ``resume``, finished presets are skipped (their results are read from their logs), an
     interrupted preset continues from its checkpoint, and the cached fooling set is reused.
@@ -480,7 +541,7 @@ def run_seed_experiment(
         or (out / RUNS_FOLDER).exists()
     ):
         raise UsageError(
-            f"{out} already holds a seed experiment; pass --resume to continue it, "
+            f"{out} already holds a residual study; pass --resume to continue it, "
             "or choose another --out"
         )
     if config.threads:
@@ -489,10 +550,10 @@ def run_seed_experiment(
     classifier = load_checked_classifier(config, device)
     assert classifier.weights is not None  # set by load_classifier
     classifier_sha = classifier.weights.sha256
-    test = load_dataset(config.dataset, "test", config.data_dir)
+    test = load_dataset(config.dataset, "test", config.data_dir, image_size=config.image_size)
 
     attack_settings = BIM(
-        classifier, eps=config.attack_eps, steps=config.attack_steps, seed=config.seed
+        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
     ).settings()
     identity = _adversarial_identity(config, classifier_sha, attack_settings)
     cache = out / ADVERSARIAL_FILE
@@ -505,12 +566,12 @@ def run_seed_experiment(
         raise UsageError(
             f"the fooling set is empty: of the first {config.n} test images, "
             f"{adv.stats['clean_correct']} are classified correctly and none is fooled by BIM "
-            f"(eps {config.attack_eps:g}); raise --n or --attack-eps"
+            f"(eps {config.attack_eps:g}/255); raise --n or --attack-eps"
         )
 
     image_channels = DATASETS[config.dataset].channels
     results: dict[str, Any] = {
-        "kind": "seed-experiment",
+        "kind": "residual-study",
         "complete": False,
         "settings": config.to_dict(),
         "classifier": {
@@ -538,7 +599,7 @@ def run_seed_experiment(
         evaluations = read_evaluations(run)
         results["presets"][preset.name] = {
             "name": preset.name,
-            "seed_name": preset.seed_name,
+            "study_name": preset.study_name,
             "aliases": list(preset.names),
             "description": preset.description,
             "encoder_parameters": summary["encoder_parameters"],
