@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from comdefend.evaluation.harness import EvaluationConfig, evaluate, validate_co
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FAST_PGD = {"pgd": {"steps": 3}, "bim": {"steps": 3}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a shared, loaded 2-core machine two threads are much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -294,16 +284,16 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
     }
     reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole")))
 
-    real_group = harness._evaluate_group
+    real_group = harness._craft_and_score_group
     calls: list[tuple[str, object]] = []
 
     def interrupted_after_two(*args: object, **kwargs: object) -> object:
-        calls.append((args[2], args[3]))  # (attack, eps)
+        calls.append((args[6], args[7]))  # (attack, eps)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real_group(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(harness, "_evaluate_group", interrupted_after_two)
+    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted_after_two)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         evaluate(_config(checkpoints, **settings, out=str(out)))
@@ -317,11 +307,11 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
         evaluate(_config(checkpoints, **{**settings, "eps": [4, 8]}, out=str(out), resume=True))
 
     def counted(*args: object, **kwargs: object) -> object:
-        calls.append((args[2], args[3]))
+        calls.append((args[6], args[7]))
         return real_group(*args, **kwargs)  # type: ignore[arg-type]
 
     calls.clear()
-    monkeypatch.setattr(harness, "_evaluate_group", counted)
+    monkeypatch.setattr(harness, "_craft_and_score_group", counted)
     args = [
         "evaluate", "--dataset", "fashion-mnist", "--classifier", checkpoints["classifier"],
         "--defense", "none", "--defense", "bits:4", "--defense", noisy, "--attack", "fgsm,pgd",

@@ -87,11 +87,23 @@ def evaluate_command(
         "-t",
         help="oblivious, bpda, bpda+eot, relaxed; comma separated or repeated.",
     ),
-    n: int = typer.Option(1000, help="Evaluate the first N test images."),
+    n: int = typer.Option(
+        1000,
+        "--n",
+        "--images",
+        help="Evaluate the first N test images (under torchrun write --images: its parser "
+        "rejects --n as ambiguous).",
+    ),
     seed: int = typer.Option(0, help="Master seed (attacks, noise draws)."),
     batch_size: int = typer.Option(100, help="Images per attack / forward call."),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Report folder, e.g. reports/NAME."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Report folder, e.g. reports/NAME (results.json, results.csv, report.md, "
+        "report.html; plots with the report extra). Required unless --json.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report folder."),
     resume: bool = typer.Option(
         False,
@@ -112,9 +124,24 @@ def evaluate_command(
     ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the results (results.json's content) as JSON on stdout."
+    ),
 ) -> None:
-    """Robust accuracy of classifier + defenses under attacks, written as JSON/CSV/MD/HTML."""
+    """Robust accuracy of classifier + defenses under attacks, written as JSON/CSV/MD/HTML.
+
+    Runs in one process, or in several under torchrun (``torchrun --nproc-per-node N -m
+    comdefend evaluate ...``): the images are shared among the processes and rank 0 writes the
+    same report.
+    """
+    import json
+
+    from comdefend.evaluation.distributed import torchrun_rank
     from comdefend.evaluation.harness import EvaluationConfig, evaluate
+    from comdefend.evaluation.report import finite_json
+
+    if out is None and not as_json:
+        raise UsageError("give a report folder with --out (or --json to print the results)")
 
     config = EvaluationConfig(
         dataset=dataset,
@@ -128,7 +155,7 @@ def evaluate_command(
         seed=seed,
         batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None,
-        out=str(out),
+        out=str(out) if out is not None else None,
         force=force,
         resume=resume,
         eot_samples=eot_samples,
@@ -140,11 +167,22 @@ def evaluate_command(
         progress=progress,
     )
     results = evaluate(config)
+    if torchrun_rank() != 0:
+        return  # rank 0 reports
+    if as_json:
+        typer.echo(json.dumps(finite_json(results), indent=2, default=str, allow_nan=False))
+    for line in results.get("skipped", []):
+        typer.echo(f"note: {line}", err=True)
     if results["resumed_groups"]:
-        typer.echo(f"resumed: {results['resumed_groups']} (attack, eps) groups read back")
+        typer.echo(
+            f"resumed: {results['resumed_groups']} (attack, eps) groups read back", err=as_json
+        )
+    written = f"; wrote {', '.join(results['files'])} to {out}" if out is not None else ""
+    processes = f" by {results['processes']} processes" if results["processes"] > 1 else ""
     typer.echo(
-        f"evaluated {len(results['cells'])} cells on {results['dataset']['n']} images; "
-        f"wrote {', '.join(results['files'])} to {out}"
+        f"evaluated {len(results['cells'])} cells on {results['dataset']['n']} images"
+        f"{processes}{written}",
+        err=as_json,
     )
 
 

@@ -43,8 +43,7 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import inspect
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -55,29 +54,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from comdefend.attacks import ATTACKS, make_attack
+from comdefend.attacks import ATTACKS
 from comdefend.defenses import (
     DETECTORS,
     THREAT_MODELS,
     ComDefendDefense,
     Defense,
     Identity,
-    detection_metrics,
     make_threat_model_defense,
     parse_defense,
 )
-from comdefend.errors import UsageError
-from comdefend.evaluation.progress import PROGRESS_FILE, EvaluationProgress, fingerprint
-from comdefend.metrics import mse_per_image, psnr_from_mse, quantize_8bit
+from comdefend.errors import ComDefendError, UsageError
+from comdefend.evaluation.crafting import comdefend_parts, craft
+from comdefend.evaluation.detection import (
+    DETECTOR_FPR,
+    DETECTOR_TRAIN_IMAGES,
+    ROC_SKIPPED,
+    Detectors,
+    fit_detectors,
+)
+from comdefend.evaluation.distributed import ProcessGroup
+from comdefend.evaluation.progress import (
+    PROGRESS_FILE,
+    EvaluationProgress,
+    fingerprint,
+    group_key,
+)
+from comdefend.evaluation.records import CellRecord, CleanRecord, GroupRecord
+from comdefend.evaluation.report import finite_json
+from comdefend.evaluation.scoring import (
+    Scorer,
+    accuracy_stats,
+    cell_metrics,
+    finite_or_none,
+    perturbation_norms,
+)
+from comdefend.evaluation.seeding import Batches, derive_seed
+from comdefend.evaluation.worst_case import worst_case
+from comdefend.metrics import psnr_from_mse
 from comdefend.zoo import WeightsRef
+
+__all__ = [
+    "DETECTOR_FPR",
+    "DETECTOR_TRAIN_IMAGES",
+    "EvaluationConfig",
+    "derive_seed",
+    "evaluate",
+    "validate_config",
+]
 
 #: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
 MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
 MIN_NORM = "min-norm"
 #: One line per threat model, for reports.
 THREAT_MODEL_MEANINGS: dict[str, str] = {tm.name: tm.meaning for tm in THREAT_MODELS.values()}
-DETECTOR_TRAIN_IMAGES = 2000
-DETECTOR_FPR = 0.05
 GRID_IMAGES = 8
 
 
@@ -134,12 +164,6 @@ class EvaluationConfig:
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
     progress: bool = True
-
-
-def derive_seed(seed: int, *key: object) -> int:
-    """A seed in [0, 2**31) determined by ``seed`` and ``key`` (stable across runs)."""
-    text = "|".join([str(seed), *map(str, key)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % (2**31)
 
 
 def _int_at_least(name: str, value: Any, low: int) -> int:
@@ -255,7 +279,7 @@ def _check_classifier_fits(classifier: nn.Module, path: str, dataset: str) -> No
 
 
 def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
-    return [m for m in defense.modules() if isinstance(m, ComDefendDefense)]
+    return comdefend_parts(defense)
 
 
 def _checkpoint_refs(defense: nn.Module) -> list[WeightsRef]:
@@ -268,19 +292,15 @@ def _resolve_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def _jsonable(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 class _Evaluator:
-    """State of one run: models, data, seeds and caches (internal)."""
+    """The run's models and images (loaded by every process)."""
 
-    def __init__(self, config: EvaluationConfig) -> None:
+    def __init__(self, config: EvaluationConfig, device: torch.device) -> None:
         from comdefend.data.datasets import load_dataset
         from comdefend.models.classifiers import load_classifier
 
         self.config = config
-        self.device = _resolve_device(config.device)
+        self.device = device
         self.classifier = load_classifier(config.classifier, self.device).eval()
         _check_classifier_fits(self.classifier, config.classifier, config.dataset)
         self.classifier.requires_grad_(False)
@@ -302,115 +322,58 @@ class _Evaluator:
         self.y = data.labels.long()
         self.n = len(data)
         self.data_source = data.source
-        self.original_seeds = [[p.seed for p in _comdefend_parts(d)] for d in self.defenses]
-
-    # -- helpers -----------------------------------------------------------------------------
-    def draws(self, index: int) -> int:
-        return self.config.eot_draws if self.defenses[index].randomized else 1
-
-    def _batches(self) -> list[slice]:
-        size = self.config.batch_size
-        return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
-
-    def _reseed_defense(self, index: int, draw: int, batch: int) -> None:
-        key = ("defense", self.config.defenses[index], draw, batch)
-        torch.manual_seed(derive_seed(self.config.seed, *key))
-        for part_index, part in enumerate(_comdefend_parts(self.defenses[index])):
-            if part.seed is not None:
-                part.reseed(derive_seed(self.config.seed, *key, part_index))
-
-    def restore_seeds(self) -> None:
-        for defense, seeds in zip(self.defenses, self.original_seeds, strict=True):
-            for part, seed in zip(_comdefend_parts(defense), seeds, strict=True):
-                part.reseed(seed)
-
-    @torch.no_grad()
-    def defended(self, index: int, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Correctness ``(draws, n)`` of classifier(defense(images)) and the quantized MSE
-        ``(draws, n)`` of the purified images against the clean ones."""
-        defense = self.defenses[index]
-        correct = torch.zeros(self.draws(index), self.n, dtype=torch.bool)
-        mse = torch.zeros(self.draws(index), self.n, dtype=torch.float64)
-        for draw in range(self.draws(index)):
-            for b, part in enumerate(self._batches()):
-                self._reseed_defense(index, draw, b)
-                purified = defense(images[part].to(self.device))
-                logits = self.classifier(purified)
-                correct[draw, part] = (logits.argmax(1).cpu() == self.y[part]).cpu()
-                clean = quantize_8bit(self.x[part].double())
-                mse[draw, part] = mse_per_image(quantize_8bit(purified.cpu().double()), clean)
-        self.restore_seeds()
-        return correct, mse
-
-    def purified_sample(self, index: int, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self._reseed_defense(index, 0, 0)
-            out = self.defenses[index](images.to(self.device)).cpu()
-        self.restore_seeds()
-        return out
-
-    def attack(
-        self, name: str, eps: float | None, model: nn.Module, key: tuple[Any, ...]
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Adversarial versions of all images against ``model`` and the attack's settings."""
-        kwargs = dict(self.config.attack_params.get(name, {}))
-        accepted = inspect.signature(ATTACKS[name].__init__).parameters
         num_classes = getattr(getattr(self.classifier, "config", None), "num_classes", None)
-        if "num_classes" in accepted and "num_classes" not in kwargs and num_classes:
-            kwargs["num_classes"] = num_classes
-        torch.manual_seed(derive_seed(self.config.seed, "attack", *key))
-        attack = make_attack(name, model, eps, seed=self.config.seed, **kwargs)
-        outputs = []
-        for part in self._batches():
-            x = self.x[part].to(self.device)
-            y = self.y[part].to(self.device)
-            outputs.append(attack(x, y).cpu())
-        return torch.cat(outputs), attack.settings()
+        self.num_classes: int | None = num_classes
 
-
-def _accuracy_stats(correct: torch.Tensor) -> tuple[float, float]:
-    per_draw = correct.double().mean(dim=1)
-    std = float(per_draw.std(unbiased=False)) if per_draw.numel() > 1 else 0.0
-    return float(per_draw.mean()), std
-
-
-def _success_rate(clean: torch.Tensor, adversarial: torch.Tensor) -> float | None:
-    rates = []
-    for c0, c1 in zip(clean, adversarial, strict=True):
-        total = int(c0.sum())
-        if total:
-            rates.append(int((c0 & ~c1).sum()) / total)
-    return sum(rates) / len(rates) if rates else None
-
-
-def _cell_metrics(
-    x: torch.Tensor,
-    x_adv: torch.Tensor,
-    clean_correct: torch.Tensor,
-    correct: torch.Tensor,
-    mse: torch.Tensor,
-) -> dict[str, Any]:
-    delta = (x_adv - x).flatten(1).double()
-    robust, robust_std = _accuracy_stats(correct)
-    clean, clean_std = _accuracy_stats(clean_correct)
-    return {
-        "clean_accuracy": clean,
-        "clean_accuracy_std": clean_std,
-        "robust_accuracy": robust,
-        "robust_accuracy_std": robust_std,
-        "attack_success_rate": _success_rate(clean_correct, correct),
-        "mean_l2": float(delta.norm(dim=1).mean()),
-        "mean_linf": float(delta.abs().amax(dim=1).mean()),
-        "psnr_purified_db": _jsonable(psnr_from_mse(float(mse.mean()))),
-        "n": int(x.shape[0]),
-        "draws": int(correct.shape[0]),
-    }
+    def craft(
+        self,
+        attack: str,
+        eps: float | None,
+        model: nn.Module,
+        key: tuple[Any, ...],
+        batches: Batches,
+        numbers: list[int],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return craft(
+            attack,
+            eps,
+            model,
+            key,
+            x=self.x,
+            y=self.y,
+            batches=batches,
+            numbers=numbers,
+            seed=self.config.seed,
+            params=self.config.attack_params.get(attack, {}),
+            num_classes=self.num_classes,
+            device=self.device,
+        )
 
 
 def _eps_plan(config: EvaluationConfig, attack: str) -> list[tuple[float | str, float | None]]:
     if attack in MIN_NORM_ATTACKS:
         return [(MIN_NORM, None)]
     return [(e, e / 255.0) for e in config.eps]
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One (threat model, defense) cell of every (attack, eps) and how it is computed.
+
+    Attributes:
+        threat_model: the requested threat model.
+        defense_index: position of the defense in the run's defenses; ``spec`` its name.
+        effective: the threat model the adversarials are crafted under, or ``"skip"``.
+        note: recorded in the cell (e.g. why a result is reused).
+        reason: why the cell is skipped.
+    """
+
+    threat_model: str
+    defense_index: int
+    spec: str
+    effective: str
+    note: str | None
+    reason: str | None
 
 
 def _plan_cell(defense: Defense, tm: str) -> tuple[str, str | None, str | None]:
@@ -433,84 +396,296 @@ def _plan_cell(defense: Defense, tm: str) -> tuple[str, str | None, str | None]:
     return tm, None, None
 
 
-def _fit_detectors(ev: _Evaluator) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit and calibrate the requested detectors; returns (detectors, info)."""
+def plan_cells(config: EvaluationConfig, defenses: list[Defense]) -> list[PlannedCell]:
+    """The cells of one (attack, eps), threat model by threat model, defense by defense."""
+    plan = []
+    for tm in config.threat_models:
+        for index, (spec, defense) in enumerate(zip(config.defenses, defenses, strict=True)):
+            effective, note, reason = _plan_cell(defense, tm)
+            plan.append(PlannedCell(tm, index, spec, effective, note, reason))
+    return plan
+
+
+def _fit_detectors(ev: _Evaluator) -> Detectors:
+    """Fit and calibrate the requested detectors (every process fits the same ones)."""
     from comdefend.data.datasets import load_dataset
 
     config = ev.config
-    detectors: dict[str, Any] = {}
-    info: dict[str, Any] = {}
     if not config.detectors:
-        return detectors, info
+        return Detectors()
     train = load_dataset(config.dataset, "train", config.data_dir)
     train_x = train.head(DETECTOR_TRAIN_IMAGES).float_images()
     holdout_n = min(config.detector_holdout, len(ev.test) - ev.n)
-    if holdout_n < 2:
-        info["skipped"] = (
-            f"no held-out clean test images after the first {ev.n} to calibrate the detectors"
+    holdout = None
+    if holdout_n >= 2:
+        holdout = ev.test.subset(torch.arange(ev.n, ev.n + holdout_n)).float_images()
+    return fit_detectors(
+        config.detectors, ev.classifier, train_x, holdout, config.batch_size, ev.device, ev.n
+    )
+
+
+@dataclass
+class _Shard:
+    """This process's images: batch numbers, positions and images."""
+
+    batches: Batches
+    numbers: list[int]
+    positions: torch.Tensor
+    x: torch.Tensor
+
+
+def _craft_and_score_group(
+    ev: _Evaluator,
+    scorer: Scorer,
+    detectors: Detectors,
+    plan: list[PlannedCell],
+    shard: _Shard,
+    clean: CleanRecord,
+    attack: str,
+    eps_label: float | str,
+    eps_value: float | None,
+    want_grid: bool,
+) -> GroupRecord:
+    """One (attack, eps) on this process's images: every computed cell's per-image record.
+
+    Oblivious adversarials are crafted once and shared by every defense (and the detectors);
+    each (defense, effective threat model) is computed once."""
+    config = ev.config
+    oblivious: tuple[torch.Tensor, dict[str, Any]] | None = None
+    detector_scores: dict[str, torch.Tensor] = {}
+    if detectors.detectors:
+        oblivious = ev.craft(
+            attack, eps_value, ev.classifier, (attack, eps_label), shard.batches, shard.numbers
         )
-        return detectors, info
-    holdout = ev.test.subset(torch.arange(ev.n, ev.n + holdout_n)).float_images()
-    for name in config.detectors:
-        kind = DETECTORS.get(name)
-        detector = kind.build(ev.classifier, train_x, config.batch_size)
-        threshold = detector.calibrate(holdout.to(ev.device), DETECTOR_FPR)
-        clean_scores = detector.score(ev.x.to(ev.device))
-        detectors[name] = (detector, clean_scores)
-        info[name] = {
-            "settings": detector.settings(),
-            "fit_images": int(train_x.shape[0]) if kind.fits_on_images else 0,
-            "calibration_images": holdout_n,
-            "threshold": threshold,
-            "target_fpr": DETECTOR_FPR,
-            "fpr_on_evaluated_clean": float((clean_scores > threshold).double().mean()),
+        detector_scores = detectors.score(oblivious[0], ev.device)
+    records: list[CellRecord] = []
+    done: set[tuple[int, str]] = set()
+    for cell in plan:
+        key = (cell.defense_index, cell.effective)
+        if cell.effective == "skip" or key in done:
+            continue
+        done.add(key)
+        started = time.perf_counter()
+        if cell.effective == "oblivious":
+            if oblivious is None:
+                oblivious = ev.craft(
+                    attack,
+                    eps_value,
+                    ev.classifier,
+                    (attack, eps_label),
+                    shard.batches,
+                    shard.numbers,
+                )
+            x_adv, settings = oblivious
+            attacker = "classifier"
+        else:
+            defense = ev.defenses[cell.defense_index]
+            model = make_threat_model_defense(
+                defense, cell.effective, ev.classifier, eot_samples=config.eot_samples
+            )
+            assert model is not None
+            model.eval()
+            attacker = getattr(model, "name", type(model).__name__)
+            x_adv, settings = ev.craft(
+                attack,
+                eps_value,
+                model,
+                (attack, eps_label, cell.spec, cell.effective),
+                shard.batches,
+                shard.numbers,
+            )
+            scorer.restore_seeds()
+        scores = scorer.score(
+            cell.defense_index, x_adv, shard.numbers, clean.defenses[cell.defense_index]
+        )
+        l2, linf = perturbation_norms(shard.x, x_adv)
+        records.append(
+            CellRecord(
+                cell.defense_index,
+                cell.effective,
+                scores,
+                l2,
+                linf,
+                attacker,
+                settings,
+                round(time.perf_counter() - started, 3),
+            )
+        )
+    grid_indices = torch.zeros(0, dtype=torch.long)
+    grid_adversarial = None
+    if want_grid and oblivious is not None:
+        near = shard.positions < GRID_IMAGES
+        grid_indices, grid_adversarial = shard.positions[near], oblivious[0][near]
+    return GroupRecord(
+        attack,
+        eps_label,
+        records,
+        shard.positions,
+        detector_scores,
+        grid_indices,
+        grid_adversarial,
+    )
+
+
+def _group_results(
+    plan: list[PlannedCell],
+    record: GroupRecord,
+    clean: CleanRecord,
+    eps_value: float | None,
+) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor]]:
+    """The cells (``results.json``) of one (attack, eps) from its merged record, and the
+    per-image correctness of each computed cell by (defense index, threat model)."""
+    cells: list[dict[str, Any]] = []
+    correctness: dict[tuple[int, str], torch.Tensor] = {}
+    seen: set[tuple[int, str]] = set()
+    for planned in plan:
+        cell: dict[str, Any] = {
+            "attack": record.attack,
+            "eps": record.eps,
+            "eps_value": eps_value,
+            "defense": planned.spec,
+            "threat_model": planned.threat_model,
+            "effective_threat_model": None if planned.effective == "skip" else planned.effective,
+            "status": "ok",
+            "note": planned.note,
         }
-    return detectors, info
+        if planned.effective == "skip":
+            cell.update(status="skipped", note=planned.reason)
+            cells.append(cell)
+            continue
+        key = (planned.defense_index, planned.effective)
+        reused = key in seen
+        seen.add(key)
+        computed = record.cell(*key)
+        assert computed is not None
+        if reused and planned.threat_model != planned.effective:
+            cell["status"] = "reused"
+        cell.update(
+            cell_metrics(
+                clean.defenses[planned.defense_index], computed.scores, computed.l2, computed.linf
+            )
+        )
+        cell["attacker_model"] = computed.attacker_model
+        cell["attack_settings"] = computed.attack_settings
+        # attack (shared oblivious adversarials: counted in their first cell) + defense
+        cell["seconds"] = 0.0 if reused else computed.seconds
+        correctness[(planned.defense_index, planned.threat_model)] = computed.scores.correct
+        cells.append(cell)
+    return cells, correctness
+
+
+def _fill_grid(
+    grid: dict[str, Any],
+    record: GroupRecord,
+    plan: list[PlannedCell],
+    ev: _Evaluator,
+    scorer: Scorer,
+) -> None:
+    """The report's picture: the first images, clean, adversarial and purified."""
+    from comdefend.evaluation.grids import amplified_difference
+
+    if record.grid_adversarial is None:
+        return
+    k = min(GRID_IMAGES, ev.n)
+    x_adv = record.grid_adversarial
+    grid.setdefault("clean", ev.x[:k])
+    grid.setdefault("adversarial", x_adv)
+    grid.setdefault("difference", amplified_difference(x_adv, ev.x[:k]))
+    for planned in plan:
+        defense = ev.defenses[planned.defense_index]
+        if planned.effective == "oblivious" and not isinstance(defense, Identity):
+            if planned.spec not in grid.get("purified", {}):
+                purified = scorer.purified_sample(planned.defense_index, x_adv)
+                grid.setdefault("purified", {})[planned.spec] = purified
 
 
 def evaluate(config: EvaluationConfig) -> dict[str, Any]:
     """Run the evaluation grid; return the results (``results.json``'s content).
 
     If ``config.out`` is set, also write ``results.json``, ``results.csv``, ``report.md`` and
-    ``report.html`` (plus PNG figures) there with
+    (with the ``report`` extra) ``report.html`` and PNG figures there with
     :func:`comdefend.evaluation.report.write_report`.
+
+    Under ``torchrun`` the images are shared among the processes
+    (:mod:`comdefend.evaluation.distributed`); rank 0 writes the report and every process
+    returns the same results.
 
     Raises:
         UsageError: see :func:`validate_config`; a classifier or ComDefend checkpoint that does
             not fit the dataset; an unknown defense spec.
         CheckpointError, DatasetNotFoundError: unreadable checkpoint, missing dataset.
     """
+    config = validate_config(config)
+    group = ProcessGroup.from_environment(_resolve_device(config.device))
+    try:
+        return _evaluate(config, group)
+    finally:
+        group.close()
+
+
+def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from comdefend.training.run import environment
 
-    config = validate_config(config)
     started = time.time()
-    ev = _Evaluator(config)
+    ev = _Evaluator(config, group.device)
     # before any expensive work: a resume with other settings is refused at once
     checkpoints = _checkpoint_hashes(config, ev)
-    progress = EvaluationProgress(
-        config.out, fingerprint(asdict(config), checkpoints, ev.data_source), config.resume
+    progress: EvaluationProgress | None = None
+    failure: ComDefendError | None = None
+    if group.is_main:
+        try:
+            progress = EvaluationProgress(
+                config.out,
+                fingerprint(asdict(config), checkpoints, ev.data_source),
+                config.resume,
+            )
+        except ComDefendError as error:
+            failure = error
+    group.agree(failure)
+    restored = json.loads(
+        group.broadcast_bytes(json.dumps(progress.keys() if progress else []).encode())
     )
-    detectors, detector_info = _fit_detectors(ev)
+    detectors = _fit_detectors(ev)
+    batches = Batches(ev.n, config.batch_size)
+    numbers = group.shard(batches.count)
+    positions = batches.indices(numbers)
+    shard = _Shard(batches, numbers, positions, ev.x[positions])
+    scorer = Scorer(
+        ev.classifier,
+        ev.defenses,
+        config.defenses,
+        ev.x,
+        ev.y,
+        batches,
+        config.seed,
+        config.eot_draws,
+        ev.device,
+    )
 
-    clean: list[tuple[torch.Tensor, torch.Tensor]] = [
-        ev.defended(i, ev.x) for i in range(len(ev.defenses))
-    ]
+    own_clean = CleanRecord(
+        [scorer.score(i, shard.x, numbers) for i in range(len(ev.defenses))],
+        detectors.score(shard.x, ev.device),
+    )
+    clean_parts = [CleanRecord.from_bytes(b) for b in group.gather_bytes(own_clean.to_bytes())]
+    all_clean = CleanRecord.merge(clean_parts)
+    detectors.finish_info(all_clean.detector_scores)
     clean_rows = []
-    for spec, defense, (correct, mse) in zip(config.defenses, ev.defenses, clean, strict=True):
-        accuracy, std = _accuracy_stats(correct)
+    for spec, defense, scores in zip(config.defenses, ev.defenses, all_clean.defenses, strict=True):
+        accuracy, std = accuracy_stats(scores.correct)
         clean_rows.append(
             {
                 "defense": spec,
                 "accuracy": accuracy,
                 "accuracy_std": std,
-                "draws": int(correct.shape[0]),
-                "psnr_purified_db": _jsonable(psnr_from_mse(float(mse.mean()))),
+                "draws": int(scores.correct.shape[0]),
+                "psnr_purified_db": finite_or_none(psnr_from_mse(float(scores.mse.mean()))),
                 "randomized": bool(defense.randomized),
             }
         )
 
+    plan = plan_cells(config, ev.defenses)
     groups = [
         (attack, eps_label, eps_value)
         for attack in config.attacks
@@ -521,212 +696,102 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
     detection: list[dict[str, Any]] = []
     grid_attack = config.attacks[0]
     grid_eps = _eps_plan(config, grid_attack)[-1][0]
-    grid: dict[str, Any] = dict(progress.grid)
-    per_group = len(config.threat_models) * len(ev.defenses)
+    grid: dict[str, Any] = dict(progress.grid) if progress else {}
     bar = tqdm(
-        total=len(groups) * per_group, desc="evaluate", unit="cell", disable=not config.progress
+        total=len(groups) * len(plan),
+        desc="evaluate",
+        unit="cell",
+        disable=not (config.progress and group.is_main),
     )
     for attack, eps_label, eps_value in groups:
-        finished = progress.finished(attack, eps_label)
-        if finished is None:
-            want_grid = attack == grid_attack and eps_label == grid_eps
-            finished = _evaluate_group(
-                ev, detectors, attack, eps_label, eps_value, clean, grid if want_grid else None, bar
-            )
-            elapsed = progress.elapsed_s + time.time() - started
-            progress.save_group(attack, eps_label, *finished, grid, elapsed)
+        if group_key(attack, eps_label) in restored:
+            finished = progress.finished(attack, eps_label) if progress else None
         else:
-            bar.update(per_group)
-        group_cells, group_correct, detection_row = finished
-        cells.extend(group_cells)
-        for (index, tm), correct in group_correct.items():
-            correctness[(attack, eps_label, index, tm)] = correct
-        if detection_row is not None:
-            detection.append(detection_row)
+            want_grid = attack == grid_attack and eps_label == grid_eps
+            own = _craft_and_score_group(
+                ev,
+                scorer,
+                detectors,
+                plan,
+                shard,
+                own_clean,
+                attack,
+                eps_label,
+                eps_value,
+                want_grid,
+            )
+            parts = [GroupRecord.from_bytes(b) for b in group.gather_bytes(own.to_bytes())]
+            finished = None
+            if group.is_main:
+                record = GroupRecord.merge(parts)
+                group_cells, group_correct = _group_results(plan, record, all_clean, eps_value)
+                row = None
+                if detectors.detectors:
+                    row = detectors.row(
+                        attack, eps_label, all_clean.detector_scores, record.detector_scores
+                    )
+                if want_grid:
+                    _fill_grid(grid, record, plan, ev, scorer)
+                finished = (group_cells, group_correct, row)
+                assert progress is not None
+                elapsed = progress.elapsed_s + time.time() - started
+                progress.save_group(attack, eps_label, *finished, grid, elapsed)
+        bar.update(len(plan))
+        if finished is not None:
+            group_cells, group_correct, detection_row = finished
+            cells.extend(group_cells)
+            for (index, tm), correct in group_correct.items():
+                correctness[(attack, eps_label, index, tm)] = correct
+            if detection_row is not None:
+                detection.append(detection_row)
     bar.close()
+    counts = [scorer.purified_images, scorer.reused_images]
+    work = [json.loads(b) for b in group.gather_bytes(json.dumps(counts).encode())]
 
-    results: dict[str, Any] = {
-        "format": "comdefend-evaluation/1",
-        "config": asdict(config),
-        "eps_unit": "1/255 (an eps of 8 is an L-inf budget of 8/255 on images in [0, 1])",
-        "environment": _environment(environment),
-        "checkpoints": checkpoints,
-        "classifier": _classifier_info(ev),
-        "dataset": {
-            "name": config.dataset,
-            "split": config.split,
-            "n": ev.n,
-            "source": ev.data_source,
-        },
-        "defenses": [
-            {"spec": s, "name": d.name, "settings": d.settings()}
-            for s, d in zip(config.defenses, ev.defenses, strict=True)
-        ],
-        "threat_models": {tm: THREAT_MODEL_MEANINGS[tm] for tm in config.threat_models},
-        "clean": clean_rows,
-        "cells": cells,
-        "worst_case": _worst_case(config, cells, correctness),
-        "detectors": {"info": detector_info, "results": detection} if config.detectors else {},
-        "elapsed_s": round(progress.elapsed_s + time.time() - started, 3),
-        "resumed_groups": progress.restored,
-    }
-    if config.out is not None:
-        from comdefend.evaluation.report import write_report
-
-        results["files"] = write_report(results, config.out, grid=grid)
-        progress.clear()
-    return results
-
-
-def _evaluate_group(
-    ev: _Evaluator,
-    detectors: dict[str, Any],
-    attack: str,
-    eps_label: float | str,
-    eps_value: float | None,
-    clean: list[tuple[torch.Tensor, torch.Tensor]],
-    grid: dict[str, Any] | None,
-    bar: Any,
-) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor], dict[str, Any] | None]:
-    """Every (threat model, defense) cell of one (attack, eps): the cells, the per-image
-    correctness of each computed cell by (defense index, threat model), the detection row.
-    Fills ``grid`` (if given) with the first images of the oblivious adversarials."""
-    from comdefend.evaluation.grids import amplified_difference
-
-    config = ev.config
-    memo: dict[tuple[Any, ...], tuple[dict[str, Any], torch.Tensor]] = {}
-    oblivious: tuple[torch.Tensor, dict[str, Any]] | None = None
-    detection_row = None
-    if detectors:
-        oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
-        detection_row = _detect(detectors, attack, eps_label, oblivious[0], ev)
-    cells: list[dict[str, Any]] = []
-    correctness: dict[tuple[int, str], torch.Tensor] = {}
-    for tm in config.threat_models:
-        for index, (spec, defense) in enumerate(zip(config.defenses, ev.defenses, strict=True)):
-            effective, note, reason = _plan_cell(defense, tm)
-            cell: dict[str, Any] = {
-                "attack": attack,
-                "eps": eps_label,
-                "eps_value": eps_value,
-                "defense": spec,
-                "threat_model": tm,
-                "effective_threat_model": None if effective == "skip" else effective,
-                "status": "ok",
-                "note": note,
-            }
-            if effective == "skip":
-                cell.update(status="skipped", note=reason)
-                cells.append(cell)
-                bar.update(1)
-                continue
-            key = (index, effective)
-            reused = key in memo
-            if reused:
-                metrics, correct = memo[key]
-                cell["status"] = "reused" if tm != effective else "ok"
-            else:
-                cell_started = time.perf_counter()
-                if effective == "oblivious":
-                    if oblivious is None:
-                        oblivious = ev.attack(attack, eps_value, ev.classifier, (attack, eps_label))
-                    x_adv, settings = oblivious
-                    attacker = "classifier"
-                else:
-                    model = make_threat_model_defense(
-                        defense, effective, ev.classifier, eot_samples=config.eot_samples
-                    )
-                    assert model is not None
-                    model.eval()
-                    attacker = getattr(model, "name", type(model).__name__)
-                    x_adv, settings = ev.attack(
-                        attack, eps_value, model, (attack, eps_label, spec, effective)
-                    )
-                    ev.restore_seeds()
-                correct, mse = ev.defended(index, x_adv)
-                metrics = {
-                    **_cell_metrics(ev.x, x_adv, clean[index][0], correct, mse),
-                    "attacker_model": attacker,
-                    "attack_settings": settings,
-                    # attack (shared oblivious adversarials: counted in their first cell) + defense
-                    "seconds": round(time.perf_counter() - cell_started, 3),
-                }
-                memo[key] = (metrics, correct)
-                if grid is not None and effective == "oblivious":
-                    k = min(GRID_IMAGES, ev.n)
-                    grid.setdefault("clean", ev.x[:k])
-                    grid.setdefault("adversarial", x_adv[:k])
-                    grid.setdefault("difference", amplified_difference(x_adv[:k], ev.x[:k]))
-                    if not isinstance(defense, Identity):
-                        purified = ev.purified_sample(index, x_adv[:k])
-                        grid.setdefault("purified", {})[spec] = purified
-            cell.update(metrics)
-            if reused:
-                cell["seconds"] = 0.0  # computed in an earlier cell
-            correctness[(index, tm)] = correct
-            cells.append(cell)
-            bar.update(1)
-    return cells, correctness, detection_row
-
-
-def _detect(
-    detectors: dict[str, Any],
-    attack: str,
-    eps_label: float | str,
-    x_adv: torch.Tensor,
-    ev: _Evaluator,
-) -> dict[str, Any]:
-    row: dict[str, Any] = {"attack": attack, "eps": eps_label}
-    for name, (detector, clean_scores) in detectors.items():
-        scores = detector.score(x_adv.to(ev.device))
-        metrics = detection_metrics(clean_scores, scores, DETECTOR_FPR)
-        row[name] = {
-            "roc_auc": metrics["roc_auc"],
-            "tpr_at_5fpr": float((scores > detector.threshold).double().mean()),
-            "roc_tpr_at_5fpr": metrics["tpr_at_fpr"],
-            "roc_fpr": metrics["roc_fpr"],
-            "roc_tpr": metrics["roc_tpr"],
+    results: dict[str, Any] = {}
+    if group.is_main:
+        assert progress is not None
+        results = {
+            "format": "comdefend-evaluation/1",
+            "config": asdict(config),
+            "eps_unit": "1/255 (an eps of 8 is an L-inf budget of 8/255 on images in [0, 1])",
+            "environment": _environment(environment),
+            "checkpoints": checkpoints,
+            "classifier": _classifier_info(ev),
+            "dataset": {
+                "name": config.dataset,
+                "split": config.split,
+                "n": ev.n,
+                "source": ev.data_source,
+            },
+            "defenses": [
+                {"spec": s, "name": d.name, "settings": d.settings()}
+                for s, d in zip(config.defenses, ev.defenses, strict=True)
+            ],
+            "threat_models": {tm: THREAT_MODEL_MEANINGS[tm] for tm in config.threat_models},
+            "clean": clean_rows,
+            "cells": cells,
+            "worst_case": worst_case(config.defenses, cells, correctness),
+            "detectors": (
+                {"info": detectors.info, "results": detection} if config.detectors else {}
+            ),
+            "elapsed_s": round(progress.elapsed_s + time.time() - started, 3),
+            "resumed_groups": progress.restored,
+            "processes": group.world_size,
+            "work": {  # this run's images (a resume counts only what it computed)
+                "images_purified": sum(purified for purified, _ in work),
+                "adversarial_images_unchanged_not_purified_again": sum(r for _, r in work),
+            },
+            "skipped": [ROC_SKIPPED] if detectors.roc_skipped else [],
         }
-    return row
+        if config.out is not None:
+            from comdefend.evaluation.report import write_report
 
-
-def _worst_case(
-    config: EvaluationConfig,
-    cells: list[dict[str, Any]],
-    correctness: dict[tuple[Any, ...], torch.Tensor],
-) -> list[dict[str, Any]]:
-    """Per (defense, threat model, eps): an image is robust only if correct under every attack.
-
-    L-inf eps and ``min-norm`` are separate groups; skipped cells are left out. Randomized
-    defenses: the conjunction is taken per evaluation draw (same noise for every attack), then
-    averaged over draws.
-    """
-    groups: dict[tuple[str, str, Any], list[tuple[str, torch.Tensor]]] = {}
-    for cell in cells:
-        key = (cell["attack"], cell["eps"], config.defenses.index(cell["defense"]))
-        correct = correctness.get((*key, cell["threat_model"]))
-        if correct is None:
-            continue
-        group = (cell["defense"], cell["threat_model"], cell["eps"])
-        groups.setdefault(group, []).append((cell["attack"], correct))
-    rows = []
-    for (defense, tm, eps), members in groups.items():
-        combined = members[0][1].clone()
-        for _, correct in members[1:]:
-            combined &= correct
-        accuracy, std = _accuracy_stats(combined)
-        rows.append(
-            {
-                "defense": defense,
-                "threat_model": tm,
-                "eps": eps,
-                "attacks": [name for name, _ in members],
-                "worst_case_robust_accuracy": accuracy,
-                "worst_case_robust_accuracy_std": std,
-                "n": int(combined.shape[1]),
-            }
-        )
-    return rows
+            write_report(results, config.out, grid=grid)
+            progress.clear()
+    # every process returns rank 0's results
+    text = group.broadcast_bytes(json.dumps(finite_json(results)).encode())
+    return results if group.is_main else json.loads(text)
 
 
 def _environment(environment: Any) -> dict[str, Any]:

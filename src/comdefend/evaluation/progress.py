@@ -42,7 +42,8 @@ def fingerprint(config: dict[str, Any], checkpoints: dict[str, str], data_source
     )
 
 
-def _group_key(attack: str, eps: Any) -> str:
+def group_key(attack: str, eps: Any) -> str:
+    """The name of an (attack, eps) group in the progress file."""
     return json.dumps([attack, eps])
 
 
@@ -96,12 +97,16 @@ class EvaluationProgress:
             self.grid["purified"] = purified
         self.restored = len(self.groups)
 
+    def keys(self) -> list[str]:
+        """The :func:`group_key` of every finished group."""
+        return [group["key"] for group in self.groups]
+
     def finished(
         self, attack: str, eps: Any
     ) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor], Any] | None:
         """``(cells, correctness by (defense index, threat model), detection row)`` of a
         finished group, or ``None``."""
-        key = _group_key(attack, eps)
+        key = group_key(attack, eps)
         for number, group in enumerate(self.groups):
             if group["key"] == key:
                 correct = {
@@ -130,7 +135,7 @@ class EvaluationProgress:
             json.loads(
                 json.dumps(
                     {
-                        "key": _group_key(attack, eps),
+                        "key": group_key(attack, eps),
                         "cells": cells,
                         "correct": [[index, tm] for index, tm in correct],
                         "detection": detection,

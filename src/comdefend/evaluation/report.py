@@ -1,7 +1,10 @@
 """Outputs of an evaluation run: ``results.json``, ``results.csv``, ``report.md``, ``report.html``.
 
-Every file is written atomically. Figures (PNG, also embedded in the HTML as base64) need
-matplotlib, imported lazily with the Agg backend: ``pip install comdefend[report]``.
+Every file is written atomically. ``results.json``, ``results.csv``, ``report.md``,
+``report.html`` and the image grid need nothing beyond the package's requirements; the plots
+(accuracy and ROC curves, PNG, also embedded in the HTML as base64) need matplotlib, imported
+lazily with the Agg backend (``pip install comdefend[report]``). Without it the plots are
+skipped and the reports say so (``results["skipped"]``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,22 @@ def import_pyplot() -> Any:
             "evaluation reports need matplotlib: pip install comdefend[report]"
         ) from error
     return plt
+
+
+#: Recorded in ``results["skipped"]`` when matplotlib is missing.
+PLOTS_SKIPPED = (
+    "plots skipped (accuracy.png{roc}): matplotlib is missing; pip install comdefend[report] "
+    "and rerun to get them"
+)
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (the ``report`` extra)."""
+    try:
+        import_pyplot()
+    except MissingDependencyError:
+        return False
+    return True
 
 
 def _percent(value: float | None, std: float | None = None) -> str:
@@ -197,6 +216,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append("")
     elif detectors.get("info", {}).get("skipped"):
         out += ["## Detectors", "", f"Skipped: {detectors['info']['skipped']}", ""]
+    if results.get("skipped"):
+        out += ["## Not in this report", ""] + [f"- {line}" for line in results["skipped"]]
+        out.append("")
     return "\n".join(out)
 
 
@@ -347,6 +369,10 @@ def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
         "grid": "Clean / adversarial / amplified difference / purified",
         "roc": "Detector ROC curves",
     }
+    if results.get("skipped"):
+        parts.append("<h2>Not in this report</h2><ul>")
+        parts += [f"<li>{html.escape(line)}</li>" for line in results["skipped"]]
+        parts.append("</ul>")
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [_embedded(path, titles.get(name, name)) for name, path in figures.items()]
@@ -370,16 +396,22 @@ def write_report(
 ) -> list[str]:
     """Write every output of an evaluation run into ``out``; returns the file names.
 
-    Raises:
-        MissingDependencyError: matplotlib is missing (``pip install comdefend[report]``).
+    Without matplotlib (the ``report`` extra) the plots are skipped and a line saying so (and how
+    to get them) is added to ``results["skipped"]``; everything else is written.
     """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
-    for name, maker in (("accuracy", accuracy_figure), ("roc", roc_figure)):
-        path = maker(results, folder / f"{name}.png")
-        if path is not None:
-            figures[name] = path
+    skipped = [line for line in results.get("skipped", []) if not line.startswith("plots ")]
+    if plotting_available():
+        for name, maker in (("accuracy", accuracy_figure), ("roc", roc_figure)):
+            path = maker(results, folder / f"{name}.png")
+            if path is not None:
+                figures[name] = path
+    else:
+        has_roc = bool((results.get("detectors") or {}).get("results"))
+        skipped.append(PLOTS_SKIPPED.format(roc=", roc.png" if has_roc else ""))
+    results["skipped"] = skipped
     grid_path = grid_figure(grid or {}, folder / "grid.png")
     if grid_path is not None:
         figures["grid"] = grid_path

@@ -1,0 +1,153 @@
+"""Running one evaluation on several processes (``torchrun``), on one machine or several.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process loads the models and the
+images, takes its share of the attack batches, and sends its per-image records
+(:mod:`comdefend.evaluation.records`) to rank 0, which writes the report. The share is decided by
+batch numbers only (batch ``b`` of ``--batch-size`` images goes to rank ``b * world // batches``),
+and every random choice of the engine is seeded per batch, so the report is identical to the
+single-process one whatever the number of processes. Backend: ``nccl`` when the run's device is a
+GPU (one GPU per process: ``cuda:LOCAL_RANK``), else ``gloo``.
+
+Records travel as safetensors bytes in uint8 tensors (nothing is pickled).
+
+Example:
+    >>> group = ProcessGroup.single()
+    >>> group.shard(5)
+    [0, 1, 2, 3, 4]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from comdefend.errors import ComDefendError, UsageError
+
+
+def torchrun_world_size() -> int:
+    """``WORLD_SIZE`` set by torchrun (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def torchrun_rank() -> int:
+    """``RANK`` set by torchrun (0 outside torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+@dataclass
+class ProcessGroup:
+    """This process's place in the run.
+
+    Attributes:
+        rank: this process's number (0 writes the report).
+        world_size: number of processes.
+        device: the device this process computes on.
+        initialized: whether this object started ``torch.distributed`` (and ends it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialized: bool = False
+
+    @staticmethod
+    def single(device: torch.device | None = None) -> ProcessGroup:
+        return ProcessGroup(0, 1, device or torch.device("cpu"))
+
+    @staticmethod
+    def from_environment(device: torch.device) -> ProcessGroup:
+        """Join the torchrun job this process belongs to (a single process outside torchrun).
+
+        Args:
+            device: the run's device; a CUDA device becomes ``cuda:LOCAL_RANK``.
+
+        Raises:
+            UsageError: torchrun started more processes on a node than it has GPUs.
+        """
+        world = torchrun_world_size()
+        if world == 1:
+            return ProcessGroup.single(device)
+        import torch.distributed as dist
+
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(
+                    f"process {rank} needs GPU {local_rank} but this node has "
+                    f"{torch.cuda.device_count()}: one process per GPU (--nproc-per-node)"
+                )
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        initialized = False
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            initialized = True
+        return ProcessGroup(dist.get_rank(), dist.get_world_size(), device, initialized)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batches: int) -> list[int]:
+        """The batch numbers this process evaluates: a contiguous block, deterministic."""
+        start = self.rank * batches // self.world_size
+        stop = (self.rank + 1) * batches // self.world_size
+        return list(range(start, stop))
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every process's ``data``, in rank order (all processes receive them)."""
+        if self.world_size == 1:
+            return [data]
+        import torch.distributed as dist
+
+        device = self._comm_device()
+        size = torch.tensor([len(data)], dtype=torch.long, device=device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(int(s) for s in sizes))
+        buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
+        if data:
+            buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        buffers = [torch.zeros_like(buffer) for _ in range(self.world_size)]
+        dist.all_gather(buffers, buffer)
+        return [
+            bytes(b[: int(s)].cpu().numpy().tobytes()) for b, s in zip(buffers, sizes, strict=True)
+        ]
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Rank 0's ``data`` on every process."""
+        if self.world_size == 1:
+            return data
+        return self.gather_bytes(data if self.is_main else b"")[0]
+
+    def agree(self, error: ComDefendError | None) -> None:
+        """Raise on every process if any process failed (so that none waits forever)."""
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        messages = self.gather_bytes(str(error).encode() if error is not None else b"")
+        if error is not None:
+            raise error
+        for rank, message in enumerate(messages):
+            if message:
+                raise UsageError(f"process {rank} failed: {message.decode()}")
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.initialized = False

@@ -1,0 +1,102 @@
+"""``torchrun -m comdefend evaluate``: two CPU processes (gloo) write the single-process report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comdefend.evaluation.harness import EvaluationConfig, evaluate
+
+SETTINGS: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "split": "sample",
+    "classifier": "fashion-cnn",
+    # a randomized defense attacked through its noise: seeds must not depend on the process
+    "defenses": ["none", "bits:3", "comdefend:comdefend-fashion-mnist@noise=2"],
+    "attacks": ["fgsm", "pgd"],
+    "eps": [8],
+    "threat_models": ["oblivious", "bpda"],
+    "n": 10,
+    "batch_size": 3,  # 4 batches: 2 per process, the last one short
+    "eot_draws": 2,
+    "attack_params": {"pgd": {"steps": 2}},
+    "progress": False,
+}
+ARGS = [
+    "--dataset", "fashion-mnist", "--split", "sample", "--classifier", "fashion-cnn",
+    "--defense", "none", "--defense", "bits:3",
+    "--defense", "comdefend:comdefend-fashion-mnist@noise=2",
+    "--attack", "fgsm,pgd", "--eps", "8", "--threat-model", "oblivious,bpda", "--images", "10",
+    "--batch-size", "3", "--eot-draws", "2", "--attack-param", "pgd.steps=2", "--no-progress",
+]  # fmt: skip
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "comdefend", "evaluate", *ARGS, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _same_parts(results: dict[str, Any]) -> dict[str, Any]:
+    cells = [{k: v for k, v in c.items() if k != "seconds"} for c in results["cells"]]
+    keep = ("clean", "worst_case", "detectors", "defenses", "dataset", "checkpoints")
+    return json.loads(json.dumps({"cells": cells, **{k: results[k] for k in keep}}))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("one") / "report"
+    return evaluate(EvaluationConfig(**SETTINGS, out=str(out)))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_report(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "two"
+    done = _torchrun("--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["processes"] == 2 and reference["processes"] == 1
+    assert _same_parts(results) == _same_parts(reference)
+    assert (out / "report.md").read_text().split("## Threat model")[1:] == (
+        Path(reference["config"]["out"]) / "report.md"
+    ).read_text().split("## Threat model")[1:]
+    assert done.stdout.count("evaluated 12 cells") + done.stderr.count("evaluated 12 cells") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_single_process_run(
+    reference: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import comdefend.evaluation.harness as harness
+
+    real = harness._craft_and_score_group
+    calls = []
+
+    def interrupted_after_one(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[6])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted_after_one)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(EvaluationConfig(**SETTINGS, out=str(out)))
+    assert calls == ["fgsm", "pgd"]
+
+    done = _torchrun("--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_groups"] == 1
+    assert _same_parts(results) == _same_parts(reference)
