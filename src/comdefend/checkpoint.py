@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,77 @@ METADATA_KEY = "comdefend"
 FORMAT_VERSION = 1
 
 
+#: Every temporary file of :func:`atomic_write` ends with this, so that leftovers of a killed
+#: process are recognisable: ``.NAME~HOST~PID~RANDOM.comdefend-tmp`` beside the target.
+TEMPORARY_SUFFIX = ".comdefend-tmp"
+
+#: A leftover from another machine (shared folder) is removed once it is this old.
+FOREIGN_TEMPORARY_AGE_S = 24 * 3600
+
+
+def _host() -> str:
+    return socket.gethostname().replace("~", "-").replace(os.sep, "-") or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot tell): keep its file
+    return True
+
+
+def clean_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers (SIGKILL, power loss) left in ``folder``.
+
+    A temporary file is stale when the process that made it on this machine is gone, or when it
+    comes from another machine and is older than a day. Files of live writers and any file not
+    named by :func:`atomic_write` are left alone.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    try:
+        candidates = list(Path(folder).glob(f".*{TEMPORARY_SUFFIX}"))
+    except OSError:
+        return removed
+    host, now = _host(), time.time()
+    for file in candidates:
+        parts = file.name[: -len(TEMPORARY_SUFFIX)].rsplit("~", 3)
+        if len(parts) != 4 or not parts[2].isdigit():
+            continue
+        _, file_host, pid, _ = parts
+        try:
+            if file_host == host:
+                stale = int(pid) != os.getpid() and not _process_alive(int(pid))
+            else:
+                stale = now - file.stat().st_mtime > FOREIGN_TEMPORARY_AGE_S
+            if stale:
+                file.unlink()
+                removed.append(file)
+        except OSError:
+            continue  # raced with its owner or another cleaner
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
+
+    The temporary file sits beside ``path`` (named ``.NAME~HOST~PID~RANDOM.comdefend-tmp``)
+    and is removed if ``write`` fails; stale ones that killed processes left in the folder
+    are removed first (:func:`clean_stale_temporary_files`).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    clean_stale_temporary_files(target.parent)
+    handle, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}~{_host()}~{os.getpid()}~",
+        suffix=TEMPORARY_SUFFIX,
+        dir=target.parent,
+    )
     os.close(handle)
     tmp = Path(tmp_name)
     try:

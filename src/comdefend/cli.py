@@ -4,13 +4,51 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
+from comdefend.commands.options import (
+    device_option,
+    non_negative_float_option,
+    non_negative_int_option,
+    output_file_option,
+    output_folder_option,
+    positive_float_option,
+    positive_int_option,
+    seed_option,
+    status,
+)
 from comdefend.errors import ComDefendError, InputError, UsageError
 
+# typer >= 0.20 vendors click privately; its exception classes are reached through typer's own.
+_ClickException: type[Exception] = next(
+    base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException"
+)
+
+#: Exit status of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+INTERRUPTED_EXIT = 130
+
+
+class CommandInterrupted(Exception):  # noqa: N818 - a message carrier, not an error
+    """Ctrl-C/SIGTERM stopped a command; the message says what was kept and how to go on."""
+
+
+class _Group(TyperGroup):
+    """typer turns KeyboardInterrupt into a bare exit 130 before ``main`` could speak; catching
+    it here, around every command, lets the command's own message reach the user."""
+
+    def invoke(self, ctx: typer.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as interrupt:
+            raise CommandInterrupted(str(interrupt) or "interrupted") from interrupt
+
+
 app = typer.Typer(
+    cls=_Group,
     name="comdefend",
     help="ComDefend: compression-based defenses against adversarial examples.",
     no_args_is_help=True,
@@ -36,8 +74,17 @@ def _options(
         is_eager=True,
         help="Print the comdefend version and exit.",
     ),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="No progress bars or status lines (results, warnings and errors still appear).",
+    ),
 ) -> None:
     """ComDefend: compression-based defenses against adversarial examples."""
+    from comdefend.console import configure
+
+    configure(quiet=quiet)
 
 
 def _echo_json(data: object) -> None:
@@ -47,7 +94,9 @@ def _echo_json(data: object) -> None:
 @app.command()
 def presets(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    channels: int = typer.Option(3, help="Image channels: 3 (RGB) or 1 (grayscale)."),
+    channels: int = typer.Option(
+        3, help="Image channels: 3 (RGB) or 1 (grayscale).", callback=positive_int_option
+    ),
 ) -> None:
     """List the architecture presets with parameter counts and MACs per pixel."""
     from comdefend.models.presets import PRESETS, preset_summary
@@ -74,7 +123,9 @@ def presets(
 def import_official_command(
     encoder: Path = typer.Argument(..., help="The authors' encoder .npy (e.g. enc20_0.0001.npy)."),
     decoder: Path = typer.Argument(..., help="The authors' decoder .npy (e.g. dec20_0.0001.npy)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output .safetensors checkpoint."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output .safetensors checkpoint.", callback=output_file_option
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
 ) -> None:
     """Convert the authors' released TF/canton checkpoints into a comdefend checkpoint."""
@@ -85,7 +136,7 @@ def import_official_command(
     model = import_official(encoder, decoder)
     model.save(out)
     config = model.config
-    typer.echo(
+    status(
         f"wrote {out}: {'RGB' if config.image_channels == 3 else 'grayscale'}, "
         f"{config.bits_per_pixel} bits/pixel, channel order {config.channel_order}, "
         f"purify mode {config.purify_mode}"
@@ -99,21 +150,32 @@ def purify(
     model_path: str = typer.Option(
         ..., "--model", "-m", help="Purifier checkpoint path or zoo name (comdefend zoo list)."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (PNG files, same names)."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Output folder (PNG files, same names); never an input's folder.",
+        callback=output_folder_option,
+    ),
     mode: str | None = typer.Option(None, help="patch or full (default: the checkpoint's)."),
-    patch_size: int | None = typer.Option(None, help="Patch size for patch mode."),
-    noise_std: float | None = typer.Option(None, help="Test-time code noise std."),
-    seed: int = typer.Option(0, help="Seed of the test-time noise."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    patch_size: int | None = typer.Option(
+        None, help="Patch size for patch mode.", callback=positive_int_option
+    ),
+    noise_std: float | None = typer.Option(
+        None, help="Test-time code noise std.", callback=non_negative_float_option
+    ),
+    seed: int = typer.Option(0, help="Seed of the test-time noise.", callback=seed_option),
+    force: bool = typer.Option(False, "--force", help="Overwrite earlier outputs (not inputs)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
 ) -> None:
     """Purify image files with a ComDefend checkpoint."""
     import torch
-    from tqdm.auto import tqdm
 
+    from comdefend.console import progress_bar
     from comdefend.data.images import collect_images, read_image, write_png
     from comdefend.models.comdefend import ComDefend
     from comdefend.training.run import resolve_device
+    from comdefend.validation import outputs_spare_inputs
     from comdefend.zoo import resolve_weights
 
     overrides: dict = {}
@@ -125,16 +187,17 @@ def purify(
         overrides["patch_size"] = patch_size
     if noise_std is not None:
         overrides["inference_noise_std"] = noise_std
-    weights = resolve_weights(model_path)
-    model = ComDefend.from_checkpoint(weights, resolve_device(device), **overrides)
-    model.binarizer.reseed(seed)
     files = collect_images(inputs)
     targets = [out / (file.stem + ".png") for file in files]
+    outputs_spare_inputs([*inputs, *files], out, targets)  # with or without --force
     if len(set(targets)) != len(targets):
         raise UsageError("two inputs share a file name; purify them into separate folders")
     existing = [str(t) for t in targets if t.exists()]
     if existing and not force:
         raise UsageError(f"{len(existing)} output file(s) exist (e.g. {existing[0]}); pass --force")
+    weights = resolve_weights(model_path)
+    model = ComDefend.from_checkpoint(weights, resolve_device(device), **overrides)
+    model.binarizer.reseed(seed)
     channels = model.config.image_channels
     images = []
     for file in files:  # read everything first: a bad file stops the run before any output
@@ -145,12 +208,12 @@ def purify(
         images.append(image)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        for image, target in tqdm(
+        for image, target in progress_bar(
             list(zip(images, targets, strict=True)), desc="purify", unit="img"
         ):
             purified = model.purify(image.unsqueeze(0).to(model_device(model)))[0]
             write_png(target, purified, model.config.output_quantization)
-    typer.echo(f"wrote {len(targets)} image(s) to {out}")
+    status(f"wrote {len(targets)} image(s) to {out}")
 
 
 def model_device(model):  # noqa: ANN001, ANN201
@@ -164,9 +227,13 @@ def reconstruct(
     ),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10 or cifar100."),
     split: str = typer.Option("test", help="train or test."),
-    n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
+    n: int | None = typer.Option(
+        None, help="Use the first N images (default: all).", callback=positive_int_option
+    ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    batch_size: int = typer.Option(250, help="Images per forward pass."),
+    batch_size: int = typer.Option(
+        250, help="Images per forward pass.", callback=positive_int_option
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Reconstruction quality of a purifier on a dataset: PSNR, bits/pixel, bit density."""
@@ -191,7 +258,9 @@ def reconstruct(
 
 @app.command("train")
 def train_command(
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder, e.g. runs/NAME."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run folder, e.g. runs/NAME.", callback=output_folder_option
+    ),
     recipe: str = typer.Option(
         "residual-study",
         help="Named settings (residual-study, authors, authors-torch); flags override them.",
@@ -202,26 +271,48 @@ def train_command(
     preset: str | None = typer.Option(
         None, help="Architecture preset (see 'comdefend presets'; recipe: plain)."
     ),
-    iterations: int | None = typer.Option(None, help="Training iterations (recipe's)."),
-    epochs: float | None = typer.Option(None, help="Alternative to --iterations."),
-    batch_size: int | None = typer.Option(None, help="Global batch size (recipe's)."),
-    lr: float | None = typer.Option(None, help="Initial learning rate (recipe's)."),
+    iterations: int | None = typer.Option(
+        None, help="Training iterations (recipe's).", callback=positive_int_option
+    ),
+    epochs: float | None = typer.Option(
+        None, help="Alternative to --iterations.", callback=positive_float_option
+    ),
+    batch_size: int | None = typer.Option(
+        None, help="Global batch size (recipe's).", callback=positive_int_option
+    ),
+    lr: float | None = typer.Option(
+        None, help="Initial learning rate (recipe's).", callback=positive_float_option
+    ),
     lr_schedule: str | None = typer.Option(None, help="constant, piecewise or exponential."),
-    noise_std: float | None = typer.Option(None, help="Training noise std before the sigmoid."),
-    code_penalty: float | None = typer.Option(None, help="lambda of the code penalty."),
+    noise_std: float | None = typer.Option(
+        None, help="Training noise std before the sigmoid.", callback=non_negative_float_option
+    ),
+    code_penalty: float | None = typer.Option(
+        None, help="lambda of the code penalty.", callback=non_negative_float_option
+    ),
     stabilize: str | None = typer.Option(
         None,
         help="Measures against collapse, NAME[=VALUE][,NAME...]: clip-grad, code-bound, "
         "adam-eps, cosine-decay (none in any recipe; 'none' turns them off).",
     ),
-    code_channels: int | None = typer.Option(None, help="Code channels (bits/pixel)."),
-    seed: int = typer.Option(0, help="Random seed (init, batches, noise)."),
+    code_channels: int | None = typer.Option(
+        None, help="Code channels (bits/pixel).", callback=positive_int_option
+    ),
+    seed: int = typer.Option(0, help="Random seed (init, batches, noise).", callback=seed_option),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    eval_every: int = typer.Option(500, help="Held-out evaluation interval (iterations)."),
-    eval_images: int = typer.Option(500, help="Held-out test images for evaluation."),
-    checkpoint_every: int = typer.Option(250, help="Checkpoint interval (iterations)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    eval_every: int = typer.Option(
+        500, help="Held-out evaluation interval (iterations).", callback=positive_int_option
+    ),
+    eval_images: int = typer.Option(
+        500, help="Held-out test images for evaluation (0: none).", callback=non_negative_int_option
+    ),
+    checkpoint_every: int = typer.Option(
+        250, help="Checkpoint interval (iterations).", callback=positive_int_option
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
+    threads: int | None = typer.Option(
+        None, help="CPU threads for torch.", callback=positive_int_option
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train a ComDefend purifier (Ctrl-C saves a checkpoint; --resume continues exactly).
@@ -285,11 +376,21 @@ def train_command(
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("reports/quickstart"), "--out", "-o", help="Report folder."),
-    iterations: int = typer.Option(100, help="Training iterations (batch 20)."),
-    eval_images: int = typer.Option(1000, help="Test images for the reconstruction report."),
+    out: Path = typer.Option(
+        Path("reports/quickstart"),
+        "--out",
+        "-o",
+        help="Report folder.",
+        callback=output_folder_option,
+    ),
+    iterations: int = typer.Option(
+        100, help="Training iterations (batch 20).", callback=positive_int_option
+    ),
+    eval_images: int = typer.Option(
+        1000, help="Test images for the reconstruction report.", callback=positive_int_option
+    ),
     data_dir: Path | None = typer.Option(None, help="Fashion-MNIST folder."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, help="Random seed.", callback=seed_option),
     force: bool = typer.Option(False, "--force", help="Replace an earlier quick-start run."),
 ) -> None:
     """Offline quick start: train a small ComDefend on Fashion-MNIST and write a report."""
@@ -304,13 +405,21 @@ def quickstart(
         f"{report['bits_per_pixel']} bits/pixel ({report['compression_ratio']:.1f}x), "
         f"bit density {report['bit_density']:.3f}"
     )
-    typer.echo(f"report: {out / 'report.md'}  grid: {result['grid']}")
+    status(f"report: {out / 'report.md'}  grid: {result['grid']}")
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("reports/demo"), "--out", "-o", help="Report folder."),
-    images: int = typer.Option(25, "--images", "-n", help="Sample images per dataset (1..1000)."),
+    out: Path = typer.Option(
+        Path("reports/demo"), "--out", "-o", help="Report folder.", callback=output_folder_option
+    ),
+    images: int = typer.Option(
+        25,
+        "--images",
+        "-n",
+        help="Sample images per dataset (1..1000).",
+        callback=positive_int_option,
+    ),
     dataset: list[str] = typer.Option(
         ["fashion-mnist", "cifar10"], "--dataset", help="fashion-mnist and/or cifar10."
     ),
@@ -320,18 +429,18 @@ def demo(
     threat_model: list[str] = typer.Option(
         None, "--threat-model", help="Threat models (default: oblivious, bpda)."
     ),
-    seed: int = typer.Option(0, help="Master seed."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
-    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    seed: int = typer.Option(0, help="Master seed.", callback=seed_option),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
+    threads: int | None = typer.Option(
+        None, help="torch CPU threads (default: torch's).", callback=positive_int_option
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo report."),
 ) -> None:
     """Offline demo: the shipped models against the paper's attacks, oblivious and BPDA."""
     from comdefend.demo import DEMO_ATTACKS, DEMO_THREAT_MODELS, DemoConfig, run_demo
+    from comdefend.validation import set_threads
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads, "--threads")
     summary = run_demo(
         DemoConfig(
             out=str(out),
@@ -348,14 +457,16 @@ def demo(
     )
     for markdown in summary["markdown"]:
         typer.echo("\n" + markdown)
-    typer.echo(f"demo finished in {summary['elapsed_s']:.0f} s")
-    typer.echo(f"report: {summary['index']}")
+    status(f"demo finished in {summary['elapsed_s']:.0f} s")
+    status(f"report: {summary['index']}")
 
 
 @app.command()
 def download(
     dataset: str = typer.Argument(..., help="cifar10, cifar100 or fashion-mnist."),
-    data_dir: Path = typer.Option(Path("data"), help="Where to put it."),
+    data_dir: Path = typer.Option(
+        Path("data"), help="Where to put it.", callback=output_folder_option
+    ),
 ) -> None:
     """Download a dataset (needs internet; checksums are verified)."""
     from comdefend.data.download import download_dataset
@@ -369,20 +480,54 @@ from comdefend.commands import register_all  # noqa: E402
 register_all(app)
 
 
-def main() -> None:
-    """Entry point: user-facing errors become one message and a non-zero exit code."""
+def _describe_os_error(error: OSError) -> str:
+    """``cannot write out/x.png: Permission denied`` from an OSError, without a traceback."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    return f"{error.filename}: {reason}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: every failure a user can cause ends in one ``error:`` line and a non-zero
+    exit (2 for bad arguments), Ctrl-C/SIGTERM in the command's message and exit 130.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``); tests pass their own.
+    """
+    from comdefend.console import reset
+
     try:
-        app()  # standalone: typer reports its own usage errors and exits
+        code = app(
+            args=list(argv) if argv is not None else None,
+            prog_name="comdefend",
+            standalone_mode=False,
+        )
     except ComDefendError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        typer.echo(
-            "interrupted (training saved its checkpoint, evaluation its finished attacks; "
-            "the same command with --resume continues)",
-            err=True,
-        )
-        sys.exit(130)
+    except CommandInterrupted as interrupt:
+        typer.echo(str(interrupt), err=True)
+        sys.exit(INTERRUPTED_EXIT)
+    except _ClickException as error:  # typer's parsing: unknown option, not a number, ...
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
+            typer.echo(context.get_help(), err=True)  # bare `comdefend`: the overview
+            sys.exit(2)
+        message = error.format_message()  # type: ignore[attr-defined]
+        if context is not None:
+            message += f" (see '{context.command_path} --help')"
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(getattr(error, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    except OSError as error:  # full disk, permissions, a path that is a file: the user's to fix
+        typer.echo(f"error: {_describe_os_error(error)}", err=True)
+        sys.exit(1)
+    finally:
+        reset()
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

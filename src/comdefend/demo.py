@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from comdefend.checkpoint import atomic_write_text
+from comdefend.console import logger
 from comdefend.errors import UsageError
 from comdefend.zoo import ZOO_PREFIX
 
@@ -109,6 +110,10 @@ class DemoConfig:
     progress: bool = True
 
 
+#: What a demo report folder holds (``--force`` deletes a folder only if it holds nothing else).
+DEMO_REPORT_ENTRIES = frozenset({"summary.json", "summary.md", "index.html", *DEMO_DATASETS})
+
+
 def _check(config: DemoConfig) -> list[str]:
     datasets = [d.strip().lower() for d in config.datasets if d.strip()]
     if not datasets:
@@ -123,8 +128,16 @@ def _check(config: DemoConfig) -> list[str]:
     check_attacks(config.attacks)
     check_threat_models(config.threat_models)
     folder = Path(config.out)
-    if folder.exists() and any(folder.iterdir()) and not config.force:
-        raise UsageError(f"{folder} already holds a demo report; pass --force to redo it")
+    if folder.exists() and any(folder.iterdir()):
+        if not config.force:
+            raise UsageError(f"{folder} already holds a demo report; pass --force to redo it")
+        # --force deletes the folder: only when everything in it is a demo report's.
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in DEMO_REPORT_ENTRIES)
+        if foreign:
+            raise UsageError(
+                f"{folder} holds files that are not a demo report ({', '.join(foreign[:3])}); "
+                "--force only replaces an earlier demo report: choose another --out"
+            )
     return list(dict.fromkeys(datasets))
 
 
@@ -180,7 +193,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             progress=config.progress,
         )
         if config.progress:
-            print(f"\n== {spec.description}; {config.n} sample images ==", flush=True)
+            logger.info(f"\n== {spec.description}; {config.n} sample images ==")
         results = evaluate(evaluation)
         sections.append(
             {

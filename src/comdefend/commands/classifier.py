@@ -7,6 +7,15 @@ from pathlib import Path
 
 import typer
 
+from comdefend.commands.options import (
+    device_option,
+    non_negative_float_option,
+    non_negative_int_option,
+    output_folder_option,
+    positive_float_option,
+    positive_int_option,
+    seed_option,
+)
 from comdefend.errors import UsageError
 
 
@@ -19,23 +28,47 @@ def train_classifier_command(
     arch: str | None = typer.Option(
         None, help="Architecture (see 'comdefend classifiers'; default by dataset)."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder, e.g. runs/NAME."),
-    epochs: int = typer.Option(30, help="Epochs over the training set."),
-    batch_size: int = typer.Option(128, help="Batch size."),
-    lr: float = typer.Option(0.1, help="Peak learning rate (SGD, Nesterov momentum 0.9)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Run folder, e.g. runs/NAME.", callback=output_folder_option
+    ),
+    epochs: int = typer.Option(
+        30, help="Epochs over the training set.", callback=positive_int_option
+    ),
+    batch_size: int = typer.Option(128, help="Batch size.", callback=positive_int_option),
+    lr: float = typer.Option(
+        0.1, help="Peak learning rate (SGD, Nesterov momentum 0.9).", callback=positive_float_option
+    ),
     lr_schedule: str = typer.Option("cosine", help="cosine, onecycle or constant (per step)."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear learning-rate warm-up (epochs)."),
-    weight_decay: float = typer.Option(5e-4, help="L2 weight decay."),
-    label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy."),
+    warmup_epochs: float = typer.Option(
+        0.0, help="Linear learning-rate warm-up (epochs).", callback=non_negative_float_option
+    ),
+    weight_decay: float = typer.Option(
+        5e-4, help="L2 weight decay.", callback=non_negative_float_option
+    ),
+    label_smoothing: float = typer.Option(
+        0.0, help="Label smoothing of the cross-entropy.", callback=non_negative_float_option
+    ),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random crop + flip."),
-    seed: int = typer.Option(0, help="Random seed (init, batch order, augmentation, dropout)."),
+    seed: int = typer.Option(
+        0, help="Random seed (init, batch order, augmentation, dropout).", callback=seed_option
+    ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    limit_train: int | None = typer.Option(None, help="Train on the first N images only."),
-    limit_test: int | None = typer.Option(None, help="Final test on the first N images only."),
-    eval_images: int = typer.Option(1000, help="Test images evaluated after every epoch."),
-    checkpoint_every: int = typer.Option(500, help="Checkpoint interval (iterations)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    limit_train: int | None = typer.Option(
+        None, help="Train on the first N images only.", callback=positive_int_option
+    ),
+    limit_test: int | None = typer.Option(
+        None, help="Final test on the first N images only.", callback=positive_int_option
+    ),
+    eval_images: int = typer.Option(
+        1000, help="Test images evaluated after every epoch.", callback=non_negative_int_option
+    ),
+    checkpoint_every: int = typer.Option(
+        500, help="Checkpoint interval (iterations).", callback=positive_int_option
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
+    threads: int | None = typer.Option(
+        None, help="CPU threads for torch.", callback=positive_int_option
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -104,13 +137,19 @@ def test_classifier_command(
     ),
     dataset: str | None = typer.Option(None, help="Dataset (default: the checkpoint's)."),
     split: str = typer.Option("test", help="train or test."),
-    n: int | None = typer.Option(None, help="Use the first N images (default: all)."),
+    n: int | None = typer.Option(
+        None, help="Use the first N images (default: all).", callback=positive_int_option
+    ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
     image_size: int | None = typer.Option(
-        None, help="Center-crop size for imagenet (default 224; resize to size / 0.875 first)."
+        None,
+        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
+        callback=positive_int_option,
     ),
-    batch_size: int = typer.Option(500, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(
+        500, help="Images per forward pass.", callback=positive_int_option
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Top-1 accuracy of a classifier checkpoint on a dataset."""

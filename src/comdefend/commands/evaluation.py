@@ -7,6 +7,14 @@ from typing import Any
 
 import typer
 
+from comdefend.commands.options import (
+    device_option,
+    interrupt_message,
+    output_folder_option,
+    positive_int_option,
+    resume_message,
+    seed_option,
+)
 from comdefend.errors import UsageError
 
 
@@ -93,9 +101,12 @@ def evaluate_command(
         "--images",
         help="Evaluate the first N test images (under torchrun write --images: its parser "
         "rejects --n as ambiguous).",
+        callback=positive_int_option,
     ),
-    seed: int = typer.Option(0, help="Master seed (attacks, noise draws)."),
-    batch_size: int = typer.Option(100, help="Images per attack / forward call."),
+    seed: int = typer.Option(0, help="Master seed (attacks, noise draws).", callback=seed_option),
+    batch_size: int = typer.Option(
+        100, help="Images per attack / forward call.", callback=positive_int_option
+    ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
     out: Path | None = typer.Option(
         None,
@@ -103,6 +114,7 @@ def evaluate_command(
         "-o",
         help="Report folder, e.g. reports/NAME (results.json, results.csv, report.md, "
         "report.html; plots with the report extra). Required unless --json.",
+        callback=output_folder_option,
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report folder."),
     resume: bool = typer.Option(
@@ -111,18 +123,24 @@ def evaluate_command(
         help="Continue an interrupted run in --out (same settings): each finished "
         "(attack, eps) is read back, not recomputed.",
     ),
-    eot_samples: int = typer.Option(8, help="EOT draws of the attacker under bpda+eot."),
-    eot_draws: int = typer.Option(3, help="Evaluation draws of randomized defenses."),
+    eot_samples: int = typer.Option(
+        8, help="EOT draws of the attacker under bpda+eot.", callback=positive_int_option
+    ),
+    eot_draws: int = typer.Option(
+        3, help="Evaluation draws of randomized defenses.", callback=positive_int_option
+    ),
     detector: list[str] = typer.Option(
         [], "--detector", help="Detectors to evaluate, repeatable: pca, squeeze."
     ),
     detector_holdout: int = typer.Option(
-        1000, help="Clean test images after the first N that calibrate the detectors (5% FPR)."
+        1000,
+        help="Clean test images after the first N that calibrate the detectors (5% FPR).",
+        callback=positive_int_option,
     ),
     attack_param: list[str] = typer.Option(
         [], "--attack-param", help="Attack hyper-parameter ATTACK.KEY=VALUE, e.g. pgd.steps=20."
     ),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the results (results.json's content) as JSON on stdout."
@@ -166,7 +184,10 @@ def evaluate_command(
         device=device,
         progress=progress,
     )
-    results = evaluate(config)
+    kept = "every finished (attack, eps) group is saved"
+    saved = resume_message(out, kept, out / "progress.safetensors") if out else lambda: ""
+    with interrupt_message(saved):
+        results = evaluate(config)
     if torchrun_rank() != 0:
         return  # rank 0 reports
     if as_json:

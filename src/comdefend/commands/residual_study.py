@@ -6,31 +6,56 @@ from pathlib import Path
 
 import typer
 
+from comdefend.commands.options import (
+    device_option,
+    non_negative_int_option,
+    output_folder_option,
+    positive_float_option,
+    positive_int_option,
+    seed_option,
+)
+
 
 def residual_study_command(
     classifier: str = typer.Option(
         ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Experiment folder, e.g. reports/NAME."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Experiment folder, e.g. reports/NAME.",
+        callback=output_folder_option,
+    ),
     dataset: str = typer.Option(
         "cifar10", help="Dataset attacked and evaluated (imagenet, cifar10, ...)."
     ),
     presets: str = typer.Option(
         "all", help="'all' or comma-separated presets/study names, e.g. normal,1_on_off."
     ),
-    iterations: int = typer.Option(7500, help="Training iterations of every preset."),
-    eval_every: int = typer.Option(
-        1000, help="Measure accuracy every N iterations and at the end (the study: 100)."
+    iterations: int = typer.Option(
+        7500, help="Training iterations of every preset.", callback=positive_int_option
     ),
-    batch_size: int = typer.Option(20, help="Training batch size."),
-    lr: float | None = typer.Option(None, help="Learning rate (default: the schedule's)."),
+    eval_every: int = typer.Option(
+        1000,
+        help="Measure accuracy every N iterations and at the end (the study: 100).",
+        callback=positive_int_option,
+    ),
+    batch_size: int = typer.Option(20, help="Training batch size.", callback=positive_int_option),
+    lr: float | None = typer.Option(
+        None, help="Learning rate (default: the schedule's).", callback=positive_float_option
+    ),
     lr_schedule: str = typer.Option("constant", help="Learning-rate schedule."),
     attack_eps: float = typer.Option(
-        7.65, help="BIM L-inf budget in units of 1/255 (default 7.65/255 = the study's 0.03)."
+        7.65,
+        help="BIM L-inf budget in units of 1/255 (default 7.65/255 = the study's 0.03).",
+        callback=positive_float_option,
     ),
-    attack_steps: int = typer.Option(10, help="BIM iterations."),
-    n: int = typer.Option(1000, help="Attack the first N test images."),
-    seed: int = typer.Option(0, help="Training seed."),
+    attack_steps: int = typer.Option(10, help="BIM iterations.", callback=positive_int_option),
+    n: int = typer.Option(
+        1000, help="Attack the first N test images.", callback=positive_int_option
+    ),
+    seed: int = typer.Option(0, help="Training seed.", callback=seed_option),
     data_dir: Path | None = typer.Option(None, help="Folder of --dataset (else $COMDEFEND_DATA)."),
     train_dataset: str | None = typer.Option(
         None, help="What ComDefend trains on (default: --dataset; cifar10 for imagenet)."
@@ -38,11 +63,19 @@ def residual_study_command(
     train_data_dir: Path | None = typer.Option(
         None, help="Folder of --train-dataset (else $COMDEFEND_DATA)."
     ),
-    image_size: int | None = typer.Option(None, help="Crop size of imagenet images (224)."),
-    eval_images: int = typer.Option(500, help="Held-out test images for the PSNR."),
-    inference_batch: int = typer.Option(250, help="Images per forward pass when measuring."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    image_size: int | None = typer.Option(
+        None, help="Crop size of imagenet images (224).", callback=positive_int_option
+    ),
+    eval_images: int = typer.Option(
+        500, help="Held-out test images for the PSNR.", callback=non_negative_int_option
+    ),
+    inference_batch: int = typer.Option(
+        250, help="Images per forward pass when measuring.", callback=positive_int_option
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
+    threads: int | None = typer.Option(
+        None, help="CPU threads for torch.", callback=positive_int_option
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Skip finished presets, continue an interrupted one."
     ),

@@ -8,45 +8,163 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from comdefend.checkpoint import atomic_write
-from comdefend.errors import InputError
+from comdefend.errors import InputError, UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
+#: Images above this many pixels are refused before their pixels are decoded (a small file can
+#: declare a huge size: a decompression bomb). Override with ``max_pixels`` or the environment
+#: variable named by :data:`MAX_PIXELS_ENV`.
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS_ENV = "COMDEFEND_MAX_IMAGE_PIXELS"
 
-def read_image(path: str | os.PathLike, channels: int | None = None) -> torch.Tensor:
-    """Read an image file as a ``(C, H, W)`` float tensor in [0, 1].
+# Modes whose pixels are one gray value (with or without alpha).
+_GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
-    ``channels`` = 3 converts to RGB, 1 to grayscale; ``None`` keeps what the file has
-    (grayscale stays 1 channel, anything else becomes RGB). An alpha channel is dropped.
+
+def max_image_pixels() -> int:
+    """The pixel-count limit: ``$COMDEFEND_MAX_IMAGE_PIXELS`` if set, else 64,000,000.
+
+    Raises:
+        UsageError: the environment variable is not a positive integer.
+    """
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
+    return value
+
+
+def _too_large(file: Path, width: int, height: int, limit: int) -> InputError:
+    return InputError(
+        f"{file} declares {width}x{height} = {width * height:,} pixels, more than the limit of "
+        f"{limit:,} (a guard against decompression bombs); if the image is genuine, set "
+        f"{MAX_PIXELS_ENV} to a larger number"
+    )
+
+
+def _gray_array(image: Image.Image, file: Path) -> np.ndarray:
+    """One gray channel as float in [0, 1], keeping 16-bit and float precision."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image).astype(np.float64)
+        # PNG/TIFF 16-bit gray arrive as I;16 or I, with values 0..65535.
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise InputError(
+                f"{file} holds 32-bit integer pixels outside 0..65535; convert it to an 8- or "
+                "16-bit image"
+            )
+        return array / 65535.0
+    if mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise InputError(
+                f"{file} holds floating-point pixels outside [0, 1] (or NaN); convert it to an "
+                "8- or 16-bit image"
+            )
+        return array
+    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+
+
+def _over_white(color: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """Composite on a white background, as image viewers and browsers show transparency."""
+    if alpha is None:
+        return color
+    weight = alpha[..., None] if color.ndim == 3 else alpha
+    return color * weight + (1.0 - weight)
+
+
+def _alpha_of(image: Image.Image) -> np.ndarray | None:
+    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        return np.asarray(image.convert("RGBA"), dtype=np.float64)[..., 3] / 255.0
+    return None
+
+
+def read_image(
+    path: str | os.PathLike, channels: int | None = None, max_pixels: int | None = None
+) -> torch.Tensor:
+    """Read an image file as a ``(C, H, W)`` float tensor in [0, 1], as a viewer shows it.
+
+    - EXIF orientation is applied (a phone photo comes out upright).
+    - 16-bit grayscale keeps its full range (65535 is white); 1-bit, 8-bit, 16-bit and [0, 1]
+      float grayscale are grayscale; palette, CMYK, YCbCr and other colour modes become RGB.
+    - Transparency (RGBA, gray + alpha, palette with a transparent colour) is composited on
+      white, as viewers show it.
+    - The pixel count is checked from the header, before any pixel is decoded.
+
+    Args:
+        path: the image file (PNG, JPEG, BMP, WebP, TIFF, ...).
+        channels: 3 converts to RGB, 1 to grayscale (luma); ``None`` keeps what the file has
+            (1 for grayscale files, with or without alpha; 3 otherwise).
+        max_pixels: refuse images with more pixels (default: :func:`max_image_pixels`, i.e.
+            ``$COMDEFEND_MAX_IMAGE_PIXELS`` or 64,000,000).
+
+    Raises:
+        InputError: missing, unreadable or truncated file, a pixel count above the limit, or
+            pixel values with no defined brightness (32-bit integers beyond 16 bits, floats
+            outside [0, 1]).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> file = pathlib.Path(tempfile.mkdtemp()) / "gray.png"
+        >>> Image.new("I;16", (4, 2), 65535).save(file)
+        >>> read_image(file).shape, float(read_image(file).max())
+        (torch.Size([1, 2, 4]), 1.0)
     """
     file = Path(path)
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    previous_limit = Image.MAX_IMAGE_PIXELS
     try:
+        # PIL's own bomb check (a warning, then an error at twice its limit) is replaced by
+        # ours, which has an override and a message for the user.
+        Image.MAX_IMAGE_PIXELS = None
         with Image.open(file) as image:
+            width, height = image.size
+            if width * height > limit:
+                raise _too_large(file, width, height, limit)
             image.load()
-            mode = image.mode
+            upright = ImageOps.exif_transpose(image)
+            gray = upright.mode in _GRAY_MODES
             if channels is None:
-                channels = 1 if mode in ("L", "I;16", "I", "1") else 3
-            converted = image.convert("L" if channels == 1 else "RGB")
+                channels = 1 if gray else 3
+            alpha = _alpha_of(upright)
+            if channels == 1:
+                color = _gray_array(upright, file)
+            elif gray and upright.mode not in ("LA", "La"):
+                color = np.repeat(_gray_array(upright, file)[..., None], 3, axis=2)
+            else:
+                color = np.asarray(upright.convert("RGB"), dtype=np.float64) / 255.0
     except FileNotFoundError:
         raise InputError(f"image not found: {file}") from None
+    except IsADirectoryError:
+        raise InputError(f"{file} is a folder, not an image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise
         raise InputError(f"cannot read image {file}: {error}") from error
-    array = np.asarray(converted, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy()).float().div_(255)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+    array = _over_white(color, alpha)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array)).float().clamp_(0, 1)
 
 
 def image_channels_of(path: str | os.PathLike) -> int:
-    """1 for grayscale files, 3 for anything else (without decoding the pixels)."""
+    """1 for grayscale files (with or without alpha), 3 for anything else (header only)."""
     try:
         with Image.open(path) as image:
-            return 1 if image.mode in ("L", "I;16", "I", "1", "LA") else 3
+            return 1 if image.mode in _GRAY_MODES else 3
     except (UnidentifiedImageError, OSError) as error:
         raise InputError(f"cannot read image {path}: {error}") from error
 

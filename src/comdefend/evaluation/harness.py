@@ -427,8 +427,7 @@ def evaluate(config: EvaluationConfig) -> dict[str, Any]:
 
 
 def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+    from comdefend.console import progress_bar
     from comdefend.training.run import environment
 
     started = time.time()
@@ -500,11 +499,11 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     grid_attack = config.attacks[0]
     grid_eps = eps_plan(config, grid_attack)[-1][0]
     grid: dict[str, Any] = dict(progress.grid) if progress else {}
-    bar = tqdm(
+    bar = progress_bar(
         total=len(groups) * len(plan),
         desc="evaluate",
         unit="cell",
-        disable=not (config.progress and group.is_main),
+        enabled=config.progress and group.is_main,
     )
     for attack, eps_label, eps_value in groups:
         if group_key(attack, eps_label) in restored:

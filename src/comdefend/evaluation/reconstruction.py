@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-from tqdm.auto import tqdm
 
+from comdefend.console import progress_bar
 from comdefend.data.datasets import load_dataset
 from comdefend.errors import UsageError
 from comdefend.metrics import mse_per_image, psnr_from_mse
@@ -37,7 +37,9 @@ def reconstruction_report(
     model.eval()
     device = next(model.parameters()).device
     mses, ones, bits_total = [], 0.0, 0
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="reconstruct"):
+    for start in progress_bar(
+        range(0, len(images), batch_size), enabled=progress, desc="reconstruct"
+    ):
         x = images.float_images(slice(start, start + batch_size)).to(device)
         purified = model.purify(x)
         bits = model.encode(x)

@@ -66,6 +66,7 @@ from comdefend.models.comdefend import ComDefend
 from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.run import resolve_device
 from comdefend.training.trainer import EvaluationHook, TrainConfig, train
+from comdefend.validation import set_threads
 
 ADVERSARIAL_KIND = "residual-study-fooling-set"
 ADVERSARIAL_FILE = "fooling_set.safetensors"
@@ -544,8 +545,7 @@ def run_residual_study(
             f"{out} already holds a residual study; pass --resume to continue it, "
             "or choose another --out"
         )
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
     device = resolve_device(config.device)
     classifier = load_checked_classifier(config, device)
     assert classifier.weights is not None  # set by load_classifier

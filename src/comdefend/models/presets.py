@@ -13,6 +13,7 @@ from torch import nn
 from comdefend.errors import UsageError
 from comdefend.models.layers import PlainCNN, ResidualCNN
 from comdefend.registry import Registry
+from comdefend.validation import positive_int
 
 # The authors' plain widths (hidden layers only), per image channel count.
 PLAIN_ENCODER_WIDTHS = {
@@ -161,7 +162,10 @@ def preset_summary(
     preset: Preset, image_channels: int = 3, code_channels: int | None = None
 ) -> dict:
     """Names, parameter counts and MACs/pixel of encoder and decoder for one preset."""
-    code = code_channels or DEFAULT_CODE_CHANNELS[image_channels]
+    if code_channels is None:
+        code = DEFAULT_CODE_CHANNELS[image_channels]
+    else:  # 0 is an error, not "the default" (as ``code_channels or default`` made it)
+        code = positive_int(code_channels, "code_channels")
     encoder = build_encoder(preset, image_channels, code)
     decoder = build_decoder(preset, image_channels, code)
     return {

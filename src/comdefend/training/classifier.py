@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812 - the usual alias
-from tqdm.auto import tqdm
 
+from comdefend.console import progress_bar
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import UsageError
 from comdefend.models.classifiers import (
@@ -219,7 +219,7 @@ def evaluate_accuracy(
     device = device if device is not None else next(model.parameters()).device
     correct = 0
     starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, disable=not progress, desc="test", unit="batch"):
+    for start in progress_bar(starts, enabled=progress, desc="test", unit="batch"):
         chunk = slice(start, start + batch_size)
         images = data.images[chunk].to(device).float().div_(255)
         labels = data.labels[chunk].to(device)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -46,12 +45,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from comdefend.checkpoint import read_metadata
+from comdefend.console import logger, progress_bar
 from comdefend.errors import ComDefendError, UsageError
 from comdefend.training.run import RunDirectory, environment, resolve_device
 from comdefend.training.stabilizers import Stabilization
+from comdefend.validation import set_threads
 
 LOG_EVERY = 10
 BEST_FILE = "best.safetensors"
@@ -329,8 +329,7 @@ def run_training(
         UsageError: bad settings, a folder holding another run, a resume that does not fit.
     """
     config = task.config
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
     # Subnormal floats appear in saturated sigmoid/ELU gradients and are slow on CPUs.
     torch.set_flush_denormal(True)
     processes = processes or launched_processes()
@@ -381,10 +380,10 @@ def run_training(
 
     model.train()
     iteration = start
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=start,
-        disable=not (progress and processes.is_main),
+        enabled=progress and processes.is_main,
         desc="train",
         unit="it",
     )
@@ -446,13 +445,12 @@ def run_training(
                                 record["collapse"] = True
                                 if not collapse_warned:
                                     collapse_warned = True
-                                    tqdm.write(
-                                        f"warning: held-out PSNR fell to {score:.2f} dB at "
+                                    logger.warning(
+                                        f"held-out PSNR fell to {score:.2f} dB at "
                                         f"iteration {iteration}, from {best['psnr_db']:.2f} dB "
                                         f"at iteration {best['iteration']}: the run is "
                                         "diverging; the best weights are kept in "
-                                        f"{run.path / BEST_FILE}",
-                                        file=sys.stderr,
+                                        f"{run.path / BEST_FILE}"
                                     )
                 limit = task.dead_iterations
                 if limit is not None and zero_streak >= limit:
@@ -480,10 +478,9 @@ def run_training(
                 if stopped_early:
                     run.log({"event": "stopped_early", **stopped_early})
                     if processes.is_main:
-                        tqdm.write(
-                            f"warning: stopping at iteration {iteration} of {total}: "
-                            f"{stopped_early['reason']}",
-                            file=sys.stderr,
+                        logger.warning(
+                            f"stopping at iteration {iteration} of {total}: "
+                            f"{stopped_early['reason']}"
                         )
                     break
                 # Every process stops after the same iteration, whichever got the signal.

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from comdefend.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from comdefend import validation
+from comdefend.checkpoint import (
+    atomic_write_text,
+    clean_stale_temporary_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 from comdefend.errors import CheckpointError, UsageError
 
 TRAINING_STATE_KIND = "training-state"
@@ -98,12 +104,14 @@ class RunDirectory:
             self.remove_stale_temporaries()
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete the temporary files of writes that a killed process left behind
-        (``.NAME.XXXX.tmp``, see :func:`comdefend.checkpoint.atomic_write`)."""
+        """Delete the temporary files of writes that a killed process left behind: those of
+        :func:`comdefend.checkpoint.atomic_write` whose writer is gone
+        (:func:`~comdefend.checkpoint.clean_stale_temporary_files`) and the ``.NAME.XXXX.tmp``
+        files of earlier versions."""
         stale = [p for p in self.path.glob(".*.tmp") if p.is_file()]
         for file in stale:
             file.unlink(missing_ok=True)
-        return stale
+        return stale + clean_stale_temporary_files(self.path)
 
     def save(
         self,
@@ -186,11 +194,8 @@ class RunDirectory:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
+    """The ``torch.device`` for ``--device`` (see :func:`comdefend.validation.resolve_device`)."""
+    return validation.resolve_device(name)
 
 
 def environment() -> dict[str, Any]:

@@ -1,0 +1,94 @@
+"""Command-line helpers: typer callbacks applying :mod:`comdefend.validation` to options.
+
+The flag's name comes from the option itself, so one callback serves every command::
+
+    iterations: int = typer.Option(100, callback=positive_int_option)
+
+A failed check raises :class:`~comdefend.errors.UsageError`, which ``comdefend``'s entry point
+prints as one ``error:`` line (exit 2). :func:`interrupt_message` gives a command's Ctrl-C its
+own message, :func:`status` prints lines that ``--quiet`` hides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from comdefend import validation
+
+
+def _flag(param: typer.CallbackParam) -> str:
+    """The long name of an option (``--iterations``), else its parameter name."""
+    options = [o for o in param.opts if o.startswith("--")]
+    return options[0] if options else f"--{str(param.name).replace('_', '-')}"
+
+
+def positive_int_option(param: typer.CallbackParam, value: int | None) -> int | None:
+    """Counts: iterations, batch sizes, images, threads (``None`` = the default)."""
+    return None if value is None else validation.positive_int(value, _flag(param))
+
+
+def non_negative_int_option(param: typer.CallbackParam, value: int | None) -> int | None:
+    return None if value is None else validation.non_negative_int(value, _flag(param))
+
+
+def positive_float_option(param: typer.CallbackParam, value: float | None) -> float | None:
+    return None if value is None else validation.positive_float(value, _flag(param))
+
+
+def non_negative_float_option(param: typer.CallbackParam, value: float | None) -> float | None:
+    return None if value is None else validation.non_negative_float(value, _flag(param))
+
+
+def seed_option(param: typer.CallbackParam, value: int | None) -> int | None:
+    return None if value is None else validation.seed_value(value, _flag(param))
+
+
+def device_option(param: typer.CallbackParam, value: str | None) -> str | None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; CUDA must be present when named."""
+    if value is None:
+        return None
+    validation.resolve_device(value, _flag(param))
+    return validation.device_name(value, _flag(param))
+
+
+def output_folder_option(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """A folder that can be created or written (not a file, not read-only)."""
+    return None if value is None else validation.output_folder(value, _flag(param))
+
+
+def output_file_option(param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """A file that can be written (not a folder; its folder writable)."""
+    return None if value is None else validation.output_file(value, _flag(param))
+
+
+@contextmanager
+def interrupt_message(message: Callable[[], str]) -> Iterator[None]:
+    """On Ctrl-C/SIGTERM inside the block, stop with ``message()`` (computed then, so it can
+    say whether a checkpoint exists) instead of a bare "interrupted"."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        raise KeyboardInterrupt(message()) from interrupt
+
+
+def resume_message(folder: Path, kept: str, saved: Path | None = None) -> Callable[[], str]:
+    """The interrupt message of a resumable command writing into ``folder``."""
+
+    def message() -> str:
+        if saved is not None and not saved.exists():
+            return f"interrupted before anything was saved in {folder}"
+        return f"interrupted: {kept} in {folder}; the same command with --resume continues"
+
+    return message
+
+
+def status(message: str) -> None:
+    """A status line on stdout (``wrote ...``), left out under ``comdefend --quiet``."""
+    from comdefend.console import is_quiet
+
+    if not is_quiet():
+        typer.echo(message)
