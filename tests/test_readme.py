@@ -30,5 +30,6 @@ def test_readme_commands_match_ci() -> None:
     assert block.group(1).strip() == ci_command
     steps = [step.strip() for step in ci_command.split("&&")]
     assert "ruff check src tests" in steps
+    assert "mypy" in steps  # [tool.mypy] in pyproject.toml says what it checks
     assert steps[-1] == "python -m pytest -q"
     assert "set -euo pipefail" in ci

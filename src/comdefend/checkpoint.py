@@ -84,7 +84,7 @@ def clean_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
 
     The temporary file sits beside ``path`` (named ``.NAME~HOST~PID~RANDOM.comdefend-tmp``)

@@ -120,3 +120,17 @@ def test_detection_metrics_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(MissingDependencyError, match=r"comdefend\[report\]"):
         detection_metrics([0.0], [1.0])
+
+
+def test_a_user_detector_without_settings_is_described_by_its_type() -> None:
+    """``evaluate`` records ``detector.settings()`` in results.json: a user's subclass that only
+    implements ``score`` gets the base class's description instead of an AttributeError."""
+    from comdefend.defenses.detectors import Detector
+
+    class Brightness(Detector):
+        def score(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1).mean(1)
+
+    detector = Brightness()
+    assert detector.calibrate(torch.rand(8, 1, 4, 4), fpr=0.25) == detector.threshold
+    assert detector.settings() == {"type": "Brightness"}

@@ -100,7 +100,7 @@ def register_attack(
         ATTACKS.add(name, cls, aliases=aliases, replace=replace)
         return cls
 
-    return decorate if attack is None else decorate(attack)  # type: ignore[arg-type]
+    return decorate if attack is None else decorate(attack)
 
 
 class ForeignAttack(Attack):

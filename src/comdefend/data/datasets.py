@@ -149,7 +149,7 @@ def _load_fashion(folder: Path, split: str) -> ImageSet:
 def _unpickle_batch(path: Path) -> dict:
     # CIFAR batches are pickles of plain dicts, lists and NumPy arrays: allow exactly that.
     class Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str):  # type: ignore[override]
+        def find_class(self, module: str, name: str):
             if module.startswith(("numpy.core", "numpy._core", "numpy")) and name in {
                 "_reconstruct",
                 "ndarray",

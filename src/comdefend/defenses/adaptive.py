@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -190,7 +190,8 @@ class EOT(nn.Module):
         return bool(getattr(self.module, "randomized", False))
 
     def settings(self) -> dict[str, Any]:
-        inner = self.module.settings() if hasattr(self.module, "settings") else {}
+        settings = getattr(self.module, "settings", None)
+        inner = settings() if callable(settings) else {}
         return {
             "name": self.name,
             "samples": self.samples,
@@ -295,7 +296,7 @@ def _attacker_part(part: nn.Module, relaxed: bool) -> nn.Module:
         mode = "relaxed" if relaxed else "straight_through"
         return part.with_mode(mode, seed=_attacker_seed(part))
     if isinstance(part, Compose):
-        return Compose(*(_attacker_part(p, relaxed) for p in part.parts))  # type: ignore[misc]
+        return Compose(*(cast(Defense, _attacker_part(p, relaxed)) for p in part.parts))
     if isinstance(part, (BPDA, Identity)) or getattr(part, "differentiable", True):
         return part
     return BPDA(part)

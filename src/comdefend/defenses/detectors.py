@@ -60,6 +60,10 @@ class Detector:
         """One score per image, higher meaning more likely adversarial: shape ``(N,)``, CPU."""
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready settings for ``results.json`` (subclasses add their parameters)."""
+        return {"type": type(self).__name__}
+
     def calibrate(self, clean_holdout: torch.Tensor, fpr: float = 0.05) -> float:
         """Set the threshold at the ``1 - fpr`` quantile of the scores of clean images.
 

@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -300,7 +301,8 @@ class Compose(Defense):
                 raise UsageError(f"Compose takes Defense modules, got {type(defense).__name__}")
         if not parts:
             raise UsageError("Compose needs at least one defense")
-        self.parts = torch.nn.ModuleList(parts)
+        # an nn.ModuleList (registers the parts), typed as what it holds
+        self.parts: Sequence[Defense] = torch.nn.ModuleList(parts)  # type: ignore[assignment]
 
     @property
     def name(self) -> str:

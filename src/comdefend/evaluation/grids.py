@@ -43,7 +43,7 @@ def image_grid(
             draw.text((4, top + cell_h // 2 - 6), labels[r], fill="black")
         for c, image in enumerate(row):
             array = to_uint8(image.expand(3, -1, -1) if image.shape[0] == 1 else image)
-            tile = Image.fromarray(array).resize((cell_w, cell_h), Image.NEAREST)
+            tile = Image.fromarray(array).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(tile, (left + gap + c * (cell_w + gap), top))
     return canvas
 

@@ -40,11 +40,11 @@ class _HardThresholdStraightThrough(torch.autograd.Function):
     """Forward: threshold the sigmoid; backward: pass the gradient to the code unchanged."""
 
     @staticmethod
-    def forward(ctx, shifted_code: torch.Tensor, threshold: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, shifted_code: torch.Tensor, threshold: float) -> torch.Tensor:
         return (torch.sigmoid(shifted_code) > threshold).to(shifted_code.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor):
         return grad_output, None
 
 

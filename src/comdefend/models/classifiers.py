@@ -80,6 +80,9 @@ LITE_NORMALIZATION: Normalization = ((0.498,) * 3, (0.502,) * 3)
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, with mean and std stored as buffers."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -485,12 +488,18 @@ def check_classifier_fits(
     else:
         config = getattr(classifier, "config", None)
         arch_name = getattr(config, "arch", None)
-        arch = CLASSIFIERS.get(arch_name) if arch_name in CLASSIFIERS else None
+        known = isinstance(arch_name, str) and arch_name in CLASSIFIERS
+        arch = CLASSIFIERS.get(str(arch_name)) if known else None
         channels = getattr(classifier, "in_channels", None)
         classes = getattr(config, "num_classes", None)
         trained_on = getattr(config, "dataset", None)
         name = label or arch_name or type(classifier).__name__
-    if check_trained_on and trained_on in DATASETS and DATASETS.canonical(trained_on) != data.name:
+    if (
+        check_trained_on
+        and isinstance(trained_on, str)
+        and trained_on in DATASETS
+        and DATASETS.canonical(trained_on) != data.name
+    ):
         raise UsageError(
             f"classifier {name} was trained on {trained_on}, not {data.name}; pass --dataset "
             f"{trained_on} or a {data.name} classifier"

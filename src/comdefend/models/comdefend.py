@@ -186,6 +186,7 @@ class ComDefend(nn.Module):
         self.decoder = build_decoder(preset, config.image_channels, code_channels)
         self.receptive_radius = receptive_radius(self.encoder) + receptive_radius(self.decoder)
         self.weights: WeightsRef | None = None  # set by from_checkpoint
+        self.checkpoint_metadata: dict[str, Any] | None = None  # set by from_checkpoint
         self.widest_channels = max(
             layer.out_channels for layer in self.modules() if isinstance(layer, nn.Conv2d)
         )

@@ -42,7 +42,7 @@ class PlainCNN(nn.Sequential):
         self.input_shift = float(input_shift)
         self.channels = list(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_shift:
             x = x + self.input_shift
         return super().forward(x)

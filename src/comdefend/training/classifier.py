@@ -28,6 +28,7 @@ from comdefend.console import progress_bar
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
 from comdefend.errors import UsageError
 from comdefend.models.classifiers import (
+    Classifier,
     ClassifierConfig,
     check_classifier_fits,
     classifier_from_config,
@@ -243,6 +244,7 @@ class ClassifierTask(TrainingTask):
     """The ``classifier`` task: cross-entropy with the configured augmentation, SGD."""
 
     kind = "classifier"
+    model: Classifier
 
     def __init__(self, config: ClassifierTrainConfig) -> None:
         super().__init__(config)

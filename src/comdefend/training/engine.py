@@ -276,7 +276,7 @@ def deferred_interrupts() -> Iterator[dict[str, bool]]:
             raise KeyboardInterrupt
         state["stop"] = True
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -473,7 +473,8 @@ def run_training(
                 if task.checkpoint_due(iteration) or iteration == total or stopped_early:
                     run.save(model, optimizer, iteration)
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
-                bar.set_postfix(**task.describe_progress(means), img_s=f"{rate:.0f}", refresh=False)
+                postfix = {**task.describe_progress(means), "img_s": f"{rate:.0f}"}
+                bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 if stopped_early:
                     run.log({"event": "stopped_early", **stopped_early})

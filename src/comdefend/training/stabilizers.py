@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -91,7 +92,8 @@ class Stabilizer:
             return replace(settings, cosine_decay=True)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"--stabilize {self.name}={value}: the value must be > 0")
-        return replace(settings, **{self.field: float(value)})
+        changes: dict[str, Any] = {self.field: float(value)}
+        return replace(settings, **changes)
 
 
 STABILIZERS: Registry[Stabilizer] = Registry("stabilizer")

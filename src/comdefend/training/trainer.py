@@ -256,6 +256,7 @@ class PurifierTask(TrainingTask):
     kind = "purifier"
     monitor = "heldout_psnr_db"
     legacy_defaults = LEGACY_DEFAULTS
+    model: ComDefend
 
     def __init__(self, config: TrainConfig, on_evaluation: EvaluationHook | None = None) -> None:
         super().__init__(config)
@@ -269,6 +270,12 @@ class PurifierTask(TrainingTask):
     def dead_iterations(self) -> int:
         return DEAD_ITERATIONS  # read at call time: tests shorten it
 
+    @property
+    def base_lr(self) -> float:
+        """The initial learning rate (TrainConfig fills in the schedule's default for None)."""
+        assert self.config.lr is not None
+        return float(self.config.lr)
+
     def setup(self, device: torch.device, processes: Processes) -> None:
         self.device = device
         torch.manual_seed(self.config.seed)  # weight initialisation
@@ -281,11 +288,11 @@ class PurifierTask(TrainingTask):
     def build_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
         eps = self.stabilization.adam_eps or 1e-8
         betas = (self.config.adam_beta1, self.config.adam_beta2)
-        return torch.optim.Adam(parameters, lr=float(self.config.lr), betas=betas, eps=eps)
+        return torch.optim.Adam(parameters, lr=self.base_lr, betas=betas, eps=eps)
 
     def learning_rate(self, iteration: int) -> float:
         config = self.config
-        return learning_rate(config.lr_schedule, float(config.lr), iteration, config.iterations)
+        return learning_rate(config.lr_schedule, self.base_lr, iteration, config.iterations)
 
     def training_module(self) -> nn.Module:
         return self.step_module

@@ -311,6 +311,7 @@ def measure_on_sample(name: str) -> dict[str, Any]:
 
     from comdefend.data.datasets import load_dataset
     from comdefend.metrics import mean_psnr
+    from comdefend.models.comdefend import ComDefend
 
     entry = get_entry(name)
     model = load_pretrained(name)
@@ -325,6 +326,7 @@ def measure_on_sample(name: str) -> dict[str, Any]:
                 "sample_accuracy": float((predictions == labels).double().mean()),
                 "sample_images": len(labels),
             }
+        assert isinstance(model, ComDefend)  # every zoo entry that is not a classifier
         purified = torch.cat([model.purify(chunk) for chunk in x.split(250)])
         return {"sample_psnr_db": mean_psnr(purified, x), "sample_images": len(labels)}
 
