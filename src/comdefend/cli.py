@@ -40,7 +40,7 @@ class _Group(TyperGroup):
     """typer turns KeyboardInterrupt into a bare exit 130 before ``main`` could speak; catching
     it here, around every command, lets the command's own message reach the user."""
 
-    def invoke(self, ctx: typer.Context):  # noqa: ANN201
+    def invoke(self, ctx: typer.Context):  # type: ignore[override]  # noqa: ANN201
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as interrupt:

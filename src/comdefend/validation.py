@@ -208,8 +208,9 @@ def outputs_spare_inputs(
             )
     resolved = {source.resolve(): source for source in sources}
     for output in outputs:
-        source = resolved.get(Path(output).resolve())
-        if source is not None:
+        overwritten = resolved.get(Path(output).resolve())
+        if overwritten is not None:
             raise UsageError(
-                f"{name} would overwrite the input {source}; write the outputs to another folder"
+                f"{name} would overwrite the input {overwritten}; "
+                "write the outputs to another folder"
             )

@@ -42,7 +42,7 @@ class Detectors:
     def finish_info(self, clean_scores: dict[str, torch.Tensor]) -> None:
         """Record each detector's false-positive rate on all evaluated clean images."""
         for name, detector in self.detectors.items():
-            flagged = clean_scores[name] > detector.threshold
+            flagged = clean_scores[name] > _threshold(detector)
             self.info[name]["fpr_on_evaluated_clean"] = float(flagged.double().mean())
 
     def row(
@@ -55,7 +55,7 @@ class Detectors:
         """One attack's detection results over all evaluated images."""
         row: dict[str, Any] = {"attack": attack, "eps": eps}
         for name, detector in self.detectors.items():
-            tpr = float((scores[name] > detector.threshold).double().mean())
+            tpr = float((scores[name] > _threshold(detector)).double().mean())
             try:
                 metrics = detection_metrics(clean_scores[name], scores[name], DETECTOR_FPR)
             except MissingDependencyError:
@@ -108,3 +108,10 @@ def fit_detectors(
             "target_fpr": DETECTOR_FPR,
         }
     return result
+
+
+def _threshold(detector: Detector) -> float:
+    """The calibrated threshold (detectors are calibrated when they are fitted)."""
+    if detector.threshold is None:
+        raise RuntimeError(f"{type(detector).__name__} was not calibrated")
+    return detector.threshold

@@ -180,8 +180,8 @@ class GroupRecord:
                     "seconds": cell.seconds,
                 }
             )
-        for name, scores in self.detector_scores.items():
-            tensors[f"detector/{name}"] = scores.clone()
+        for name, values in self.detector_scores.items():
+            tensors[f"detector/{name}"] = values.clone()
         tensors["grid_indices"] = self.grid_indices.clone()
         if self.grid_adversarial is not None:
             tensors["grid_adversarial"] = self.grid_adversarial.clone()
@@ -257,8 +257,8 @@ class CleanRecord:
         for i, scores in enumerate(self.defenses):
             for name in ("indices", "correct", "mse"):
                 tensors[f"defense/{i}/{name}"] = getattr(scores, name).clone()
-        for name, scores in self.detector_scores.items():
-            tensors[f"detector/{name}"] = scores.clone()
+        for name, values in self.detector_scores.items():
+            tensors[f"detector/{name}"] = values.clone()
         meta = {"defenses": len(self.defenses), "detectors": list(self.detector_scores)}
         return save_tensors(tensors, {"record": json.dumps(meta)})
 
