@@ -71,7 +71,7 @@ from comdefend.validation import set_threads
 ADVERSARIAL_KIND = "residual-study-fooling-set"
 ADVERSARIAL_FILE = "fooling_set.safetensors"
 #: The study's BIM budget, 0.03 on [0, 1] images, in units of 1/255.
-STUDY_EPS = 0.03 * 255
+STUDY_EPS = 7.65
 #: The chart's panels: preset-name prefix -> title (each also shows the plain model).
 CHART_FAMILIES: tuple[tuple[str, str], ...] = (
     ("residual-encoder-", "residual encoder 1-3"),
