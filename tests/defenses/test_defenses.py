@@ -116,12 +116,12 @@ def test_median_removes_a_salt_pixel() -> None:
 
 
 def test_median_2x2_window_and_even_padding() -> None:
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4) / 16  # defenses take images in [0, 1]
     # bottom_right: window = pixel and its right/bottom neighbours; upper median of 4 values.
-    y = MedianSmoothing(2)(x)
+    y = MedianSmoothing(2)(x) * 16
     assert float(y[0, 0, 0, 0]) == 4.0  # {0, 1, 4, 5} -> 4
     # top_left + symmetric padding = scipy.ndimage.median_filter(size=2, mode="reflect").
-    y = MedianSmoothing(2, padding="symmetric", even_padding="top_left")(x)
+    y = MedianSmoothing(2, padding="symmetric", even_padding="top_left")(x) * 16
     assert y[0, 0].tolist()[1] == [4.0, 4.0, 5.0, 6.0]
 
 
@@ -465,3 +465,60 @@ def test_option_without_value_is_named_not_a_missing_checkpoint(tmp_path: Path) 
     odd = tmp_path / "odd@noise"  # a file really named so still loads
     odd.write_bytes(path.read_bytes())
     assert parse_defense(f"comdefend:{odd}").name == f"comdefend:{odd}"
+
+
+@pytest.mark.parametrize("spec", ["none", "bits:4", "median:2", "jpeg:75", "comdefend"])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda x: x.clone().fill_(float("nan")), "NaN or infinite"),
+        (lambda x: x * 255, r"must lie in \[0, 1\].*divide by 255"),
+        (lambda x: x - 0.5, r"must lie in \[0, 1\]"),
+        (lambda x: x[0], "NCHW"),
+        (lambda x: (x * 255).to(torch.uint8), "float tensor"),
+    ],
+)
+def test_every_defense_checks_its_input_the_same_way(spec: str, bad, message: str) -> None:
+    if spec == "comdefend":
+        defense: nn.Module = ComDefendDefense(ComDefend(ComDefendConfig(image_channels=3)))
+    else:
+        defense = parse_defense(spec)
+    x = smooth_images(2, 3, 16)
+    with pytest.raises(InputError, match=message):
+        defense(bad(x))
+
+
+def test_comdefend_checks_channels_and_encode_checks_too() -> None:
+    model = ComDefend(ComDefendConfig(image_channels=1)).eval()
+    with pytest.raises(InputError, match="3 channels but this model expects 1"):
+        ComDefendDefense(model)(smooth_images(1, 3, 8))
+    with pytest.raises(InputError, match="encode input contains NaN"):
+        model.encode(torch.full((1, 1, 8, 8), float("nan")))
+    with pytest.raises(InputError, match=r"encode input must lie in \[0, 1\]"):
+        model.encode(torch.full((1, 1, 8, 8), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_purify_and_encode_take_other_float_dtypes(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = ComDefend(ComDefendConfig(image_channels=1)).eval()
+    x32 = smooth_images(2, 1, 16)
+    x = x32.to(dtype)
+    with torch.no_grad():
+        purified, code = model.purify(x), model.encode(x)
+        reference = model.purify(x.to(torch.float32))
+        reference_code = model.encode(x.to(torch.float32))
+    assert purified.dtype == dtype and code.dtype == dtype
+    # computed in float32 on the same (rounded) input, returned in the caller's dtype
+    assert torch.equal(purified, reference.to(dtype)) and torch.equal(
+        code, reference_code.to(dtype)
+    )
+    assert ComDefendDefense(model)(x).dtype == dtype
+
+
+def test_float64_gradients_flow_through_the_cast() -> None:
+    model = ComDefend(ComDefendConfig(image_channels=1)).eval()
+    view = make_threat_model_defense(ComDefendDefense(model), "bpda")
+    x = smooth_images(1, 1, 16).double().requires_grad_(True)
+    view(x).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float64 and x.grad.abs().sum() > 0

@@ -17,7 +17,7 @@ from comdefend.defenses.adaptive import (
     eot_grad,
     make_threat_model_defense,
 )
-from comdefend.defenses.base import Defense, check_batch
+from comdefend.defenses.base import Defense, check_batch, check_images
 from comdefend.defenses.comdefend_defense import DEFENSE_BINARIZER_MODES, ComDefendDefense
 from comdefend.defenses.detectors import (
     DETECTORS,
@@ -61,6 +61,7 @@ __all__ = [
     "MissingDependencyError",
     "PCADetector",
     "check_batch",
+    "check_images",
     "detection_metrics",
     "eot_grad",
     "make_threat_model_defense",

@@ -20,16 +20,19 @@ from typing import Any
 
 from torch import nn
 
-from comdefend.models.comdefend import check_batch
+from comdefend.models.comdefend import check_batch, check_images
 
-__all__ = ["Defense", "check_batch"]
+__all__ = ["Defense", "check_batch", "check_images"]
 
 
 class Defense(nn.Module):
     """Base class of the purifiers in :mod:`comdefend.defenses`.
 
     Subclasses implement ``forward`` and ``name`` and may override ``differentiable`` /
-    ``randomized`` (class attributes or properties) and :meth:`params`.
+    ``randomized`` (class attributes or properties) and :meth:`params`. Every built-in
+    defense starts ``forward`` with :func:`check_images` (NCHW float, finite, in [0, 1], the
+    right channel count where known), so that bad input fails the same way everywhere; a
+    user's defense should do the same.
 
     Shape:
         - Input: ``(N, C, H, W)`` float in [0, 1].

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comdefend.defenses.base import Defense, check_batch
+from comdefend.defenses.base import Defense
 from comdefend.errors import InputError, UsageError
 from comdefend.models.comdefend import check_images
 
@@ -57,7 +57,7 @@ class Identity(Defense):
         return "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(x)
+        check_images(x, name="defense input")
         return x
 
 
@@ -115,7 +115,7 @@ class JPEG(Defense):
             return np.asarray(decoded.convert(pil.mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x.detach(), name="JPEG input")
+        check_images(x, name="defense input")
         channels = x.shape[1]
         if channels not in (1, 3):
             raise InputError(f"JPEG needs 1 (grayscale) or 3 (RGB) channels, got {channels}")
@@ -163,7 +163,7 @@ class BitDepthReduction(Defense):
         return {"bits": self.bits}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(x)
+        check_images(x, name="defense input")
         levels = float(2**self.bits - 1)
         return torch.round(x.clamp(0, 1) * levels) / levels
 
@@ -253,7 +253,7 @@ class MedianSmoothing(Defense):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_batch(x)
+        check_images(x, name="defense input")
         k = self.kernel_size
         if k == 1:
             return x

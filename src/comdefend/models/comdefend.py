@@ -191,6 +191,11 @@ class ComDefend(nn.Module):
             layer.out_channels for layer in self.modules() if isinstance(layer, nn.Conv2d)
         )
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the network computes in (its parameters')."""
+        return next(self.parameters()).dtype
+
     # -- the network, image-sized input, no tiling ------------------------------------------
     def _to_model_order(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(1) if self.config.channel_order == "BGR" else x
@@ -200,7 +205,14 @@ class ComDefend(nn.Module):
         return self._in_chunks(lambda part: self.encoder(self._to_model_order(part)), x)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] -> code: {0, 1} in eval mode, noisy sigmoid in training mode."""
+        """Images in [0, 1] -> code: {0, 1} in eval mode, noisy sigmoid in training mode.
+
+        Input of another float dtype (float64, float16, bfloat16) is computed in the weights'
+        dtype and the code returned in the input's dtype.
+        """
+        check_images(x, self.config.image_channels, "encode input")
+        if x.dtype != self.weights_dtype:
+            return self.encode(x.to(self.weights_dtype), generator).to(x.dtype)
         # The binarizer sees the whole batch's code at once, so a noisy binarizer draws exactly
         # the noise of an unchunked pass (same generator state afterwards).
         return self.binarizer(self.code_logits(x), generator=generator)
@@ -258,11 +270,16 @@ class ComDefend(nn.Module):
     def purify(self, x: torch.Tensor, mode: PurifyMode | None = None) -> torch.Tensor:
         """Purify NCHW images in [0, 1] of any size (``mode`` overrides the configured one).
 
+        Input of another float dtype (float64, float16, bfloat16) is purified in the weights'
+        dtype and returned in its own.
+
         At inference on the CPU (eval mode, no autograd recording) the networks run on chunks of
         the batch that fit in the caches; with autograd recording (BPDA, relaxed attacks) it is
         one plain pass, so gradients flow as usual.
         """
         check_images(x, self.config.image_channels)
+        if x.dtype != self.weights_dtype:  # float64/16, bfloat16: computed in the weights' dtype
+            return self.purify(x.to(self.weights_dtype), mode).to(x.dtype)
         mode = mode or self.config.purify_mode
         if mode == "patch":
             return run_patches(self._reconstruction_only, x, self.config.patch_size)
