@@ -84,7 +84,7 @@ def test_cli_refuses_zero_or_negative_iterations(tmp_path: Path, iterations: str
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--iterations", iterations, "--out", str(out)])
     assert result.exit_code != 0
-    assert "iterations must be >= 1" in str(result.exception) + result.output
+    assert "--iterations must be an integer >= 1" in str(result.exception) + result.output
     assert not out.exists()
 
 
