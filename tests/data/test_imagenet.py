@@ -44,6 +44,7 @@ def test_class_folders_get_the_standard_indices_and_the_crop(tmp_path: Path) -> 
     assert is_imagenet_folder(tmp_path) and is_imagenet_folder(root)
     data = load_imagenet(tmp_path)  # finds val/
     assert data.images.shape == (6, 3, 224, 224) and data.images.dtype == torch.uint8
+    assert data.images.is_contiguous()  # dense NCHW, not a transposed HWC view
     assert data.labels.tolist() == [0, 0, 417, 417, 999, 999]  # sorted wnids, full-list index
     assert data.classes[417] == "balloon" and len(data.classes) == 1000
     small = load_imagenet(root, image_size=96)

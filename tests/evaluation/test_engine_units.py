@@ -3,6 +3,7 @@ reports written without the ``report`` extra."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -182,3 +183,15 @@ def test_evaluate_json_prints_the_results(tmp_path: Path) -> None:
     assert results["cells"][0]["attack"] == "fgsm" and results["dataset"]["n"] == 3
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code != 0 and "--out" in str(refused.exception or refused.output)
+
+
+def test_records_serialize_tensors_of_any_memory_layout() -> None:
+    # ImageNet images used to arrive as a transposed HWC view; their adversarials kept that
+    # layout and safetensors refused to save the grid images of a progress record.
+    record = _group([0, 1], grid=True)
+    strided = torch.rand(2, 32, 32, 3).permute(0, 3, 1, 2)
+    assert not strided.is_contiguous()
+    record = dataclasses.replace(record, grid_adversarial=strided)
+    again = GroupRecord.from_bytes(record.to_bytes())
+    assert again.grid_adversarial is not None
+    assert torch.equal(again.grid_adversarial, strided)

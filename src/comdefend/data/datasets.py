@@ -47,6 +47,11 @@ class ImageSet:
     source: str
     indices: torch.Tensor | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # Every loader's images are dense NCHW: a strided view (an HWC array transposed) would
+        # travel into attacks, purifiers and saved records in that layout.
+        self.images = self.images.contiguous()
+
     def __len__(self) -> int:
         return int(self.images.shape[0])
 

@@ -110,7 +110,7 @@ class ImageNetTransform:
         left = (width - self.image_size) // 2
         top = (height - self.image_size) // 2
         crop = image.crop((left, top, left + self.image_size, top + self.image_size))
-        return np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1)
+        return np.ascontiguousarray(np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def _decode(path: Path) -> Image.Image:

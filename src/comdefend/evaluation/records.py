@@ -25,9 +25,23 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import save as _save_tensors
 
 from comdefend.errors import CheckpointError
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes of ``tensors``, each packed dense and row-major on the CPU first.
+
+    safetensors refuses strided views, and tensors reach the records in whatever layout their
+    inputs had (``clone()`` keeps it): ImageNet images once arrived as a transposed HWC view,
+    and saving a progress record crashed.
+    """
+    packed = {
+        name: tensor.detach().to("cpu").contiguous(memory_format=torch.contiguous_format)
+        for name, tensor in tensors.items()
+    }
+    return _save_tensors(packed, metadata)
 
 
 def _order(indices: torch.Tensor) -> torch.Tensor:
