@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from small_runs import small_config as _config
 
 from comdefend.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from comdefend.errors import UsageError
@@ -21,20 +22,6 @@ from comdefend.training.stabilizers import Stabilization, parse_stabilizers
 from comdefend.training.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _config(out: Path, iterations: int, **kwargs) -> TrainConfig:
-    base = dict(
-        dataset="fashion-mnist",
-        out=str(out),
-        iterations=iterations,
-        batch_size=8,
-        eval_every=10,
-        eval_images=16,
-        checkpoint_every=2,
-        seed=5,
-    )
-    return TrainConfig(**{**base, **kwargs})
 
 
 # -- recipes ------------------------------------------------------------------------------------
