@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from small_runs import small_config as _config
 
+from comdefend import console
 from comdefend.errors import UsageError
 from comdefend.training import TrainConfig, learning_rate, train
 from comdefend.training import trainer as trainer_module
@@ -37,20 +39,6 @@ def test_default_learning_rates() -> None:
 def test_bad_config(kwargs: dict) -> None:
     with pytest.raises(UsageError):
         TrainConfig(**kwargs)
-
-
-def _config(out: Path, iterations: int, **kwargs) -> TrainConfig:
-    base = dict(
-        dataset="fashion-mnist",
-        out=str(out),
-        iterations=iterations,
-        batch_size=8,
-        eval_every=10,
-        eval_images=16,
-        checkpoint_every=2,
-        seed=5,
-    )
-    return TrainConfig(**{**base, **kwargs})
 
 
 def test_training_lowers_the_loss(fashion_dir: Path, tmp_path: Path) -> None:
@@ -195,7 +183,11 @@ def test_best_weights_are_kept_and_a_collapse_is_reported(
     real = trainer_module.evaluate_reconstruction
     scripted_psnrs(20.0, 25.0, 12.0, 11.0)
     out = tmp_path / "run"
-    summary = train(_config(out, 6, eval_every=2), progress=False)
+    console.configure()  # the command line's stderr output, whatever earlier tests left behind
+    try:
+        summary = train(_config(out, 6, eval_every=2), progress=False)
+    finally:
+        console.reset()
     assert summary["best"]["iteration"] == 4 and summary["best"]["psnr_db"] == 25.0
     assert summary["collapsed"] is True
     assert "held-out PSNR fell to 12.00 dB at iteration 6" in capsys.readouterr().err
