@@ -95,8 +95,7 @@ def main() -> None:
     test = load_dataset("fashion-mnist", "test").head(args.eval_images).float_images()
     torch.manual_seed(args.seed)
     model = ComDefend(ComDefendConfig(preset="plain", image_channels=1))
-    eps = stabilization.adam_eps or 1e-8
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, 0.999), eps=eps)
+    optimizer = stabilization.optimizer(list(model.parameters()), args.lr, (args.beta1, 0.999))
     last_conv = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     captured: dict[str, torch.Tensor] = {}
     last_conv.register_forward_hook(lambda _m, _i, out: captured.__setitem__("pre", out))

@@ -98,6 +98,27 @@ def test_train_reconstruct_purify_end_to_end(fashion_dir: Path, tmp_path: Path) 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
 
 
+def test_purify_precision_option(gray_checkpoint: Path, fashion_pngs: Path, tmp_path: Path) -> None:
+    out = {name: tmp_path / name for name in ("fp32", "bf16")}
+    for name, folder in out.items():
+        result = run_cli(
+            "purify", str(fashion_pngs), "-m", str(gray_checkpoint), "-o", str(folder),
+            "--precision", name,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out["bf16"].iterdir()) == sorted(
+        p.name for p in out["fp32"].iterdir()
+    )
+    for bad, message in (("fp16", "--precision must be one of fp32, tf32, bf16"),
+                         ("tf32", "tf32 needs a CUDA GPU")):  # fmt: skip
+        result = run_cli(
+            "purify", str(fashion_pngs), "-m", str(gray_checkpoint), "-o", str(tmp_path / bad),
+            "--precision", bad,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / bad).exists()
+
+
 def test_purify_never_overwrites_without_force(
     gray_checkpoint: Path, fashion_pngs: Path, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ from comdefend.commands.options import (
     output_folder_option,
     positive_float_option,
     positive_int_option,
+    precision_option,
     seed_option,
     status,
 )
@@ -167,6 +168,12 @@ def purify(
     seed: int = typer.Option(0, help="Seed of the test-time noise.", callback=seed_option),
     force: bool = typer.Option(False, "--force", help="Overwrite earlier outputs (not inputs)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32, tf32 (CUDA GPUs) or bf16: the purification's arithmetic (docs/PERFORMANCE.md "
+        "has its measured effect).",
+        callback=precision_option,
+    ),
 ) -> None:
     """Purify image files with a ComDefend checkpoint."""
     import torch
@@ -174,6 +181,7 @@ def purify(
     from comdefend.console import progress_bar
     from comdefend.data.images import collect_images, read_image, write_png
     from comdefend.models.comdefend import ComDefend
+    from comdefend.models.precision import check_precision
     from comdefend.training.run import resolve_device
     from comdefend.validation import outputs_spare_inputs
     from comdefend.zoo import resolve_weights
@@ -187,6 +195,7 @@ def purify(
         overrides["patch_size"] = patch_size
     if noise_std is not None:
         overrides["inference_noise_std"] = noise_std
+    overrides["precision"] = check_precision(precision, resolve_device(device))
     files = collect_images(inputs)
     targets = [out / (file.stem + ".png") for file in files]
     outputs_spare_inputs([*inputs, *files], out, targets)  # with or without --force

@@ -551,7 +551,6 @@ def test_model_only_sees_valid_images(name: str) -> None:
     assert seen.min() >= 0 and seen.max() <= 1
 
 
-
 def test_cw_defaults_move_saturated_pixels() -> None:
     """Issue 15, item 6: pixels at exactly 0 start far out in tanh space (w = atanh(-1 + 1e-6)
     ~ -7.25); Adam moves w by about lr per step, so the old default lr 0.01 could not bring

@@ -422,6 +422,14 @@ def test_parse_comdefend_checkpoint_with_options(tiny_comdefend: ComDefend, tmp_
     with pytest.raises(UsageError, match="binarizer"):
         parse_defense(f"comdefend:{path}@binarizer=soft")
 
+    bf16 = parse_defense(f"comdefend:{path}@precision=BF16")
+    assert isinstance(bf16, ComDefendDefense) and bf16.model.config.precision == "bf16"
+    assert bf16.name == f"comdefend:{path}@precision=bf16" and bf16.params()["precision"] == "bf16"
+    with pytest.raises(UsageError, match="precision must be one of fp32, tf32, bf16"):
+        parse_defense(f"comdefend:{path}@precision=fp16")
+    with pytest.raises(UsageError, match="tf32 needs a CUDA GPU"):
+        parse_defense(f"comdefend:{path}@precision=tf32")
+
 
 def test_user_defense_kind_enters_specs_and_messages() -> None:
     from comdefend.defenses import DEFENSES, DefenseKind, register_defense

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from comdefend.errors import UsageError
 from comdefend.evaluation.distributed import ProcessGroup
 from comdefend.evaluation.records import CellRecord, DefenseScores, GroupRecord
 from comdefend.evaluation.scoring import scoring_batch_size
@@ -195,3 +196,26 @@ def test_records_serialize_tensors_of_any_memory_layout() -> None:
     again = GroupRecord.from_bytes(record.to_bytes())
     assert again.grid_adversarial is not None
     assert torch.equal(again.grid_adversarial, strided)
+
+
+def test_precision_reaches_every_comdefend_and_the_results(tmp_path: Path) -> None:
+    from comdefend.evaluation.harness import EvaluationConfig, evaluate
+
+    purifier = "comdefend:zoo:comdefend-fashion-mnist"
+    config = EvaluationConfig(
+        dataset="fashion-mnist", split="sample", classifier="fashion-cnn",
+        defenses=["none", purifier], attacks=["fgsm"], eps=[8], n=4, progress=False,
+        precision="BF16",
+    )  # fmt: skip
+    results = evaluate(config)
+    assert results["config"]["precision"] == "bf16"
+    names = [defense["name"] for defense in results["defenses"]]
+    assert names == ["none", f"{purifier}@precision=bf16"]
+    assert results["defenses"][1]["settings"]["precision"] == "bf16"
+    conflict = EvaluationConfig(
+        dataset="fashion-mnist", split="sample", classifier="fashion-cnn",
+        defenses=[f"{purifier}@precision=bf16"], attacks=["fgsm"], eps=[8], n=4,
+        progress=False, precision="fp32",
+    )  # fmt: skip
+    with pytest.raises(UsageError, match="asks for precision bf16 but the run's precision"):
+        evaluate(conflict)

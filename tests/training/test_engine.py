@@ -137,6 +137,26 @@ def test_stabilizers_do_what_they_say() -> None:
     assert torch.equal(Stabilization().bound_logits(logits), logits)
 
 
+def test_warmup_and_amsgrad() -> None:
+    both = Stabilization.from_names(parse_stabilizers("warmup=4,amsgrad,cosine-decay"))
+    assert [both.lr_factor(i, 1000) for i in range(3)] == pytest.approx([0.25, 0.5, 0.75], rel=1e-4)
+    assert both.lr_factor(500, 1000) == pytest.approx(0.5)  # warm-up over, cosine at half
+    # After one large gradient and a long run of tiny ones (a saturated sigmoid), plain Adam's
+    # running second moment has decayed and it moves by about the learning rate again; AMSGrad
+    # keeps the largest second moment, so its steps stay tiny.
+    steps = {}
+    for name, settings in (("adam", Stabilization()), ("amsgrad", both)):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer = settings.optimizer([weight], 1e-2, (0.9, 0.999))
+        for gradient in [1.0] + [1e-6] * 20_000:
+            weight.grad = torch.tensor([gradient])
+            before = float(weight.detach())
+            optimizer.step()
+        steps[name] = abs(float(weight.detach()) - before)
+        assert optimizer.param_groups[0]["amsgrad"] is (name == "amsgrad")
+    assert steps["adam"] > 0.3e-2 and steps["amsgrad"] < 1e-6
+
+
 def test_code_bound_changes_training_and_not_the_model(fashion_dir: Path, tmp_path: Path) -> None:
     plain = train(_config(tmp_path / "plain", 2), progress=False)
     bounded = train(_config(tmp_path / "bounded", 2, stabilize={"code-bound": 1.0}), progress=False)

@@ -12,6 +12,7 @@ from comdefend.commands.options import (
     interrupt_message,
     output_folder_option,
     positive_int_option,
+    precision_option,
     resume_message,
     seed_option,
 )
@@ -141,6 +142,12 @@ def evaluate_command(
         [], "--attack-param", help="Attack hyper-parameter ATTACK.KEY=VALUE, e.g. pgd.steps=20."
     ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
+    precision: str | None = typer.Option(
+        None,
+        help="fp32, tf32 (CUDA GPUs) or bf16 for every ComDefend defense's purification "
+        "(default: each defense's own, fp32); attacks and the classifier stay fp32.",
+        callback=precision_option,
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(
         False, "--json", help="Print the results (results.json's content) as JSON on stdout."
@@ -183,6 +190,7 @@ def evaluate_command(
         attack_params=_parse_attack_params(attack_param),
         device=device,
         progress=progress,
+        precision=precision,
     )
     kept = "every finished (attack, eps) group is saved"
     saved = resume_message(out, kept, out / "progress.safetensors") if out else lambda: ""

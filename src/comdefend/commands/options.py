@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from comdefend import validation
+from comdefend.errors import UsageError
 
 
 def _flag(param: typer.CallbackParam) -> str:
@@ -53,6 +54,18 @@ def device_option(param: typer.CallbackParam, value: str | None) -> str | None:
         return None
     validation.resolve_device(value, _flag(param))
     return validation.device_name(value, _flag(param))
+
+
+def precision_option(param: typer.CallbackParam, value: str | None) -> str | None:
+    """``fp32``, ``tf32`` or ``bf16`` (whether the device has it is checked when it runs)."""
+    from comdefend.models.precision import PRECISIONS
+
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text not in PRECISIONS:
+        raise UsageError(f"{_flag(param)} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return text
 
 
 def output_folder_option(param: typer.CallbackParam, value: Path | None) -> Path | None:

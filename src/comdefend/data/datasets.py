@@ -442,6 +442,7 @@ register_dataset(
     )
 )
 
+
 def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The folder holding dataset ``name``; a clear error lists every place looked at."""
     if name not in DATASETS:

@@ -123,6 +123,8 @@ class ComDefendDefense(Defense):
             options.append(f"binarizer={self.binarizer_mode}")
         if self.model.config.purify_mode != self._loaded_config("purify_mode"):
             options.append(f"purify={self.model.config.purify_mode}")
+        if self.model.config.precision != "fp32":
+            options.append(f"precision={self.model.config.precision}")
         label = self.label if self.label is not None else self.model.config.preset
         return f"comdefend:{label}" + ("@" + ",".join(options) if options else "")
 
@@ -139,6 +141,7 @@ class ComDefendDefense(Defense):
             "image_channels": config.image_channels,
             "code_channels": config.code_channels,
             "purify_mode": config.purify_mode,
+            "precision": config.precision,
             "threshold": config.threshold,
             "source": config.source,
         }

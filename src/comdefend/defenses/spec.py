@@ -35,9 +35,10 @@ from comdefend.defenses.comdefend_defense import DEFENSE_BINARIZER_MODES, ComDef
 from comdefend.defenses.purifiers import JPEG, BitDepthReduction, Compose, Identity, MedianSmoothing
 from comdefend.errors import UsageError
 from comdefend.models.comdefend import ComDefend
+from comdefend.models.precision import check_precision
 from comdefend.registry import Registry
 
-COMDEFEND_OPTIONS: tuple[str, ...] = ("noise", "seed", "binarizer", "purify")
+COMDEFEND_OPTIONS: tuple[str, ...] = ("noise", "seed", "binarizer", "purify", "precision")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ def _parse_comdefend(argument: str, device: str | torch.device) -> ComDefendDefe
         if purify not in ("patch", "full"):
             raise UsageError(f"comdefend: purify must be patch or full, got {purify!r}")
         overrides["purify_mode"] = purify
+    if "precision" in options:
+        overrides["precision"] = check_precision(options["precision"], device)
 
     from comdefend.zoo import resolve_weights
 
@@ -190,7 +193,8 @@ for _kind in (
     ),
     DefenseKind(
         "comdefend",
-        "comdefend:PATH[@noise=S,seed=N,binarizer=hard|straight_through|relaxed,purify=patch|full]",
+        "comdefend:PATH[@noise=S,seed=N,binarizer=hard|straight_through|relaxed,purify=patch|full,"
+        "precision=fp32|tf32|bf16]",
         _parse_comdefend,
     ),
 ):

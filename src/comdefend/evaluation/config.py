@@ -12,6 +12,7 @@ from comdefend.attacks import ATTACKS
 from comdefend.defenses import DETECTORS, THREAT_MODELS
 from comdefend.errors import UsageError
 from comdefend.evaluation.progress import PROGRESS_FILE
+from comdefend.models.precision import check_precision
 
 #: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
 MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
@@ -50,6 +51,10 @@ class EvaluationConfig:
         attack_params: extra hyper-parameters per attack, e.g. ``{"pgd": {"steps": 20}}``.
         device: ``cpu``, ``cuda`` or ``auto``.
         progress: show a tqdm bar.
+        precision: numeric precision of every ComDefend defense's purification (``fp32``,
+            ``tf32`` on CUDA, ``bf16``: :mod:`comdefend.models.precision`); ``None``: each
+            defense's own (fp32 unless its spec says ``@precision=...``). Attacks, classifier
+            and the other defenses always run in fp32.
     """
 
     dataset: str
@@ -73,6 +78,7 @@ class EvaluationConfig:
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
     progress: bool = True
+    precision: str | None = None
 
 
 def _int_at_least(name: str, value: Any, low: int) -> int:
@@ -142,6 +148,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
     _check_out_folder(config)
+    precision = None if config.precision is None else check_precision(config.precision)
     return EvaluationConfig(
         **{
             **asdict(config),
@@ -151,6 +158,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
             "detectors": list(dict.fromkeys(detectors)),
             "defenses": list(dict.fromkeys(d.strip() for d in config.defenses)),
             "attack_params": {k.lower(): dict(v) for k, v in config.attack_params.items()},
+            "precision": precision,
         }
     )
 

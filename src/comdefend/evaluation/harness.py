@@ -110,6 +110,8 @@ from comdefend.evaluation.scoring import (
 from comdefend.evaluation.seeding import Batches, derive_seed
 from comdefend.evaluation.worst_case import worst_case
 from comdefend.metrics import psnr_from_mse
+from comdefend.models.comdefend import ComDefend
+from comdefend.models.precision import check_precision
 from comdefend.zoo import WeightsRef
 
 __all__ = [
@@ -151,6 +153,21 @@ def _resolve_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
+def _apply_precision(
+    model: ComDefend, precision: str | None, spec: str, device: torch.device
+) -> None:
+    """Set the run's ``--precision`` on one ComDefend (its spec may not ask for another)."""
+    own = model.config.precision
+    if precision is not None:
+        if own not in ("fp32", precision):
+            raise UsageError(
+                f"defense {spec} asks for precision {own} but the run's precision is "
+                f"{precision}: give one of them"
+            )
+        model.config.precision = check_precision(precision)
+    check_precision(model.config.precision, device)  # tf32 needs CUDA
+
+
 class _Evaluator:
     """The run's models and images (loaded by every process)."""
 
@@ -170,6 +187,7 @@ class _Evaluator:
         for spec, defense in zip(config.defenses, self.defenses, strict=True):
             for part in _comdefend_parts(defense):
                 part.model.requires_grad_(False)
+                _apply_precision(part.model, config.precision, spec, device)
                 if part.model.config.image_channels != test.channels:
                     raise UsageError(
                         f"defense {spec} takes {part.model.config.image_channels}-channel images "

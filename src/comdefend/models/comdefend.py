@@ -19,6 +19,7 @@ from comdefend.checkpoint import (
 from comdefend.errors import CheckpointError, InputError, UsageError
 from comdefend.limits import check_choice, check_int, check_number
 from comdefend.models.binarizer import BINARIZER_MODES, Binarizer, BinarizerMode
+from comdefend.models.precision import Precision, check_precision, precision_context
 from comdefend.models.presets import (
     DEFAULT_CODE_CHANNELS,
     build_decoder,
@@ -64,6 +65,8 @@ class ComDefendConfig:
         output_quantization: how ``comdefend purify`` turns [0, 1] into 8 bits: ``round`` or
             ``floor`` (the authors' ``(x * 255).astype(uint8)``).
         source: free text: where the weights came from.
+        precision: numeric precision of purification: ``fp32`` (default), ``tf32`` (CUDA) or
+            ``bf16`` (:mod:`comdefend.models.precision`; training is always fp32).
     """
 
     preset: str = "plain"
@@ -79,6 +82,7 @@ class ComDefendConfig:
     channel_order: Literal["RGB", "BGR"] = "RGB"
     output_quantization: Literal["round", "floor"] = "round"
     source: str = ""
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         # Every field may come from a file's metadata: check types and bound sizes here, before
@@ -103,6 +107,7 @@ class ComDefendConfig:
         check_choice("output_quantization", self.output_quantization, ("round", "floor"))
         if not isinstance(self.source, str):
             raise UsageError(f"source must be a string, got {self.source!r}")
+        self.precision = check_precision(self.precision)
 
     @property
     def bits_per_pixel(self) -> int:
@@ -276,6 +281,9 @@ class ComDefend(nn.Module):
         At inference on the CPU (eval mode, no autograd recording) the networks run on chunks of
         the batch that fit in the caches; with autograd recording (BPDA, relaxed attacks) it is
         one plain pass, so gradients flow as usual.
+
+        The networks run at ``config.precision`` (``fp32``, ``tf32`` on CUDA, ``bf16``); the
+        result is returned in float32 (or the input's dtype) whatever the precision.
         """
         check_images(x, self.config.image_channels)
         if x.dtype != self.weights_dtype:  # float64/16, bfloat16: computed in the weights' dtype
@@ -290,7 +298,11 @@ class ComDefend(nn.Module):
         raise UsageError(f"purify mode must be 'patch' or 'full', got {mode!r}")
 
     def _reconstruction_only(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reconstruct(x)[0]
+        if self.config.precision == "fp32" and x.device.type != "cuda":
+            return self.reconstruct(x)[0]
+        with precision_context(self.config.precision, x.device):
+            reconstruction = self.reconstruct(x)[0]
+        return reconstruction.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.purify(x)

@@ -44,12 +44,20 @@ class Stabilization:
             parameters whose gradients have become tiny.
         cosine_decay: decay the learning rate along a half cosine to 0 over the run, on top of
             the recipe's schedule.
+        warmup: raise the learning rate linearly from ``1/W`` of its value to all of it over
+            the first ``W`` iterations (Adam's first steps move every weight by about the
+            learning rate at once, whatever its gradient).
+        amsgrad: Adam's AMSGrad variant: each parameter's step is divided by the largest
+            second-moment estimate seen so far instead of the running one, so a gradient that
+            has become tiny (behind a saturated sigmoid) gives a tiny step, not a full one.
     """
 
     clip_grad_norm: float | None = None
     code_bound: float | None = None
     adam_eps: float | None = None
     cosine_decay: bool = False
+    amsgrad: bool = False
+    warmup: float | None = None
 
     @classmethod
     def from_names(cls, chosen: dict[str, float]) -> Stabilization:
@@ -59,6 +67,13 @@ class Stabilization:
             result = STABILIZERS.get(name).apply(result, value)
         return result
 
+    def optimizer(
+        self, parameters: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]
+    ) -> torch.optim.Adam:
+        """The Adam optimizer these measures ask for (epsilon, AMSGrad)."""
+        eps = 1e-8 if self.adam_eps is None else self.adam_eps
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=eps, amsgrad=self.amsgrad)
+
     def bound_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Training-time code logits after the bound (``logits`` itself without one)."""
         if self.code_bound is None:
@@ -67,9 +82,12 @@ class Stabilization:
 
     def lr_factor(self, iteration: int, total: int) -> float:
         """Factor on the recipe's learning rate at 0-based ``iteration`` of ``total``."""
-        if not self.cosine_decay:
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * iteration / max(1, total)))
+        factor = 1.0
+        if self.warmup is not None:
+            factor = min(1.0, (iteration + 1) / self.warmup)
+        if self.cosine_decay:
+            factor *= 0.5 * (1.0 + math.cos(math.pi * iteration / max(1, total)))
+        return factor
 
     def clip(self, parameters: list[torch.nn.Parameter]) -> float | None:
         """Clip the gradients in place; returns their norm before clipping (None if unused)."""
@@ -88,8 +106,9 @@ class Stabilizer:
     description: str
 
     def apply(self, settings: Stabilization, value: float) -> Stabilization:
-        if self.field == "cosine_decay":
-            return replace(settings, cosine_decay=True)
+        if self.field in ("cosine_decay", "amsgrad"):
+            changes_on: dict[str, Any] = {self.field: True}
+            return replace(settings, **changes_on)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"--stabilize {self.name}={value}: the value must be > 0")
         changes: dict[str, Any] = {self.field: float(value)}
@@ -121,6 +140,18 @@ for _entry in (
         "cosine_decay",
         1.0,
         "multiply the learning rate by a half cosine from 1 to 0 over the run",
+    ),
+    Stabilizer(
+        "warmup",
+        "warmup",
+        500.0,
+        "raise the learning rate linearly over the first W iterations (value: W, default 500)",
+    ),
+    Stabilizer(
+        "amsgrad",
+        "amsgrad",
+        1.0,
+        "Adam's AMSGrad variant: steps never grow when gradients vanish",
     ),
 ):
     STABILIZERS.add(_entry.name, _entry)

@@ -225,11 +225,14 @@ class NoisyReconstruction(nn.Module):
         super().__init__()
         self.model = model
         self.stabilization = stabilization
+        self.largest_logit = torch.zeros(())
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator, global_batch: int, rows: slice
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.stabilization.bound_logits(self.model.code_logits(x))
+        unbounded = self.model.code_logits(x)
+        self.largest_logit = unbounded.detach().abs().max()
+        logits = self.stabilization.bound_logits(unbounded)
         std = float(self.model.binarizer.noise_std)
         if std == 0.0:
             code = torch.sigmoid(logits)
@@ -286,9 +289,8 @@ class PurifierTask(TrainingTask):
         self.step_module = NoisyReconstruction(self.model, self.stabilization)
 
     def build_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
-        eps = self.stabilization.adam_eps or 1e-8
         betas = (self.config.adam_beta1, self.config.adam_beta2)
-        return torch.optim.Adam(parameters, lr=self.base_lr, betas=betas, eps=eps)
+        return self.stabilization.optimizer(parameters, self.base_lr, betas)
 
     def learning_rate(self, iteration: int) -> float:
         config = self.config
@@ -307,7 +309,19 @@ class PurifierTask(TrainingTask):
         loss, mse, code_term = comdefend_loss(reconstruction, x, code, self.config.code_penalty)
         with torch.no_grad():
             ones = (code > 0.5).float().mean()
-        metrics = {"loss": loss, "mse": mse, "code_term": code_term, "train_bit_density": ones}
+            # output pixels whose sigmoid has saturated (slope below 1e-6: pre-activation beyond
+            # about +-13.8), the state a collapsed run ends in
+            saturated = (reconstruction * (1 - reconstruction) < 1e-6).float().mean()
+        metrics = {
+            "loss": loss,
+            "mse": mse,
+            "code_term": code_term,
+            "train_bit_density": ones,
+            # the largest |code logit| of the batch (before any code-bound), averaged over the
+            # logged window: how far the logits have run away
+            "max_abs_code_logit": self.step_module.largest_logit,
+            "saturated_output": saturated,
+        }
         return loss, metrics
 
     def evaluation_due(self, iteration: int) -> bool:
