@@ -156,8 +156,24 @@ def test_imagenet_is_a_registered_dataset(tmp_path: Path, monkeypatch) -> None:
     assert load_dataset("imagenet", image_size=64).images.shape == (1, 3, 64, 64)
     with pytest.raises(UsageError, match="only changes the crop"):
         load_dataset("cifar10", data_dir=tmp_path, image_size=64)
+    with pytest.raises(UsageError, match="max_images must be an integer >= 1"):
+        load_dataset("imagenet", max_images=0)
     with pytest.raises(DatasetNotFoundError, match="WordNet id"):
         load_dataset("imagenet", data_dir=tmp_path / "nothing-here")
+
+
+def test_only_the_images_asked_for_are_decoded(tmp_path: Path, monkeypatch) -> None:
+    from comdefend.data import imagenet
+    from comdefend.data.datasets import load_dataset
+
+    _class_folders(tmp_path / "val", list(IMAGENET_WNIDS[:3]), 2)
+    opened: list[str] = []
+    decode = imagenet._decode
+    monkeypatch.setattr(imagenet, "_decode", lambda path: opened.append(path.name) or decode(path))
+    data = load_dataset("imagenet", data_dir=tmp_path, max_images=3, image_size=32)
+    assert data.images.shape == (3, 3, 32, 32) and data.labels.tolist() == [0, 0, 1]
+    assert len(opened) == 3  # not the six of the folder
+    assert len(load_dataset("imagenet", data_dir=tmp_path, max_images=100)) == 6
 
 
 @pytest.mark.slow

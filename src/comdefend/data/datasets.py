@@ -472,12 +472,16 @@ def load_dataset(
     split: str = "test",
     data_dir: str | os.PathLike | None = None,
     image_size: int | None = None,
+    max_images: int | None = None,
 ) -> ImageSet:
     """Load a registered dataset (see :data:`DATASETS`, e.g. ``fashion-mnist``, ``cifar10``,
     ``cifar100``, ``imagenet``) or ``folder`` into memory.
 
     ``image_size`` changes the crop of datasets that are cropped on loading (``imagenet``:
     center crop, default 224); for the others it must be their size or ``None``.
+
+    ``max_images`` keeps the first images only; datasets decoded image by image (``imagenet``)
+    then decode no others, so ``--n 2`` on a folder of 50,000 JPEGs reads two.
 
     ``split="sample"`` gives the 1,000 class-balanced test images embedded in the package
     (Fashion-MNIST and CIFAR-10 only), so that no dataset needs to be installed.
@@ -511,6 +515,13 @@ def load_dataset(
                 "--image-size only changes the crop of datasets cropped on loading (imagenet)"
             )
         loader = resized(image_size)
+    if max_images is not None:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise UsageError(f"max_images must be an integer >= 1, got {max_images!r}")
+        limited = getattr(loader, "with_max_images", None)
+        if limited is not None:
+            loader = limited(max_images)
+        return loader(find_dataset(spec.name, data_dir), split).head(max_images)
     return loader(find_dataset(spec.name, data_dir), split)
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import csv
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -250,6 +250,7 @@ def load_imagenet(
     split: str = "test",
     image_size: int = DEFAULT_IMAGE_SIZE,
     resize_size: int | None = None,
+    max_images: int | None = None,
 ):
     """ImageNet images from ``folder`` as an :class:`~comdefend.data.datasets.ImageSet`.
 
@@ -258,6 +259,7 @@ def load_imagenet(
         split: ``test`` (labels.csv, ``val/`` or the folder itself) or ``train`` (``train/``).
         image_size: side of the center crop.
         resize_size: shorter side before the crop (default ``round(image_size / 0.875)``).
+        max_images: decode only the first this many images (in label order); ``None``: all.
 
     Returns:
         ``ImageSet`` named ``imagenet`` with ``(N, 3, image_size, image_size)`` uint8 images
@@ -272,6 +274,8 @@ def load_imagenet(
 
     transform = ImageNetTransform(image_size, resize_size)
     files, labels, source = list_imagenet(Path(folder), split)
+    if max_images is not None:
+        files, labels = files[:max_images], labels[:max_images]
     images, small = read_images(files, transform)
     if small:
         warnings.warn(
@@ -292,15 +296,20 @@ def load_imagenet(
 @dataclass(frozen=True)
 class ImageNetLoader:
     """The registered dataset's loader: ``loader(folder, split)`` with a fixed crop size;
-    :meth:`with_image_size` gives the same loader for another crop (``--image-size``)."""
+    :meth:`with_image_size` gives the same loader for another crop (``--image-size``),
+    :meth:`with_max_images` one that decodes only the first images (``--n``)."""
 
     image_size: int = DEFAULT_IMAGE_SIZE
+    max_images: int | None = None
 
     def __call__(self, folder: Path, split: str):
-        return load_imagenet(folder, split, self.image_size)
+        return load_imagenet(folder, split, self.image_size, max_images=self.max_images)
 
     def with_image_size(self, image_size: int) -> ImageNetLoader:
-        return ImageNetLoader(image_size)
+        return replace(self, image_size=image_size)
+
+    def with_max_images(self, max_images: int) -> ImageNetLoader:
+        return replace(self, max_images=max_images)
 
 
 __all__ = [

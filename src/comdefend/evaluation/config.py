@@ -51,6 +51,8 @@ class EvaluationConfig:
         attack_params: extra hyper-parameters per attack, e.g. ``{"pgd": {"steps": 20}}``.
         device: ``cpu``, ``cuda`` or ``auto``.
         progress: show a tqdm bar.
+        image_size: the center crop of datasets cropped on loading (``imagenet``: default 224);
+            ``None``: the dataset's own size.
         precision: numeric precision of every ComDefend defense's purification (``fp32``,
             ``tf32`` on CUDA, ``bf16``: :mod:`comdefend.models.precision`); ``None``: each
             defense's own (fp32 unless its spec says ``@precision=...``). Attacks, classifier
@@ -79,6 +81,7 @@ class EvaluationConfig:
     device: str = "cpu"
     progress: bool = True
     precision: str | None = None
+    image_size: int | None = None
 
 
 def _int_at_least(name: str, value: Any, low: int) -> int:
@@ -145,6 +148,8 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     _int_at_least("eot draws", config.eot_draws, 1)
     _int_at_least("seed", config.seed, 0)
     _int_at_least("detector holdout", config.detector_holdout, 2)
+    if config.image_size is not None:
+        _int_at_least("image size", config.image_size, 1)
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
     _check_out_folder(config)

@@ -183,7 +183,11 @@ class _Evaluator:
         self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
         if config.split not in ("test", "sample"):
             raise UsageError(f"unknown split {config.split!r}; valid: test, sample")
-        test = load_dataset(config.dataset, config.split, config.data_dir)
+        # only the images the run uses are read (ImageNet decodes JPEGs one by one)
+        needed = config.n + (config.detector_holdout if config.detectors else 0)
+        test = load_dataset(
+            config.dataset, config.split, config.data_dir, config.image_size, max_images=needed
+        )
         for spec, defense in zip(config.defenses, self.defenses, strict=True):
             for part in _comdefend_parts(defense):
                 part.model.requires_grad_(False)
