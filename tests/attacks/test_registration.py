@@ -192,3 +192,17 @@ def test_installed_plugin_attack_runs_in_the_comdefend_command(tmp_path: Path) -
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert {c["attack"] for c in cells} == {"gray-out"}
     assert any(c["mean_linf"] > 15 / 255 for c in cells)
+
+
+def test_evaluation_reads_a_registered_attacks_norm() -> None:
+    """A registered L2 attack is minimum-norm in an evaluation grid (one group, no eps),
+    like DeepFool and C&W; an L-inf one gets one group per eps."""
+    from comdefend.evaluation.config import MIN_NORM, EvaluationConfig, is_min_norm
+    from comdefend.evaluation.planning import eps_plan
+
+    adapt_attack("my-l2", lambda model, eps, **kw: lambda x, y: x, norm="l2")
+    adapt_attack("my-linf", lambda model, eps, **kw: lambda x, y: x)
+    config = EvaluationConfig(dataset="cifar10", classifier="x", eps=[4.0, 8.0])
+    assert is_min_norm("my-l2") and is_min_norm("cw") and not is_min_norm("my-linf")
+    assert eps_plan(config, "my-l2") == [(MIN_NORM, None)]
+    assert eps_plan(config, "my-linf") == [(4.0, 4.0 / 255), (8.0, 8.0 / 255)]

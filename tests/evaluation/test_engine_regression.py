@@ -87,17 +87,32 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+#: Settings results.json gained after the golden files were recorded, at the value every golden
+#: run had (a run that differs from it must not compare equal).
+ADDED_CONFIG = {"precision": None, "image_size": None}
+ADDED_DEFENSE_SETTINGS = {"precision": "fp32"}
+
+
+def _without_added(values: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
 def comparable(results: dict[str, Any]) -> dict[str, Any]:
     """The parts of ``results`` an engine change must leave identical (JSON round trip)."""
     cells = [{k: v for k, v in cell.items() if k != "seconds"} for cell in results["cells"]]
+    config = {k: v for k, v in results["config"].items() if k not in ("out", "force", "resume")}
     kept = {
-        "config": {
-            k: v for k, v in results["config"].items() if k not in ("out", "force", "resume")
-        },
+        "config": _without_added(config, ADDED_CONFIG),
         "dataset": results["dataset"],
         # without the weights reference that results.json gained after the golden files
         "defenses": [
-            {**d, "settings": {k: v for k, v in d["settings"].items() if k != "weights"}}
+            {
+                **d,
+                "settings": _without_added(
+                    {k: v for k, v in d["settings"].items() if k != "weights"},
+                    ADDED_DEFENSE_SETTINGS,
+                ),
+            }
             for d in results["defenses"]
         ],
         "clean": results["clean"],

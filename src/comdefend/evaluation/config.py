@@ -14,9 +14,19 @@ from comdefend.errors import UsageError
 from comdefend.evaluation.progress import PROGRESS_FILE
 from comdefend.models.precision import check_precision
 
-#: Attacks without an L-inf budget: run once, reported under :data:`MIN_NORM`.
-MIN_NORM_ATTACKS: tuple[str, ...] = ("deepfool", "cw")
+#: How results of minimum-norm attacks (no L-inf budget) are labelled instead of an eps.
 MIN_NORM = "min-norm"
+
+
+def is_min_norm(attack: str) -> bool:
+    """Whether the registered ``attack`` is a minimum-norm one (its ``norm`` is not ``linf``:
+    DeepFool, C&W and any registered L2 attack): run once, reported under :data:`MIN_NORM`.
+
+    Example:
+        >>> is_min_norm("deepfool"), is_min_norm("pgd")
+        (True, False)
+    """
+    return ATTACKS.get(attack).norm != "linf"
 #: One line per threat model, for reports.
 THREAT_MODEL_MEANINGS: dict[str, str] = {tm.name: tm.meaning for tm in THREAT_MODELS.values()}
 
@@ -134,7 +144,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
                 "[0, 255] (e.g. 8 means 8/255)"
             )
         eps.append(number)
-    if not eps and any(a not in MIN_NORM_ATTACKS for a in attacks):
+    if not eps and any(not is_min_norm(a) for a in attacks):
         raise UsageError("give at least one eps for the L-inf attacks (units of 1/255)")
     detectors = [d.strip().lower() for d in config.detectors]
     for name in detectors:

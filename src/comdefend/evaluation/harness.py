@@ -75,11 +75,11 @@ from comdefend.errors import ComDefendError, UsageError
 from comdefend.evaluation.config import (
     DETECTORS,
     MIN_NORM,
-    MIN_NORM_ATTACKS,
     THREAT_MODEL_MEANINGS,
     EvaluationConfig,
     check_attacks,
     check_threat_models,
+    is_min_norm,
     validate_config,
 )
 from comdefend.evaluation.crafting import comdefend_parts, craft
@@ -119,7 +119,7 @@ __all__ = [
     "DETECTOR_FPR",
     "DETECTOR_TRAIN_IMAGES",
     "MIN_NORM",
-    "MIN_NORM_ATTACKS",
+    "is_min_norm",
     "PROGRESS_FILE",
     "THREAT_MODEL_MEANINGS",
     "EvaluationConfig",

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 from comdefend.defenses import Defense, Identity, make_threat_model_defense
 from comdefend.errors import UsageError
-from comdefend.evaluation.config import MIN_NORM, MIN_NORM_ATTACKS, EvaluationConfig
+from comdefend.evaluation.config import MIN_NORM, EvaluationConfig, is_min_norm
 from comdefend.evaluation.crafting import comdefend_parts
 
 
 def eps_plan(config: EvaluationConfig, attack: str) -> list[tuple[float | str, float | None]]:
     """``(eps label, eps in [0, 1] or None)`` of each group of ``attack``."""
-    if attack in MIN_NORM_ATTACKS:
+    if is_min_norm(attack):
         return [(MIN_NORM, None)]
     return [(e, e / 255.0) for e in config.eps]
 
