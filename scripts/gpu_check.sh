@@ -15,7 +15,8 @@
 #   GPU_CHECK_OFFICIAL=      folder holding enc20_0.0001.npy and dec20_0.0001.npy (default: the
 #                            first of ../shared/official and shared/official that exists)
 # Writes under $OUT (default gpu-check-out): logs/*.log, cifar10-test-N/ (results.json, report),
-# summary.json (seconds, images/s, exit codes). Exit code: the evaluation's (124 on timeout).
+# precision.json (benchmarks/precision.py: fp32 / tf32 / bf16 purification), summary.json
+# (seconds, images/s, exit codes). Exit code: the evaluation's (124 on timeout).
 set -uo pipefail
 
 N="${GPU_CHECK_N:-10000}"
@@ -73,6 +74,12 @@ case $status in
   124|130) say "evaluation stopped after ${TIMEOUT}s (rerun the same command: --resume continues)" ;;
   *) say "evaluation failed with exit code $status (see logs/evaluate.log)" ;;
 esac
+
+# Purification precision (fp32, tf32, bf16 on CUDA): speed, code bits, PSNR, robust accuracy.
+say "benchmarks/precision.py on $N images"
+timeout 300 python benchmarks/precision.py --images "$N" --device "$DEVICE" --data-dir "$DATA" \
+  --json "$OUT/precision.json" >"$LOGS/precision.log" 2>&1 || say "precision benchmark failed"
+tail -n 6 "$LOGS/precision.log" | tee -a "$LOGS/gpu_check.log"
 
 python - "$REPORT" "$N" "$seconds" "$status" "$DEVICE" >"$OUT/summary.json" <<'PY'
 import json, sys

@@ -27,6 +27,8 @@ def is_min_norm(attack: str) -> bool:
         (True, False)
     """
     return ATTACKS.get(attack).norm != "linf"
+
+
 #: One line per threat model, for reports.
 THREAT_MODEL_MEANINGS: dict[str, str] = {tm.name: tm.meaning for tm in THREAT_MODELS.values()}
 
