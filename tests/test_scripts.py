@@ -260,3 +260,34 @@ def test_residual_chart_measures_each_snapshots_heldout_psnr(
     assert point["iteration"] == 4
     assert abs(point["heldout_psnr_db"] - logged[4]) < 1e-4
     assert (out / "table.md").is_file() and (out / "accuracy_vs_iteration.png").is_file()
+
+
+def test_stabilizer_curves_table_and_chart(tmp_path: Path) -> None:
+    plain = _log(tmp_path / "plain.jsonl", "normal", {1000: 26.0, 2500: 27.0, 3000: 7.0})
+    stable = tmp_path / "amsgrad"
+    stable.mkdir()
+    config = {"dataset": "fashion-mnist", "preset": "normal", "iterations": 7500, "seed": 0,
+              "lr": 0.001, "stabilize": {"amsgrad": 1.0}}  # fmt: skip
+    lines = [{"event": "start", "iteration": 0, "config": config}]
+    for iteration, psnr in ((1000, 25.0), (2500, 27.5), (5000, 28.0), (7500, 28.5)):
+        lines.append({"iteration": iteration, "heldout_psnr_db": psnr, "loss": 0.01,
+                      "max_abs_code_logit": iteration / 2, "saturated_output": 0.0})  # fmt: skip
+    (stable / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for path in (plain,):  # the older logs: no seed, lr or logit records
+        text = path.read_text().replace('"iterations": 7500', '"iterations": 7500, "seed": 1, '
+                                        '"lr": 0.001')  # fmt: skip
+        path.write_text(text)
+    out = tmp_path / "curves"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "stabilizer_curves.py"), str(plain), str(stable),
+         "--out", str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines()[2:]}
+    assert "| none | 1 |" in rows["plain"] and "| 3,000 | - | - |" in rows["plain"]
+    assert "26.00 / 27.00 / - / -" in rows["plain"]  # collapsed at 3,000, logit not logged
+    assert "| amsgrad | 0 |" in rows["amsgrad"] and "28.50 (7,500)" in rows["amsgrad"]
+    assert "| no | 3.75e+03 | 0.00 |" in rows["amsgrad"]
+    assert out.with_suffix(".md").read_text() == done.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000
