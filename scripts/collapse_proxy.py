@@ -114,10 +114,14 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * stabilization.lr_factor(iteration, args.iterations)
         model.train()
-        logits = stabilization.bound_logits(model.code_logits(x))
+        unbounded = model.code_logits(x)
+        logits = stabilization.bound_logits(unbounded)
         code = model.binarizer(logits, generator=iteration_generator(args.seed, iteration, 2))
         reconstruction = model.decode(code)
         loss, mse, _ = comdefend_loss(reconstruction, x, code, 1e-4)
+        penalty = stabilization.penalty(unbounded)
+        if penalty is not None:
+            loss = loss + penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]

@@ -109,9 +109,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         line = top.plot(sorted(psnr), [psnr[i] for i in sorted(psnr)], label=label)[0]
         if run["logits"]:
             logits = run["logits"]
-            bottom.plot(
-                sorted(logits), [logits[i] for i in sorted(logits)], color=line.get_color()
-            )
+            bottom.plot(sorted(logits), [logits[i] for i in sorted(logits)], color=line.get_color())
     top.set_ylabel("held-out PSNR (dB)")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)

@@ -157,6 +157,31 @@ def test_warmup_and_amsgrad() -> None:
     assert steps["adam"] > 0.3e-2 and steps["amsgrad"] < 1e-6
 
 
+def test_logit_penalty_pulls_back_only_beyond_its_bound(fashion_dir: Path, tmp_path: Path) -> None:
+    settings = Stabilization.from_names(parse_stabilizers("logit-penalty=10"))
+    assert Stabilization().penalty(torch.ones(3)) is None
+    inside = torch.tensor([-10.0, 0.0, 9.0], requires_grad=True)
+    assert float(settings.penalty(inside)) == 0.0
+    outside = torch.tensor([-30.0, 0.0, 20.0], requires_grad=True)
+    value = settings.penalty(outside)
+    assert float(value) == pytest.approx((4 + 0 + 1) / 3)  # ((30-10)/10)^2, 0, ((20-10)/10)^2
+    value.backward()
+    assert outside.grad is not None
+    # descent (minus the gradient) moves both toward 0
+    assert outside.grad[0] < 0 and outside.grad[1] == 0 and outside.grad[2] > 0
+    # in training: logged, part of the loss, and the weights differ from a plain run's
+    out = tmp_path / "penalized"
+    train(_config(out, 2, stabilize={"logit-penalty": 1e-3}), progress=False)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "logit_penalty" in r]
+    assert logged and all(r["logit_penalty"] >= 0 for r in logged)
+    assert all(r["max_abs_code_logit"] > 0 for r in logged)
+    assert all(r["loss"] >= r["mse"] + r["logit_penalty"] for r in logged)
+    assert read_metadata(out / "model.safetensors")["training"]["config"]["stabilize"] == {
+        "logit-penalty": 1e-3
+    }
+
+
 def test_code_bound_changes_training_and_not_the_model(fashion_dir: Path, tmp_path: Path) -> None:
     plain = train(_config(tmp_path / "plain", 2), progress=False)
     bounded = train(_config(tmp_path / "bounded", 2, stabilize={"code-bound": 1.0}), progress=False)

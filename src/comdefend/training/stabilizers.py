@@ -47,6 +47,10 @@ class Stabilization:
         warmup: raise the learning rate linearly from ``1/W`` of its value to all of it over
             the first ``W`` iterations (Adam's first steps move every weight by about the
             learning rate at once, whatever its gradient).
+        logit_penalty: a bound ``B``: the loss gains ``mean((relu(|l| - B) / B)^2)`` over the
+            code logits ``l``, a restoring force on logits beyond ``B`` (none inside it). Unlike
+            ``code_bound`` it does not hide large logits from the sigmoid, it pulls them back;
+            every bit is still the sign of its logit.
         amsgrad: Adam's AMSGrad variant: each parameter's step is divided by the largest
             second-moment estimate seen so far instead of the running one, so a gradient that
             has become tiny (behind a saturated sigmoid) gives a tiny step, not a full one.
@@ -58,6 +62,7 @@ class Stabilization:
     cosine_decay: bool = False
     amsgrad: bool = False
     warmup: float | None = None
+    logit_penalty: float | None = None
 
     @classmethod
     def from_names(cls, chosen: dict[str, float]) -> Stabilization:
@@ -66,6 +71,13 @@ class Stabilization:
         for name, value in chosen.items():
             result = STABILIZERS.get(name).apply(result, value)
         return result
+
+    def penalty(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The logit penalty's loss term for the unbounded code ``logits`` (None if unused)."""
+        if self.logit_penalty is None:
+            return None
+        bound = self.logit_penalty
+        return torch.mean((torch.relu(logits.abs() - bound) / bound) ** 2)
 
     def optimizer(
         self, parameters: list[torch.nn.Parameter], lr: float, betas: tuple[float, float]
@@ -146,6 +158,12 @@ for _entry in (
         "warmup",
         500.0,
         "raise the learning rate linearly over the first W iterations (value: W, default 500)",
+    ),
+    Stabilizer(
+        "logit-penalty",
+        "logit_penalty",
+        60.0,
+        "add mean((relu(|l|-B)/B)^2) of the code logits to the loss (value: B, default 60)",
     ),
     Stabilizer(
         "amsgrad",

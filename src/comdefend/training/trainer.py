@@ -214,7 +214,8 @@ def _save_weights(
 
 class NoisyReconstruction(nn.Module):
     """ComDefend's training pass as one ``forward`` (what DistributedDataParallel wraps):
-    code logits (bounded if a stabilizer says so), ``sigmoid(logits - noise)``, decoder.
+    code logits (bounded if a stabilizer says so), ``sigmoid(logits - noise)``, decoder. Returns
+    ``(reconstruction, code, logits)``, the logits before any bound (for a logit penalty).
 
     The noise of iteration ``i`` is drawn for the whole global batch from the generator of
     ``(seed, i)`` and this process's rows are taken from it, so a data-parallel run sees the
@@ -229,7 +230,7 @@ class NoisyReconstruction(nn.Module):
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator, global_batch: int, rows: slice
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         unbounded = self.model.code_logits(x)
         self.largest_logit = unbounded.detach().abs().max()
         logits = self.stabilization.bound_logits(unbounded)
@@ -244,7 +245,7 @@ class NoisyReconstruction(nn.Module):
             else:
                 noise = torch.randn(shape, generator=generator, dtype=logits.dtype)[rows] * std
             code = torch.sigmoid(logits - noise)
-        return self.model.decode(code), code
+        return self.model.decode(code), code, unbounded
 
 
 class PurifierTask(TrainingTask):
@@ -305,8 +306,9 @@ class PurifierTask(TrainingTask):
         images = self.batches(iteration)
         x = images[share].to(self.device, non_blocking=True)
         noise = iteration_generator(self.config.seed, iteration, stream=NOISE_STREAM)
-        reconstruction, code = module(x, noise, images.shape[0], share)
+        reconstruction, code, logits = module(x, noise, images.shape[0], share)
         loss, mse, code_term = comdefend_loss(reconstruction, x, code, self.config.code_penalty)
+        penalty = self.stabilization.penalty(logits)
         with torch.no_grad():
             ones = (code > 0.5).float().mean()
             # output pixels whose sigmoid has saturated (slope below 1e-6: pre-activation beyond
@@ -322,6 +324,10 @@ class PurifierTask(TrainingTask):
             "max_abs_code_logit": self.step_module.largest_logit,
             "saturated_output": saturated,
         }
+        if penalty is not None:
+            loss = loss + penalty
+            metrics["loss"] = loss
+            metrics["logit_penalty"] = penalty
         return loss, metrics
 
     def evaluation_due(self, iteration: int) -> bool:
