@@ -32,20 +32,25 @@ from comdefend.training.batches import iteration_generator
 from comdefend.training.stabilizers import Stabilization, parse_stabilizers
 
 
-def summarize(paths: list[Path]) -> str:
-    """A markdown table of finished proxy runs (one row per file written by ``--out``)."""
+def summarize(paths: list[Path], at: tuple[int, ...] = (10, 20, 40)) -> str:
+    """A markdown table of finished proxy runs (one row per file written by ``--out``):
+    held-out PSNR and the largest code logit at the iterations ``at`` and at the last one;
+    "collapsed at": the first evaluation 6 dB below the best before it; "dead from": the first
+    with a zero gradient or more than 99% of the output saturated."""
+    marks = " / ".join(str(i) for i in at)
     rows = [
-        "| run | stabilize | lr | seed | iterations | held-out PSNR at 10 / 20 / 40 / last (dB) "
-        "| max abs code logit at 20 / last | output saturated at last | dead from |",
-        "|---|---|---:|---:|---:|---|---|---:|---:|",
+        f"| run | stabilize | lr | seed | iterations | held-out PSNR at {marks} / last (dB) "
+        f"| largest code logit at {marks} / last | output saturated at last | collapsed at "
+        "| dead from |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for path in sorted(paths):
         run = json.loads(path.read_text())
         by_it = {r["iteration"]: r for r in run["records"]}
         last = run["records"][-1]
 
-        def psnr(i: int, by_it: dict = by_it) -> str:
-            return f"{by_it[i]['heldout_psnr_db']:.2f}" if i in by_it else "-"
+        def value(i: int, key: str, form: str, by_it: dict = by_it) -> str:
+            return format(by_it[i][key], form) if i in by_it else "-"
 
         dead = next(
             (
@@ -55,13 +60,15 @@ def summarize(paths: list[Path]) -> str:
             ),
             None,
         )
-        logit20 = f"{by_it[20]['max_abs_logit']:.3g}" if 20 in by_it else "-"
+        psnrs = " / ".join(value(i, "heldout_psnr_db", ".2f") for i in at)
+        logits = " / ".join(value(i, "max_abs_logit", ".3g") for i in at)
         rows.append(
             f"| {path.stem} | {run['args']['stabilize'] or 'none'} | {run['args']['lr']} "
             f"| {run['args']['seed']} | {last['iteration']} "
-            f"| {psnr(10)} / {psnr(20)} / {psnr(40)} / {last['heldout_psnr_db']:.2f} "
-            f"| {logit20} / {last['max_abs_logit']:.3g} "
-            f"| {last['saturated_output_fraction']:.2f} | {dead or '-'} |"
+            f"| {psnrs} / {last['heldout_psnr_db']:.2f} "
+            f"| {logits} / {last['max_abs_logit']:.3g} "
+            f"| {last['saturated_output_fraction']:.2f} | {run.get('collapsed_at') or '-'} "
+            f"| {dead or '-'} |"
         )
     return "\n".join(rows)
 
@@ -80,9 +87,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--summarize", type=Path, nargs="+", help="print a table of runs")
+    parser.add_argument(
+        "--at", default="10,20,40", help="with --summarize: the iterations the table shows"
+    )
     args = parser.parse_args()
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(args.summarize, tuple(int(i) for i in args.at.split(","))))
         return
     if args.out is None:
         parser.error("--out is required")
