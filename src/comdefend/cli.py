@@ -301,8 +301,15 @@ def train_command(
     ),
     stabilize: str | None = typer.Option(
         None,
-        help="Measures against collapse, NAME[=VALUE][,NAME...]: clip-grad, code-bound, "
-        "adam-eps, cosine-decay (none in any recipe; 'none' turns them off).",
+        help="Measures against collapse, NAME[=VALUE][,NAME...]: rollback, logit-penalty, "
+        "clip-grad, code-bound, adam-eps, amsgrad, warmup, cosine-decay (none in any recipe; "
+        "'none' turns them off).",
+    ),
+    patch_size: int | None = typer.Option(
+        None,
+        help="Train on random P x P crops of the training images (default 32: image folders "
+        "are cut into 32x32 patches, smaller datasets are used whole).",
+        callback=positive_int_option,
     ),
     code_channels: int | None = typer.Option(
         None, help="Code channels (bits/pixel).", callback=positive_int_option
@@ -348,6 +355,7 @@ def train_command(
         stabilize=stabilize,
         seed=seed,
         data_dir=str(data_dir) if data_dir else None,
+        patch_size=patch_size,
         eval_every=eval_every,
         eval_images=eval_images,
         checkpoint_every=checkpoint_every,

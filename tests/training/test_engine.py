@@ -182,6 +182,84 @@ def test_logit_penalty_pulls_back_only_beyond_its_bound(fashion_dir: Path, tmp_p
     }
 
 
+def test_patch_size_crops_in_memory_datasets_deterministically(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    from comdefend.data.datasets import load_dataset
+    from comdefend.training.batches import EpochBatches
+
+    images = load_dataset("fashion-mnist", "test").head(64)
+    cropped = EpochBatches(images, 8, seed=3, crop=16)
+    first = cropped(5)
+    assert first.shape == (8, 1, 16, 16) and torch.equal(first, EpochBatches(images, 8, 3, 16)(5))
+    whole = EpochBatches(images, 8, seed=3, crop=32)(5)  # not smaller than 28: whole images
+    assert whole.shape == (8, 1, 28, 28)
+    # every crop is a window of the image the uncropped batch holds at that position
+    for crop, image in zip(first, whole, strict=True):
+        windows = image.unfold(1, 16, 1).unfold(2, 16, 1)  # (1, 13, 13, 16, 16)
+        assert (windows == crop.unsqueeze(1).unsqueeze(1)).flatten(3).all(-1).any()
+    out = tmp_path / "crops"
+    summary = train(_config(out, 2, patch_size=16), progress=False)
+    assert summary["config"]["patch_size"] == 16 and summary["heldout"]["psnr_db"] > 0
+
+
+def _scripted_psnr(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    """Held-out evaluations return these PSNRs in turn (then the last one again)."""
+    queue = list(values)
+
+    def evaluate(model: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
+        value = queue.pop(0) if len(queue) > 1 else queue[0]
+        return {"psnr_db": value, "bit_density": 0.5}
+
+    monkeypatch.setattr(trainer_module, "evaluate_reconstruction", evaluate)
+
+
+def test_rollback_returns_to_the_last_healthy_state_at_a_lower_rate(
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # evaluations at 2, 4, 6 (collapse: 7 dB below the best), then 6 again after the rollback
+    _scripted_psnr(monkeypatch, [10.0, 20.0, 13.0, 21.0, 22.0, 23.0])
+    out = tmp_path / "rollback"
+    config = _config(out, 8, eval_every=2, lr=1e-3, stabilize={"rollback": 0.5})
+    summary = train(config, progress=False)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    assert rollbacks == [
+        {"event": "rollback", "iteration": 6, "to": 4, "lr_scale": 0.5, "rollbacks": 1}
+    ]
+    after = records[records.index(rollbacks[0]) + 1 :]
+    steps = [r for r in after if "lr" in r]
+    assert [r["iteration"] for r in steps] == [6, 8]  # 5 and 6 done again, at half the rate
+    assert all(r["lr"] == pytest.approx(5e-4) for r in steps)
+    assert summary["rollbacks"] == 1 and summary["iterations"] == 8
+    state = read_metadata(out / "checkpoint.safetensors")
+    assert state["lr_scale"] == 0.5 and state["rollbacks"] == 1
+    # without the stabilizer the same evaluations only report the collapse
+    _scripted_psnr(monkeypatch, [10.0, 20.0, 13.0, 21.0])
+    plain = train(_config(tmp_path / "plain", 8, eval_every=2, lr=1e-3), progress=False)
+    assert plain["rollbacks"] == 0
+    plain_log = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").open()]
+    assert [r["iteration"] for r in plain_log if r.get("collapse")] == [6]
+    assert not [r for r in plain_log if r.get("event") == "rollback"]
+
+
+def test_rollback_state_survives_resume(
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted_psnr(monkeypatch, [10.0, 20.0, 13.0, 21.0])
+    out = tmp_path / "run"
+    train(_config(out, 8, eval_every=2, stabilize={"rollback": 0.25}), progress=False)
+    _scripted_psnr(monkeypatch, [22.0])
+    summary = train(
+        _config(out, 12, eval_every=2, stabilize={"rollback": 0.25}), resume=True, progress=False
+    )
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r.get("event") == "rollback"] == ["rollback"]
+    resumed = records[[r.get("event") for r in records].index("resume") + 1 :]
+    assert all(r["lr"] == pytest.approx(0.25 * 1e-3) for r in resumed if "lr" in r)
+    assert summary["rollbacks"] == 1
+
+
 def test_code_bound_changes_training_and_not_the_model(fashion_dir: Path, tmp_path: Path) -> None:
     plain = train(_config(tmp_path / "plain", 2), progress=False)
     bounded = train(_config(tmp_path / "bounded", 2, stabilize={"code-bound": 1.0}), progress=False)

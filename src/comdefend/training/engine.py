@@ -33,6 +33,7 @@ Example (a custom task needs ``setup``, ``build_optimizer``, ``compute_loss``, `
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -50,7 +51,7 @@ from comdefend.checkpoint import read_metadata
 from comdefend.console import logger, progress_bar
 from comdefend.errors import ComDefendError, UsageError
 from comdefend.training.run import RunDirectory, environment, resolve_device
-from comdefend.training.stabilizers import Stabilization
+from comdefend.training.stabilizers import MAX_ROLLBACKS, Stabilization
 from comdefend.validation import set_threads
 
 LOG_EVERY = 10
@@ -349,8 +350,12 @@ def run_training(
     model = task.model
     optimizer = task.build_optimizer(list(model.parameters()))
     start = 0
+    lr_scale, rollbacks = 1.0, 0  # the rollback stabilizer's state
     if resume:
-        start = int(run.load(model, optimizer)["iteration"])
+        saved_state = run.load(model, optimizer)
+        start = int(saved_state["iteration"])
+        lr_scale = float(saved_state.get("lr_scale", 1.0))
+        rollbacks = int(saved_state.get("rollbacks", 0))
         if start > total:
             raise UsageError(
                 f"--resume: the run in {run.path} has already done {start} iterations, more "
@@ -394,10 +399,16 @@ def run_training(
     collapse_warned = False
     in_step = False
     stabilization = task.stabilization
+    healthy: _Snapshot | None = None  # the last healthy evaluation's state (rollback)
+
+    def save(at: int) -> None:
+        run.save(model, optimizer, at, {"lr_scale": lr_scale, "rollbacks": rollbacks})
+
     try:
         with deferred_interrupts() as interrupts:
             while iteration < total:
                 lr = task.learning_rate(iteration) * stabilization.lr_factor(iteration, total)
+                lr *= lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, metrics = task.compute_loss(module, iteration, share)
@@ -466,12 +477,46 @@ def run_training(
                     record["iterations_averaged"] = window_count
                     run.log(record)
                     window, window_count = {}, 0
+                if stabilization.rollback is not None and task.monitor:
+                    evaluated = task.evaluation_due(iteration) or iteration == total
+                    # every process takes the same decision (process 0 evaluates)
+                    trouble = evaluated and processes.reduce_max(
+                        bool(record.get("collapse")), device
+                    )
+                    trouble = trouble or stopped_early is not None
+                    if trouble and healthy is not None and rollbacks < MAX_ROLLBACKS:
+                        healthy.restore(model, optimizer)
+                        rollbacks += 1
+                        lr_scale *= stabilization.rollback
+                        run.log(
+                            {
+                                "event": "rollback",
+                                "iteration": iteration,
+                                "to": healthy.iteration,
+                                "lr_scale": lr_scale,
+                                "rollbacks": rollbacks,
+                            }
+                        )
+                        if processes.is_main:
+                            logger.warning(
+                                f"collapse at iteration {iteration}: back to iteration "
+                                f"{healthy.iteration}, learning rate x{lr_scale:g} "
+                                f"(rollback {rollbacks} of at most {MAX_ROLLBACKS})"
+                            )
+                        iteration, stopped_early, zero_streak = healthy.iteration, None, 0
+                        window, window_count = {}, 0
+                        save(iteration)
+                        bar.n = iteration
+                        bar.refresh()
+                        continue
+                    if evaluated and not trouble:
+                        healthy = _Snapshot.take(model, optimizer, iteration)
                 for extra in task.after_step(iteration, means):
                     run.log(extra)
                     if progress and processes.is_main and "message" in extra:
                         bar.write(extra["message"])
                 if task.checkpoint_due(iteration) or iteration == total or stopped_early:
-                    run.save(model, optimizer, iteration)
+                    save(iteration)
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 postfix = {**task.describe_progress(means), "img_s": f"{rate:.0f}"}
                 bar.set_postfix(postfix, refresh=False)
@@ -491,7 +536,7 @@ def run_training(
         bar.close()
         saved = not in_step
         if saved:
-            run.save(model, optimizer, iteration)
+            save(iteration)
         run.log({"event": "interrupted", "iteration": iteration, "saved": saved})
         raise TrainingInterrupted(
             _interrupt_message(run, iteration, total, saved), iteration, saved, str(run.path)
@@ -509,6 +554,7 @@ def run_training(
         "iterations": iteration,
         **task.finish(run, iteration, state),
         "stopped_early": stopped_early,
+        "rollbacks": rollbacks,
         "world_size": processes.world_size,
         "env": environment(),
         "device": str(device),
@@ -517,6 +563,25 @@ def run_training(
     run.write_summary(summary)
     processes.barrier()
     return summary
+
+
+@dataclass
+class _Snapshot:
+    """Weights and optimizer state at one iteration, in memory (for the rollback stabilizer)."""
+
+    iteration: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int) -> _Snapshot:
+        return cls(
+            iteration, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+        )
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -174,17 +174,24 @@ class RunDirectory:
             handle.write(json.dumps(record) + "\n")
 
     def truncate_log(self, iteration: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        """Drop log lines written after the checkpoint we resume from (they will be redone).
+
+        Lines up to the last ``rollback`` event are history and kept whatever their iteration
+        (a rollback always writes a checkpoint, so no resume starts before it).
+        """
         if not self.log_path.exists():
             return
-        kept = []
+        records = []
         for line in self.log_path.read_text(encoding="utf-8").splitlines():
             try:
-                record = json.loads(line)
+                records.append((line, json.loads(line)))
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if record.get("iteration", 0) <= iteration:
-                kept.append(line)
+        history = max(
+            (i + 1 for i, (_, r) in enumerate(records) if r.get("event") == "rollback"), default=0
+        )
+        kept = [line for line, _ in records[:history]]
+        kept += [line for line, r in records[history:] if r.get("iteration", 0) <= iteration]
         atomic_write_text(self.log_path, "".join(line + "\n" for line in kept))
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -51,6 +51,10 @@ class Stabilization:
             code logits ``l``, a restoring force on logits beyond ``B`` (none inside it). Unlike
             ``code_bound`` it does not hide large logits from the sigmoid, it pulls them back;
             every bit is still the sign of its logit.
+        rollback: when a held-out evaluation shows a collapse (or every gradient has been zero
+            for a while), go back to the state of the last healthy evaluation (weights and
+            optimizer) and go on with the learning rate times this factor; at most
+            :data:`MAX_ROLLBACKS` times in a run.
         amsgrad: Adam's AMSGrad variant: each parameter's step is divided by the largest
             second-moment estimate seen so far instead of the running one, so a gradient that
             has become tiny (behind a saturated sigmoid) gives a tiny step, not a full one.
@@ -63,6 +67,7 @@ class Stabilization:
     amsgrad: bool = False
     warmup: float | None = None
     logit_penalty: float | None = None
+    rollback: float | None = None
 
     @classmethod
     def from_names(cls, chosen: dict[str, float]) -> Stabilization:
@@ -123,9 +128,14 @@ class Stabilizer:
             return replace(settings, **changes_on)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"--stabilize {self.name}={value}: the value must be > 0")
+        if self.field == "rollback" and value > 1:
+            raise UsageError(f"--stabilize rollback={value}: the factor must lie in (0, 1]")
         changes: dict[str, Any] = {self.field: float(value)}
         return replace(settings, **changes)
 
+
+#: Rollbacks allowed in one run (``rollback``); after that a collapse is only reported.
+MAX_ROLLBACKS = 5
 
 STABILIZERS: Registry[Stabilizer] = Registry("stabilizer")
 for _entry in (
@@ -166,6 +176,13 @@ for _entry in (
         "add mean((relu(|l|-B)/B)^2) of the code logits to the loss (value: B, default 60)",
     ),
     Stabilizer(
+        "rollback",
+        "rollback",
+        0.5,
+        "on a collapse, return to the last healthy evaluation's state and multiply the learning "
+        "rate by the value (default 0.5)",
+    ),
+    Stabilizer(
         "amsgrad",
         "amsgrad",
         1.0,
@@ -199,4 +216,4 @@ def parse_stabilizers(text: str | None) -> dict[str, float]:
     return chosen
 
 
-__all__ = ["STABILIZERS", "Stabilization", "Stabilizer", "parse_stabilizers"]
+__all__ = ["MAX_ROLLBACKS", "STABILIZERS", "Stabilization", "Stabilizer", "parse_stabilizers"]

@@ -55,6 +55,8 @@ class TrainConfig:
             script used 0.5, 0.999).
         stabilize: measures against collapse, ``{name: strength}``
             (:mod:`comdefend.training.stabilizers`); empty in every recipe.
+        patch_size: training images are random ``patch_size`` x ``patch_size`` crops (image
+            folders always; other datasets only when it is smaller than their images).
     """
 
     dataset: str = "cifar10"
@@ -122,7 +124,10 @@ def make_batches(config: TrainConfig) -> EpochBatches | FolderPatches:
             raise UsageError("--dataset folder needs --data-dir pointing at an image folder")
         return FolderPatches(config.data_dir, config.batch_size, config.patch_size, config.seed)
     return EpochBatches(
-        load_dataset(config.dataset, "train", config.data_dir), config.batch_size, config.seed
+        load_dataset(config.dataset, "train", config.data_dir),
+        config.batch_size,
+        config.seed,
+        crop=config.patch_size,
     )
 
 
