@@ -33,11 +33,17 @@ def read_run(path: Path) -> dict[str, Any]:
     psnr: dict[int, float] = {}
     logits: dict[int, float] = {}
     saturated: dict[int, float] = {}
+    added: list[str] = []
     last = 0
     for line in log.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "start" and config is None:
             config = record["config"]
+        if record.get("event") == "resume" and config is not None and "stabilize" in record:
+            before = config.get("stabilize") or {}
+            for name in set(record["stabilize"]) - set(before):  # added at this resume
+                added.append(f"{name} from {int(record['iteration']):,}")
+            config = {**config, "stabilize": {**before, **record["stabilize"]}}
         iteration = int(record.get("iteration", 0))
         if "heldout_psnr_db" in record and record.get("event") is None:
             psnr[iteration] = float(record["heldout_psnr_db"])
@@ -56,6 +62,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "logits": logits,
         "saturated": saturated,
         "last": last,
+        "added": added,
     }
 
 
@@ -81,7 +88,9 @@ def table(runs: list[dict[str, Any]]) -> str:
         stabilize = ", ".join(
             f"{k}={v:g}" if k not in ("amsgrad", "cosine-decay") else k
             for k, v in (config.get("stabilize") or {}).items()
+            if not any(a.startswith(f"{k} from") for a in run["added"])
         )
+        stabilize = ", ".join(filter(None, [stabilize, *run["added"]]))
         at = " / ".join(f"{psnr[m]:.2f}" if m in psnr else "-" for m in MARKS)
         best_at = max(psnr, key=lambda i: psnr[i])
         last = max(psnr)

@@ -445,3 +445,20 @@ def test_two_gloo_processes_match_one_process(fashion_dir: Path, tmp_path: Path)
             resume=True,
             progress=False,
         )
+
+
+def test_a_resume_may_add_rollback_and_nothing_else(fashion_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(_config(out, 2, stabilize={"logit-penalty": 60.0}), progress=False)
+    with pytest.raises(UsageError, match="settings that differ.*stabilize"):
+        train(
+            _config(out, 4, stabilize={"logit-penalty": 60.0, "clip-grad": 1.0}),
+            resume=True,
+            progress=False,
+        )
+    both = {"logit-penalty": 60.0, "rollback": 0.5}
+    summary = train(_config(out, 4, stabilize=both), resume=True, progress=False)
+    assert summary["config"]["stabilize"] == both and summary["iterations"] == 4
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert [(r["iteration"], r["stabilize"]) for r in resumes] == [(2, both)]

@@ -381,6 +381,8 @@ def run_training(
     }
     if not resume:
         event["config"] = config.to_dict()
+    elif getattr(config, "stabilize", None) is not None:
+        event["stabilize"] = config.stabilize  # a resume may add or drop rollback
     run.log(event)
 
     model.train()

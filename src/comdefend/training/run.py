@@ -61,6 +61,18 @@ def restore_optimizer(
 RESUMABLE_CHANGES = frozenset(
     {"iterations", "device", "threads", "out", "eval_every", "checkpoint_every", "resume"}
 )
+#: Stabilizers a resume may add or drop: ``rollback`` changes nothing until a collapse, so
+#: adding it to a healthy run equals having had it from the start (the resume event logs it).
+RESUMABLE_STABILIZERS = frozenset({"rollback"})
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings as a resume compares them (stabilizers a resume may change dropped)."""
+    stabilize = config.get("stabilize")
+    if not isinstance(stabilize, dict):
+        return config
+    kept = {k: v for k, v in stabilize.items() if k not in RESUMABLE_STABILIZERS}
+    return {**config, "stabilize": kept}
 
 
 class RunDirectory:
@@ -136,7 +148,8 @@ class RunDirectory:
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         tensors, metadata = load_checkpoint(self.checkpoint_path, TRAINING_STATE_KIND)
-        saved = {**self.legacy_defaults, **metadata["train_config"]}
+        saved = _comparable({**self.legacy_defaults, **metadata["train_config"]})
+        current = _comparable(self.config)
         saved_world = int(metadata.get("world_size", 1))
         if saved_world != self.world_size:
             raise UsageError(
@@ -147,12 +160,12 @@ class RunDirectory:
             )
         differing = {
             key
-            for key in set(saved) | set(self.config)
-            if key not in RESUMABLE_CHANGES and saved.get(key) != self.config.get(key)
+            for key in set(saved) | set(current)
+            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
         }
         if differing:
             details = ", ".join(
-                f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in sorted(differing)
+                f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(differing)
             )
             raise UsageError(f"--resume with settings that differ from the saved run ({details})")
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
