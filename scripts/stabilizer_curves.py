@@ -5,8 +5,10 @@
 
 Each input is a run's ``log.jsonl`` (or a run folder holding one; a file's name, without
 ``.jsonl``, names the run). The table gives, per run: dataset, stabilizers, seed, learning rate,
-iterations reached, held-out PSNR at 1,000 / 2,500 / 5,000 / 7,500 iterations, best and last,
-whether it collapsed (an evaluation more than ``COLLAPSE_DB`` below the best so far) and the
+iterations reached, held-out PSNR at 1,000 / 2,500 / 5,000 / 7,500 iterations (``--at``), best
+and last (after a rollback: the evaluations of the redone iterations), whether it collapsed (the
+first evaluation the engine flagged, or one more than ``COLLAPSE_DB`` below the best so far in
+older logs), its rollbacks and the
 largest code logit and saturated-output fraction of its last logged window (logs written since
 these were recorded). The chart (``OUT.png``) has held-out PSNR along training on top and the
 largest code logit below.
@@ -22,7 +24,7 @@ from typing import Any
 from comdefend.errors import UsageError
 from comdefend.training.trainer import COLLAPSE_DB
 
-MARKS = (1000, 2500, 5000, 7500)
+MARKS = (1000, 2500, 5000, 7500)  # default columns; --at chooses others
 
 
 def read_run(path: Path) -> dict[str, Any]:
@@ -34,6 +36,8 @@ def read_run(path: Path) -> dict[str, Any]:
     logits: dict[int, float] = {}
     saturated: dict[int, float] = {}
     added: list[str] = []
+    rollbacks: list[str] = []
+    flagged: list[int] = []  # evaluations the engine flagged as a collapse
     last = 0
     for line in log.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -46,7 +50,11 @@ def read_run(path: Path) -> dict[str, Any]:
             config = {**config, "stabilize": {**before, **record["stabilize"]}}
         iteration = int(record.get("iteration", 0))
         if "heldout_psnr_db" in record and record.get("event") is None:
-            psnr[iteration] = float(record["heldout_psnr_db"])
+            psnr[iteration] = float(record["heldout_psnr_db"])  # after a rollback: the redo
+            if record.get("collapse"):
+                flagged.append(iteration)
+        if record.get("event") == "rollback":
+            rollbacks.append(f"{iteration:,} to {int(record['to']):,}")
         if "max_abs_code_logit" in record:
             logits[iteration] = float(record["max_abs_code_logit"])
             saturated[iteration] = float(record["saturated_output"])
@@ -63,6 +71,8 @@ def read_run(path: Path) -> dict[str, Any]:
         "saturated": saturated,
         "last": last,
         "added": added,
+        "rollbacks": rollbacks,
+        "flagged": flagged,
     }
 
 
@@ -76,12 +86,13 @@ def collapsed_at(psnr: dict[int, float]) -> int | None:
     return None
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    marks = " / ".join(f"{m:,}" for m in MARKS)
+def table(runs: list[dict[str, Any]], at: tuple[int, ...] = MARKS) -> str:
+    marks = " / ".join(f"{m:,}" for m in at)
     rows = [
         f"| run | dataset | stabilize | seed | lr | iterations | PSNR at {marks} (dB) | best (at) "
-        "| last | collapsed at | largest code logit, last window | saturated output, last |",
-        "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| last | collapsed at | rollbacks | largest code logit, last window "
+        "| saturated output, last |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|",
     ]
     for run in runs:
         config, psnr = run["config"], run["psnr"]
@@ -91,16 +102,17 @@ def table(runs: list[dict[str, Any]]) -> str:
             if not any(a.startswith(f"{k} from") for a in run["added"])
         )
         stabilize = ", ".join(filter(None, [stabilize, *run["added"]]))
-        at = " / ".join(f"{psnr[m]:.2f}" if m in psnr else "-" for m in MARKS)
+        values = " / ".join(f"{psnr[m]:.2f}" if m in psnr else "-" for m in at)
         best_at = max(psnr, key=lambda i: psnr[i])
         last = max(psnr)
-        collapse = collapsed_at(psnr)
+        collapse = run["flagged"][0] if run["flagged"] else collapsed_at(psnr)
         logit = f"{run['logits'][max(run['logits'])]:.3g}" if run["logits"] else "-"
         sat = f"{run['saturated'][max(run['saturated'])]:.2f}" if run["saturated"] else "-"
         rows.append(
             f"| {run['name']} | {config['dataset']} | {stabilize or 'none'} | {config['seed']} "
-            f"| {config['lr']:g} | {run['last']:,} | {at} | {psnr[best_at]:.2f} ({best_at:,}) "
-            f"| {psnr[last]:.2f} | {f'{collapse:,}' if collapse else 'no'} | {logit} | {sat} |"
+            f"| {config['lr']:g} | {run['last']:,} | {values} | {psnr[best_at]:.2f} ({best_at:,}) "
+            f"| {psnr[last]:.2f} | {f'{collapse:,}' if collapse else 'no'} "
+            f"| {'; '.join(run['rollbacks']) or '-'} | {logit} | {sat} |"
         )
     return "\n".join(rows)
 
@@ -135,9 +147,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("logs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.png")
+    parser.add_argument("--at", default="1000,2500,5000,7500", help="iterations of the table")
     args = parser.parse_args()
     runs = [read_run(path) for path in args.logs]
-    text = table(runs)
+    text = table(runs, tuple(int(i) for i in args.at.split(",")))
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -285,9 +285,9 @@ def test_stabilizer_curves_table_and_chart(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines()[2:]}
-    assert "| none | 1 |" in rows["plain"] and "| 3,000 | - | - |" in rows["plain"]
+    assert "| none | 1 |" in rows["plain"] and "| 3,000 | - | - | - |" in rows["plain"]
     assert "26.00 / 27.00 / - / -" in rows["plain"]  # collapsed at 3,000, logit not logged
     assert "| amsgrad | 0 |" in rows["amsgrad"] and "28.50 (7,500)" in rows["amsgrad"]
-    assert "| no | 3.75e+03 | 0.00 |" in rows["amsgrad"]
+    assert "| no | - | 3.75e+03 | 0.00 |" in rows["amsgrad"]
     assert out.with_suffix(".md").read_text() == done.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
