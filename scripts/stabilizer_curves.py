@@ -150,6 +150,12 @@ def main() -> None:
     parser.add_argument("--at", default="1000,2500,5000,7500", help="iterations of the table")
     args = parser.parse_args()
     runs = [read_run(path) for path in args.logs]
+    names = [run["name"] for run in runs]
+    for run, path in zip(runs, args.logs, strict=True):
+        if names.count(run["name"]) > 1:  # the same file name in two folders: say which
+            log = path / "log.jsonl" if path.is_dir() else path
+            folder = log.parent.parent if log.name == "log.jsonl" else log.parent
+            run["name"] = f"{folder.name}/{run['name']}"
     text = table(runs, tuple(int(i) for i in args.at.split(",")))
     print(text)
     if args.out is not None:

@@ -37,13 +37,15 @@ def register(app: typer.Typer) -> None:
         if not entries:
             typer.echo("no pretrained models are shipped in this build")
             return
+        width = max(len(entry.name) for entry in entries) + 2
+        arch = max(len(entry.architecture) for entry in entries) + 2
         for entry in entries:
             metrics = ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in entry.metrics.items()
             )
             typer.echo(
-                f"{entry.name:<28}{entry.kind:<11}{entry.dataset:<15}{entry.architecture:<14}"
+                f"{entry.name:<{width}}{entry.kind:<11}{entry.dataset:<15}{entry.architecture:<{arch}}"
                 f"{entry.iterations:>7} it  {metrics}"
             )
 
