@@ -303,7 +303,7 @@ def train_command(
         None,
         help="Measures against collapse, NAME[=VALUE][,NAME...]: rollback, logit-penalty, "
         "clip-grad, code-bound, adam-eps, amsgrad, warmup, cosine-decay (none in any recipe; "
-        "'none' turns them off). Measured to reach 7,500 iterations: logit-penalty,rollback "
+        "'none' turns them off). The measured choice against the collapse: rollback "
         "(docs/RESULTS.md).",
     ),
     patch_size: int | None = typer.Option(
