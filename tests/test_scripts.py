@@ -270,6 +270,9 @@ def test_stabilizer_curves_table_and_chart(tmp_path: Path) -> None:
               "lr": 0.001, "stabilize": {"amsgrad": 1.0}}  # fmt: skip
     lines = [{"event": "start", "iteration": 0, "config": config}]
     for iteration, psnr in ((1000, 25.0), (2500, 27.5), (5000, 28.0), (7500, 28.5)):
+        if iteration == 5000:  # a collapse the engine flagged and rolled back, then the redo
+            lines.append({"iteration": 5000, "heldout_psnr_db": 9.0, "collapse": True})
+            lines.append({"event": "rollback", "iteration": 5000, "to": 4900, "lr_scale": 0.5})
         lines.append({"iteration": iteration, "heldout_psnr_db": psnr, "loss": 0.01,
                       "max_abs_code_logit": iteration / 2, "saturated_output": 0.0})  # fmt: skip
     (stable / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -288,6 +291,7 @@ def test_stabilizer_curves_table_and_chart(tmp_path: Path) -> None:
     assert "| none | 1 |" in rows["plain"] and "| 3,000 | - | - | - |" in rows["plain"]
     assert "26.00 / 27.00 / - / -" in rows["plain"]  # collapsed at 3,000, logit not logged
     assert "| amsgrad | 0 |" in rows["amsgrad"] and "28.50 (7,500)" in rows["amsgrad"]
-    assert "| no | - | 3.75e+03 | 0.00 |" in rows["amsgrad"]
+    assert "| 5,000 | 5,000 to 4,900 | 3.75e+03 | 0.00 |" in rows["amsgrad"]
+    assert "25.00 / 27.50 / 28.00 / 28.50" in rows["amsgrad"]  # the redone evaluation at 5,000
     assert out.with_suffix(".md").read_text() == done.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
