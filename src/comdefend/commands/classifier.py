@@ -9,6 +9,7 @@ import typer
 
 from comdefend.commands.options import (
     device_option,
+    image_size_option,
     non_negative_float_option,
     non_negative_int_option,
     output_folder_option,
@@ -141,11 +142,7 @@ def test_classifier_command(
         None, help="Use the first N images (default: all).", callback=positive_int_option
     ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    image_size: int | None = typer.Option(
-        None,
-        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
-        callback=positive_int_option,
-    ),
+    image_size: int | None = image_size_option(),
     batch_size: int = typer.Option(
         500, help="Images per forward pass.", callback=positive_int_option
     ),

@@ -9,6 +9,7 @@ import typer
 
 from comdefend.commands.options import (
     device_option,
+    image_size_option,
     interrupt_message,
     output_folder_option,
     positive_int_option,
@@ -109,11 +110,7 @@ def evaluate_command(
         100, help="Images per attack / forward call.", callback=positive_int_option
     ),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
-    image_size: int | None = typer.Option(
-        None,
-        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
-        callback=positive_int_option,
-    ),
+    image_size: int | None = image_size_option(),
     out: Path | None = typer.Option(
         None,
         "--out",

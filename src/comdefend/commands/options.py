@@ -56,6 +56,17 @@ def device_option(param: typer.CallbackParam, value: str | None) -> str | None:
     return validation.device_name(value, _flag(param))
 
 
+def image_size_option() -> int | None:
+    """``--image-size``: the center crop of datasets cropped on loading (one definition for
+    every command that reads ImageNet)."""
+    return typer.Option(
+        None,
+        "--image-size",
+        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
+        callback=positive_int_option,
+    )
+
+
 def precision_option(param: typer.CallbackParam, value: str | None) -> str | None:
     """``fp32``, ``tf32`` or ``bf16`` (whether the device has it is checked when it runs)."""
     from comdefend.models.precision import PRECISIONS

@@ -8,6 +8,7 @@ import typer
 
 from comdefend.commands.options import (
     device_option,
+    image_size_option,
     non_negative_int_option,
     output_folder_option,
     positive_float_option,
@@ -63,9 +64,7 @@ def residual_study_command(
     train_data_dir: Path | None = typer.Option(
         None, help="Folder of --train-dataset (else $COMDEFEND_DATA)."
     ),
-    image_size: int | None = typer.Option(
-        None, help="Crop size of imagenet images (224).", callback=positive_int_option
-    ),
+    image_size: int | None = image_size_option(),
     eval_images: int = typer.Option(
         500, help="Held-out test images for the PSNR.", callback=non_negative_int_option
     ),
