@@ -18,23 +18,16 @@
 # precision.json (benchmarks/precision.py: fp32 / tf32 / bf16 purification), summary.json
 # (seconds, images/s, exit codes). Exit code: the evaluation's (124 on timeout).
 set -uo pipefail
+source "$(dirname "$0")/gpu_common.sh"
 
 N="${GPU_CHECK_N:-10000}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 TIMEOUT="${GPU_CHECK_TIMEOUT:-540}"
 BATCH="${GPU_CHECK_BATCH:-}"
-first_dir() { for dir in "$@"; do [ -d "$dir" ] && { echo "$dir"; return; }; done; echo "$1"; }
 DATA="${GPU_CHECK_DATA:-$(first_dir ../shared/data/cifar10 shared/data/cifar10)}"
 OFFICIAL="${GPU_CHECK_OFFICIAL:-$(first_dir ../shared/official shared/official)}"
-# The installed command, else the package from this checkout's src/.
-if command -v comdefend >/dev/null; then CLI=(comdefend); else
-  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"; CLI=(python -m comdefend); fi
-OUT="${OUT:-gpu-check-out}"
-mkdir -p "$OUT/logs"
-LOGS="$(cd "$OUT/logs" && pwd)"
+gpu_setup gpu_check gpu-check-out
 REPORT="$OUT/cifar10-test-$N"
-export PYTHONUNBUFFERED=1
-say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$LOGS/gpu_check.log"; }
 
 say "N=$N device=$DEVICE timeout=${TIMEOUT}s batch=${BATCH:-default} data=$DATA out=$OUT"
 {

@@ -7,7 +7,7 @@
 #   PRESETS_ITERATIONS=7500     iterations per run (the study's 3 epochs)
 #   PRESETS_EVAL_EVERY=100      held-out PSNR every N iterations
 #   PRESETS_EVAL_IMAGES=500     held-out test images per evaluation
-#   PRESETS_STABILIZE="none amsgrad"   the arms: each preset is trained once per arm
+#   PRESETS_STABILIZE="none rollback"  the arms: each preset is trained once per arm
 #   PRESETS_PRESETS=all         comma-separated preset names (comdefend presets), or all
 #   PRESETS_PARALLEL=10         runs at once on the device (they share it)
 #   PRESETS_TIMEOUT=540         seconds before every run still going is stopped (SIGTERM: it
@@ -19,24 +19,19 @@
 # logs/*.log, presets-ARM.md/.png (scripts/preset_table.py), stabilizers.md/.png
 # (scripts/stabilizer_curves.py), summary.json (iterations reached per run).
 set -uo pipefail
+source "$(dirname "$0")/gpu_common.sh"
 
 ITERATIONS="${PRESETS_ITERATIONS:-7500}"
 EVAL_EVERY="${PRESETS_EVAL_EVERY:-100}"
 EVAL_IMAGES="${PRESETS_EVAL_IMAGES:-500}"
-ARMS="${PRESETS_STABILIZE:-none amsgrad}"
+ARMS="${PRESETS_STABILIZE:-none rollback}"
 PRESETS="${PRESETS_PRESETS:-all}"
 PARALLEL="${PRESETS_PARALLEL:-10}"
 TIMEOUT="${PRESETS_TIMEOUT:-540}"
 DEVICE="${PRESETS_DEVICE:-cuda}"
-first_dir() { for dir in "$@"; do [ -d "$dir" ] && { echo "$dir"; return; }; done; echo "$1"; }
 DATA="${PRESETS_DATA:-$(first_dir ../shared/data/cifar10 shared/data/cifar10)}"
-if command -v comdefend >/dev/null; then CLI=(comdefend); else
-  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"; CLI=(python -m comdefend); fi
-OUT="${OUT:-gpu-presets-out}"
-mkdir -p "$OUT/logs" "$OUT/runs"
-LOGS="$(cd "$OUT/logs" && pwd)"
-export PYTHONUNBUFFERED=1
-say() { echo "[gpu_presets $(date -u +%H:%M:%S)] $*" | tee -a "$LOGS/gpu_presets.log"; }
+gpu_setup gpu_presets gpu-presets-out
+mkdir -p "$OUT/runs"
 
 if [ "$PRESETS" = all ]; then
   PRESETS=$(python -c "from comdefend.models.presets import PRESETS; print(','.join(PRESETS.names()))")
@@ -80,12 +75,19 @@ python scripts/stabilizer_curves.py "$OUT"/runs/*/log.jsonl --out "$OUT/stabiliz
 python - "$OUT" >"$OUT/summary.json" <<'PY'
 import json, sys
 from pathlib import Path
+from comdefend.errors import UsageError
+from comdefend.training.logs import read_training_log
 runs = {}
 for log in sorted(Path(sys.argv[1]).glob("runs/*/log.jsonl")):
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    last = max((r.get("iteration", 0) for r in records), default=0)
-    psnr = [r["heldout_psnr_db"] for r in records if "heldout_psnr_db" in r and "event" not in r]
-    runs[log.parent.name] = {"iterations": last, "last_psnr_db": psnr[-1] if psnr else None,
+    try:
+        run = read_training_log(log)
+    except UsageError as error:  # a run stopped before its first evaluation
+        runs[log.parent.name] = {"error": str(error)}
+        continue
+    runs[log.parent.name] = {"iterations": run.last_iteration,
+                             "last_psnr_db": run.psnr[run.last_evaluation],
+                             "best_psnr_db": run.psnr[run.best_iteration],
+                             "collapsed_at": run.collapsed_at(), "rollbacks": run.rollbacks,
                              "finished": (log.parent / "summary.json").is_file()}
 print(json.dumps(runs, indent=2))
 PY

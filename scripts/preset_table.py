@@ -18,24 +18,8 @@ from pathlib import Path
 from comdefend.errors import UsageError
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset
-from comdefend.training.trainer import COLLAPSE_DB, image_channels_for
-
-
-def read_run(path: Path) -> dict:
-    log = path / "log.jsonl" if path.is_dir() else path
-    if not log.is_file():
-        raise UsageError(f"{path}: no training log found")
-    config, evaluations = None, {}
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("event") == "start":
-            config = record["config"]
-        if "heldout_psnr_db" in record:
-            evaluations[int(record["iteration"])] = record["heldout_psnr_db"]
-    if config is None or not evaluations:
-        raise UsageError(f"{log}: needs a start record and at least one held-out evaluation")
-    name = log.parent.name if log.name == "log.jsonl" else log.stem
-    return {"name": name, "config": config, "evaluations": evaluations}
+from comdefend.training.logs import TrainingLog, read_training_log
+from comdefend.training.trainer import image_channels_for
 
 
 def parameters(config: dict) -> int:
@@ -44,34 +28,27 @@ def parameters(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def summarise(runs: list[dict], speed: dict[str, float]) -> tuple[int, list[dict]]:
-    common = min(max(run["evaluations"]) for run in runs)
+def summarise(runs: list[TrainingLog], speed: dict[str, float]) -> tuple[int, list[dict]]:
+    common = min(run.last_evaluation for run in runs)
     rows = []
     for run in runs:
-        evaluations = run["evaluations"]
-        best_iteration = max(evaluations, key=evaluations.get)
-        last = max(evaluations)
-        best = evaluations[best_iteration]
-        collapsed = any(
-            value < max(v for i, v in evaluations.items() if i <= it) - COLLAPSE_DB
-            for it, value in evaluations.items()
-        )
-        preset = get_preset(run["config"]["preset"])
-        channels = image_channels_for(run["config"]["dataset"])
+        evaluations, last = run.psnr, run.last_evaluation
+        preset = get_preset(run.config["preset"])
+        channels = image_channels_for(run.config["dataset"])
         rows.append(
             {
-                "run": run["name"],
-                "dataset": run["config"]["dataset"],
+                "run": run.name,
+                "dataset": run.config["dataset"],
                 "preset": f"{preset.name} ({preset.study_name})",
-                "parameters": parameters(run["config"]),
+                "parameters": parameters(run.config),
                 "ms_per_iteration": speed.get(f"{preset.name}/{channels}"),
                 "iterations": last,
-                "planned": run["config"]["iterations"],
+                "planned": run.config["iterations"],
                 "psnr_common": evaluations.get(common),
                 "psnr_last": evaluations[last],
-                "psnr_best": best,
-                "best_iteration": best_iteration,
-                "collapsed": collapsed,
+                "psnr_best": evaluations[run.best_iteration],
+                "best_iteration": run.best_iteration,
+                "collapsed": run.collapsed_at() is not None,
             }
         )
     return common, rows
@@ -95,7 +72,7 @@ def markdown(common: int, rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def chart(runs: list[dict], path: Path) -> None:
+def chart(runs: list[TrainingLog], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,8 +80,8 @@ def chart(runs: list[dict], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 5))
     for run in runs:
-        points = sorted(run["evaluations"].items())
-        axis.plot(*zip(*points, strict=True), marker="o", markersize=3, label=run["name"])
+        points = sorted(run.psnr.items())
+        axis.plot(*zip(*points, strict=True), marker="o", markersize=3, label=run.name)
     axis.set_xlabel("training iteration (batch 20)")
     axis.set_ylabel("held-out PSNR (dB, 500 test images)")
     axis.set_title("ComDefend presets, seed schedule (Adam 1e-3, noise 20, lambda 1e-4)")
@@ -122,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.png")
     args = parser.parse_args()
     try:
-        runs = [read_run(path) for path in args.runs]
+        runs = [read_training_log(path) for path in args.runs]
         speed = json.loads(args.speed.read_text()) if args.speed else {}
     except (UsageError, OSError, json.JSONDecodeError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -17,76 +17,15 @@ largest code logit below.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 from comdefend.errors import UsageError
-from comdefend.training.trainer import COLLAPSE_DB
+from comdefend.training.logs import TrainingLog, log_file, read_training_log
 
 MARKS = (1000, 2500, 5000, 7500)  # default columns; --at chooses others
 
 
-def read_run(path: Path) -> dict[str, Any]:
-    log = path / "log.jsonl" if path.is_dir() else path
-    if not log.is_file():
-        raise UsageError(f"{path}: no training log found")
-    config: dict[str, Any] | None = None
-    psnr: dict[int, float] = {}
-    logits: dict[int, float] = {}
-    saturated: dict[int, float] = {}
-    added: list[str] = []
-    rollbacks: list[str] = []
-    flagged: list[int] = []  # evaluations the engine flagged as a collapse
-    last = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("event") == "start" and config is None:
-            config = record["config"]
-        if record.get("event") == "resume" and config is not None and "stabilize" in record:
-            before = config.get("stabilize") or {}
-            for name in set(record["stabilize"]) - set(before):  # added at this resume
-                added.append(f"{name} from {int(record['iteration']):,}")
-            config = {**config, "stabilize": {**before, **record["stabilize"]}}
-        iteration = int(record.get("iteration", 0))
-        if "heldout_psnr_db" in record and record.get("event") is None:
-            psnr[iteration] = float(record["heldout_psnr_db"])  # after a rollback: the redo
-            if record.get("collapse"):
-                flagged.append(iteration)
-        if record.get("event") == "rollback":
-            rollbacks.append(f"{iteration:,} to {int(record['to']):,}")
-        if "max_abs_code_logit" in record:
-            logits[iteration] = float(record["max_abs_code_logit"])
-            saturated[iteration] = float(record["saturated_output"])
-        if record.get("event") is None:
-            last = max(last, iteration)
-    if config is None or not psnr:
-        raise UsageError(f"{log}: needs a start record and at least one held-out evaluation")
-    name = log.parent.name if log.name == "log.jsonl" else log.stem
-    return {
-        "name": name,
-        "config": config,
-        "psnr": psnr,
-        "logits": logits,
-        "saturated": saturated,
-        "last": last,
-        "added": added,
-        "rollbacks": rollbacks,
-        "flagged": flagged,
-    }
-
-
-def collapsed_at(psnr: dict[int, float]) -> int | None:
-    """The first evaluation more than COLLAPSE_DB below the best before it."""
-    best = float("-inf")
-    for iteration in sorted(psnr):
-        if psnr[iteration] < best - COLLAPSE_DB:
-            return iteration
-        best = max(best, psnr[iteration])
-    return None
-
-
-def table(runs: list[dict[str, Any]], at: tuple[int, ...] = MARKS) -> str:
+def table(runs: list[TrainingLog], at: tuple[int, ...] = MARKS) -> str:
     marks = " / ".join(f"{m:,}" for m in at)
     rows = [
         f"| run | dataset | stabilize | seed | lr | iterations | PSNR at {marks} (dB) | best (at) "
@@ -95,29 +34,34 @@ def table(runs: list[dict[str, Any]], at: tuple[int, ...] = MARKS) -> str:
         "|---|---|---|---:|---:|---:|---|---|---:|---:|---|---:|---:|",
     ]
     for run in runs:
-        config, psnr = run["config"], run["psnr"]
+        config, psnr = run.config, run.psnr
         stabilize = ", ".join(
             f"{k}={v:g}" if k not in ("amsgrad", "cosine-decay") else k
             for k, v in (config.get("stabilize") or {}).items()
-            if not any(a.startswith(f"{k} from") for a in run["added"])
+            if not any(a.startswith(f"{k} from") for a in run.added_stabilizers)
         )
-        stabilize = ", ".join(filter(None, [stabilize, *run["added"]]))
+        stabilize = ", ".join(filter(None, [stabilize, *run.added_stabilizers]))
         values = " / ".join(f"{psnr[m]:.2f}" if m in psnr else "-" for m in at)
-        best_at = max(psnr, key=lambda i: psnr[i])
-        last = max(psnr)
-        collapse = run["flagged"][0] if run["flagged"] else collapsed_at(psnr)
-        logit = f"{run['logits'][max(run['logits'])]:.3g}" if run["logits"] else "-"
-        sat = f"{run['saturated'][max(run['saturated'])]:.2f}" if run["saturated"] else "-"
+        best_at, last = run.best_iteration, run.last_evaluation
+        collapse = run.collapsed_at()
+        rollbacks = "; ".join(f"{a:,} to {b:,}" for a, b in run.rollbacks) or "-"
+        logit = f"{run.code_logit[max(run.code_logit)]:.3g}" if run.code_logit else "-"
+        sat = (
+            f"{run.saturated_output[max(run.saturated_output)]:.2f}"
+            if run.saturated_output
+            else "-"
+        )
         rows.append(
-            f"| {run['name']} | {config['dataset']} | {stabilize or 'none'} | {config['seed']} "
-            f"| {config['lr']:g} | {run['last']:,} | {values} | {psnr[best_at]:.2f} ({best_at:,}) "
+            f"| {run.name} | {config['dataset']} | {stabilize or 'none'} | {config['seed']} "
+            f"| {config['lr']:g} | {run.last_iteration:,} | {values} "
+            f"| {psnr[best_at]:.2f} ({best_at:,}) "
             f"| {psnr[last]:.2f} | {f'{collapse:,}' if collapse else 'no'} "
-            f"| {'; '.join(run['rollbacks']) or '-'} | {logit} | {sat} |"
+            f"| {rollbacks} | {logit} | {sat} |"
         )
     return "\n".join(rows)
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
+def plot(runs: list[TrainingLog], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,11 +69,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for run in runs:
-        psnr = run["psnr"]
-        label = f"{run['name']}"
-        line = top.plot(sorted(psnr), [psnr[i] for i in sorted(psnr)], label=label)[0]
-        if run["logits"]:
-            logits = run["logits"]
+        psnr = run.psnr
+        line = top.plot(sorted(psnr), [psnr[i] for i in sorted(psnr)], label=run.name)[0]
+        if run.code_logit:
+            logits = run.code_logit
             bottom.plot(sorted(logits), [logits[i] for i in sorted(logits)], color=line.get_color())
     top.set_ylabel("held-out PSNR (dB)")
     top.legend(fontsize=8)
@@ -149,13 +92,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.png")
     parser.add_argument("--at", default="1000,2500,5000,7500", help="iterations of the table")
     args = parser.parse_args()
-    runs = [read_run(path) for path in args.logs]
-    names = [run["name"] for run in runs]
+    try:
+        runs = [read_training_log(path) for path in args.logs]
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+    names = [run.name for run in runs]
     for run, path in zip(runs, args.logs, strict=True):
-        if names.count(run["name"]) > 1:  # the same file name in two folders: say which
-            log = path / "log.jsonl" if path.is_dir() else path
+        if names.count(run.name) > 1:  # the same file name in two folders: say which
+            log = log_file(path)
             folder = log.parent.parent if log.name == "log.jsonl" else log.parent
-            run["name"] = f"{folder.name}/{run['name']}"
+            run.name = f"{folder.name}/{run.name}"
     text = table(runs, tuple(int(i) for i in args.at.split(",")))
     print(text)
     if args.out is not None:

@@ -295,3 +295,34 @@ def test_stabilizer_curves_table_and_chart(tmp_path: Path) -> None:
     assert "25.00 / 27.50 / 28.00 / 28.50" in rows["amsgrad"]  # the redone evaluation at 5,000
     assert out.with_suffix(".md").read_text() == done.stdout
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_gpu_presets_script_trains_both_arms_resumes_and_summarises_on_the_cpu(
+    tmp_path: Path, cifar_dir: Path
+) -> None:
+    import os
+
+    out = tmp_path / "presets"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PRESETS_PRESETS": "normal",
+        "PRESETS_ITERATIONS": "2",
+        "PRESETS_EVAL_EVERY": "1",
+        "PRESETS_EVAL_IMAGES": "8",
+        "PRESETS_PARALLEL": "2",
+        "PRESETS_DEVICE": "cpu",
+        "PRESETS_DATA": str(cifar_dir.parent),
+    }
+    script = [str(REPO / "scripts" / "gpu_presets.sh")]
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"normal-none", "normal-rollback"}  # the default arms
+    for run in summary.values():
+        assert run["iterations"] == 2 and run["finished"] and run["collapsed_at"] is None
+        assert 5.0 < run["last_psnr_db"] < 40.0
+    assert (out / "presets-rollback.md").is_file() and (out / "stabilizers.png").is_file()
+    assert "| rollback=0.5 |" in (out / "stabilizers.md").read_text()
+    again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "skip normal rollback (finished)" in again.stdout
