@@ -1,37 +1,51 @@
-"""The residual study's chart, measured on snapshots of the zoo trainings instead of new runs.
+"""The residual study's chart, measured on snapshots of trainings instead of new runs.
 
     python scripts/residual_chart_from_snapshots.py runs/snapshots --classifier resnet20-cifar10 \
         --data-dir ../shared/data/cifar10 --out reports/residual-study-zoo
+    python scripts/residual_chart_from_snapshots.py runs/snapshots --dataset imagenet \
+        --classifier efficientnet-lite0 --data-dir ../shared/data/imagenet-sample \
+        --train-data-dir ../shared/data/cifar10 --n 50 --out reports/residual-study-imagenet
 
 ``comdefend residual-study`` trains every preset itself and measures "accuracy after defending"
-at each evaluation. On a machine that can only afford the zoo trainings, the same measurement can
-be made afterwards on copies of their training checkpoints: SNAPSHOTS holds files named
-``<zoo name>-<iteration>.safetensors`` (training-state checkpoints, as ``comdefend train``
+at each evaluation. On a machine that can only afford the trainings it already runs, the same
+measurement can be made afterwards on copies of their training checkpoints: SNAPSHOTS holds
+files named ``<run>-<iteration>.safetensors`` (training-state checkpoints, as ``comdefend train``
 writes them). The fooling set (BIM against the undefended classifier, kept where the classifier
 was right and the attack fooled it), the measurements and the outputs (``results.json``,
-``table.md``, ``accuracy_vs_iteration.png``) are those of the residual study.
+``table.md``, ``accuracy_vs_iteration.png``) are those of the residual study. As in the study,
+ComDefend may have trained on another dataset than the one attacked (``--train-dataset``:
+CIFAR-10 for ImageNet); the held-out PSNR is that of the training dataset's test images. The
+fooling set is cached in OUT and every measured point in ``OUT/points.json``, so a rerun with
+more snapshots measures only the new ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
 import torch
 
+from comdefend.attacks import BIM
 from comdefend.checkpoint import load_checkpoint
 from comdefend.data.datasets import load_dataset
 from comdefend.evaluation.residual_study import (
+    ADVERSARIAL_FILE,
     ResidualStudyConfig,
+    adversarial_identity,
     defended_accuracy,
+    load_adversarial_set,
     make_adversarial_set,
+    save_adversarial_set,
     write_reports,
 )
 from comdefend.models.classifiers import load_classifier
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.models.presets import get_preset, preset_summary
 from comdefend.training.trainer import evaluate_reconstruction, image_channels_for
+from comdefend.validation import set_threads
 from comdefend.zoo import resolve_weights
 
 NAME = re.compile(r"^(?P<run>.+)-(?P<iteration>\d+)\.safetensors$")
@@ -59,14 +73,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("snapshots", type=Path)
     parser.add_argument("--classifier", required=True, help="checkpoint path or zoo name")
-    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--dataset", default="cifar10", help="the dataset attacked")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--train-dataset", default=None, help="default: as the residual study")
+    parser.add_argument("--train-data-dir", default=None)
+    parser.add_argument("--image-size", type=int, default=None, help="imagenet crop (224)")
     parser.add_argument("--n", type=int, default=1000, help="test images attacked")
     parser.add_argument("--eps", type=float, default=7.65, help="BIM L-inf budget in 1/255")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=100, help="images per forward pass")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    set_threads(args.threads)
     weights = resolve_weights(args.classifier)
     classifier = load_classifier(weights).requires_grad_(False)
     config = ResidualStudyConfig(
@@ -77,11 +97,40 @@ def main() -> None:
         attack_steps=args.steps,
         n=args.n,
         data_dir=args.data_dir,
+        train_dataset=args.train_dataset,
+        train_data_dir=args.train_data_dir,
+        image_size=args.image_size,
+        inference_batch=args.batch,
     )
-    data = load_dataset(args.dataset, "test", args.data_dir)
-    adv, attack = make_adversarial_set(classifier, data, config, torch.device("cpu"))
+    assert config.train_dataset is not None  # set from dataset by the config
+    data = load_dataset(
+        args.dataset, "test", args.data_dir, image_size=args.image_size, max_images=args.n
+    )
+    same = config.train_dataset == config.dataset
+    train_test = load_dataset(
+        config.train_dataset, "test", args.data_dir if same else args.train_data_dir
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    attack = BIM(classifier, eps=args.eps / 255, steps=args.steps, seed=config.seed).settings()
+    identity = adversarial_identity(config, weights.sha256, attack)
+    cache = args.out / ADVERSARIAL_FILE
+    if cache.exists():
+        adv = load_adversarial_set(cache, data, identity)
+    else:
+        adv, attack = make_adversarial_set(classifier, data, config, torch.device("cpu"))
+        save_adversarial_set(cache, adv, identity)
     print(f"fooling set: {adv.stats}", flush=True)
+    if len(adv) == 0:
+        raise SystemExit(
+            f"error: the fooling set is empty (of the first {args.n} images "
+            f"{adv.stats['clean_correct']} are classified correctly, none is fooled); "
+            "raise --n or --eps"
+        )
 
+    points_file = args.out / "points.json"
+    measured: dict[str, dict] = (
+        json.loads(points_file.read_text(encoding="utf-8")) if points_file.exists() else {}
+    )
     runs: dict[str, list[tuple[int, Path]]] = {}
     for path in sorted(args.snapshots.glob("*.safetensors")):
         match = NAME.match(path.name)
@@ -93,20 +142,25 @@ def main() -> None:
         train_config: dict = {}
         for iteration, path in sorted(snapshots):
             model, train_config = load_snapshot(path, data.channels)
-            if model is None or train_config["dataset"] != args.dataset:
+            if model is None or train_config["dataset"] != config.train_dataset:
                 break
-            point = {
-                "iteration": iteration,
-                "accuracy_after_defense": defended_accuracy(
-                    model, classifier, adv.adversarial, adv.labels, 100
-                ),
-                "clean_accuracy_defended": defended_accuracy(
-                    model, classifier, adv.clean, adv.labels, 100
-                ),
-                "heldout_psnr_db": heldout_psnr(model, data, train_config),
-            }
-            print(run, point, flush=True)
-            points.append(point)
+            key = f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns}"
+            if key not in measured:
+                measured[key] = {
+                    "iteration": iteration,
+                    "accuracy_after_defense": defended_accuracy(
+                        model, classifier, adv.adversarial, adv.labels, args.batch
+                    ),
+                    "clean_accuracy_defended": defended_accuracy(
+                        model, classifier, adv.clean, adv.labels, args.batch
+                    ),
+                    "heldout_psnr_db": heldout_psnr(model, train_test, train_config),
+                }
+                temporary = points_file.with_suffix(".tmp")
+                temporary.write_text(json.dumps(measured, indent=1), encoding="utf-8")
+                temporary.replace(points_file)
+                print(run, measured[key], flush=True)
+            points.append(measured[key])
         if not points:
             continue
         preset = get_preset(train_config["preset"])
@@ -114,17 +168,17 @@ def main() -> None:
             **preset_summary(preset, data.channels),
             "zoo_run": run,
             "training": {k: train_config[k] for k in ("iterations", "batch_size", "lr", "seed")},
+            "stabilize": train_config.get("stabilize") or {},
             "evaluations": points,
             "final": points[-1],
         }
     results = {
-        "settings": {**config.__dict__, "source": "snapshots of the zoo trainings"},
+        "settings": {**config.__dict__, "source": f"snapshots in {args.snapshots}"},
         "attack": attack,
         "adversarial_set": adv.stats,
         "classifier": {"path": args.classifier, "weights": weights.to_dict()},
         "presets": presets,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     write_reports(args.out, results)
     print(f"wrote {args.out}", flush=True)
 

@@ -326,3 +326,49 @@ def test_gpu_presets_script_trains_both_arms_resumes_and_summarises_on_the_cpu(
     assert "| rollback=0.5 |" in (out / "stabilizers.md").read_text()
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and "skip normal rollback (finished)" in again.stdout
+
+
+def test_residual_chart_on_imagenet_from_cifar10_snapshots_measures_only_new_ones(
+    imagenet_dir: Path, cifar_dir: Path, tmp_path: Path, efficientnet_lite0
+) -> None:
+    """The study's protocol on snapshots: ComDefend trained on CIFAR-10, EfficientNet-Lite0
+    attacked on ImageNet (96-pixel crops to stay fast); a rerun reuses the cached fooling set
+    and points and measures only the snapshot added since."""
+    import os
+
+    from comdefend.training.trainer import TrainConfig, train
+
+    run = tmp_path / "run"
+    config = TrainConfig(dataset="cifar10", out=str(run), iterations=1, batch_size=4,
+                         eval_every=1, eval_images=8, checkpoint_every=1,
+                         data_dir=str(cifar_dir.parent))  # fmt: skip
+    train(config, progress=False)
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    (snapshots / "plain-1.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes())
+    out = tmp_path / "chart"
+    command = [
+        sys.executable, str(REPO / "scripts" / "residual_chart_from_snapshots.py"), str(snapshots),
+        "--classifier", "efficientnet-lite0", "--dataset", "imagenet", "--data-dir",
+        str(imagenet_dir), "--train-data-dir", str(cifar_dir.parent), "--image-size", "96",
+        "--n", "4", "--steps", "3", "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "COMDEFEND_CACHE": os.environ.get("COMDEFEND_CACHE", "")}
+    env = {k: v for k, v in env.items() if v}
+    first = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    assert first.returncode == 0, first.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["train_dataset"] == "cifar10"
+    assert results["adversarial_set"]["attacked_images"] == 4
+    (point,) = results["presets"]["plain"]["evaluations"]
+    assert point["iteration"] == 1 and 0.0 <= point["accuracy_after_defense"] <= 1.0
+    assert 5.0 < point["heldout_psnr_db"] < 30.0  # CIFAR-10's test images, not ImageNet's
+    fooling = (out / "fooling_set.safetensors").stat().st_mtime_ns
+    (snapshots / "plain-2.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes())
+    second = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("plain {") == 1  # only the new snapshot was measured
+    assert (out / "fooling_set.safetensors").stat().st_mtime_ns == fooling
+    evaluations = json.loads((out / "results.json").read_text())["presets"]["plain"]["evaluations"]
+    assert [p["iteration"] for p in evaluations] == [1, 2]
+    assert evaluations[0] == point

@@ -288,9 +288,11 @@ def make_adversarial_set(
     return result, attack.settings()
 
 
-def _adversarial_identity(
+def adversarial_identity(
     config: ResidualStudyConfig, classifier_sha: str, attack: dict[str, Any]
 ) -> dict[str, Any]:
+    """What a cached fooling set must have been made with to be reused: dataset, crop size,
+    image count, classifier weights (sha256) and the attack's settings."""
     return {
         "dataset": config.dataset,
         "image_size": config.image_size,
@@ -550,12 +552,15 @@ def run_residual_study(
     classifier = load_checked_classifier(config, device)
     assert classifier.weights is not None  # set by load_classifier
     classifier_sha = classifier.weights.sha256
-    test = load_dataset(config.dataset, "test", config.data_dir, image_size=config.image_size)
+    # Only the attacked images are loaded: on an ImageNet folder the others are never decoded.
+    test = load_dataset(
+        config.dataset, "test", config.data_dir, image_size=config.image_size, max_images=config.n
+    )
 
     attack_settings = BIM(
         classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
     ).settings()
-    identity = _adversarial_identity(config, classifier_sha, attack_settings)
+    identity = adversarial_identity(config, classifier_sha, attack_settings)
     cache = out / ADVERSARIAL_FILE
     if resume and cache.exists():
         adv = load_adversarial_set(cache, test, identity)
