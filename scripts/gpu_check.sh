@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The CIFAR-10 paper table of docs/RESULTS.md on the full test set, on one GPU, with logs.
+# The CIFAR-10 paper table of docs/RESULTS.md on the full test set, the precision benchmark and
+# the ImageNet Table 8 setting on all 1,000 sample images, on one GPU, with logs.
 #
 # Usage (from the repository root, the venv active, the authors' checkpoints and CIFAR-10 present):
 #   OUT=/some/folder scripts/gpu_check.sh
 # Environment (all optional):
-#   GPU_CHECK_N=10000        test images (8 for a quick check on the CPU)
+#   GPU_CHECK_PARTS="cifar10 precision imagenet"   what to run (each part under its timeout;
+#                            a device call of 10 minutes fits one part)
+#   GPU_CHECK_N=10000        CIFAR-10 test images (8 for a quick check on the CPU)
+#   GPU_CHECK_IMAGENET_N=1000   ImageNet sample images (oblivious and bpda)
+#   GPU_CHECK_IMAGENET_DATA= folder of the ImageNet sample (default: the first of
+#                            ../shared/data/imagenet-sample and shared/data/imagenet-sample)
 #   GPU_CHECK_DEVICE=cuda    cuda, cuda:N or cpu
 #   GPU_CHECK_TIMEOUT=540    seconds for the evaluation before it is stopped (rerun: --resume
 #                            continues from the finished (attack, eps) groups)
@@ -15,21 +21,26 @@
 #   GPU_CHECK_OFFICIAL=      folder holding enc20_0.0001.npy and dec20_0.0001.npy (default: the
 #                            first of ../shared/official and shared/official that exists)
 # Writes under $OUT (default gpu-check-out): logs/*.log, cifar10-test-N/ (results.json, report),
-# precision.json (benchmarks/precision.py: fp32 / tf32 / bf16 purification), summary.json
-# (seconds, images/s, exit codes). Exit code: the evaluation's (124 on timeout).
+# precision.json (benchmarks/precision.py: fp32 / tf32 / bf16 purification), imagenet-N/ (the
+# Table 8 report; needs pip install ".[imagenet]"), summary.json (seconds, images/s, exit
+# codes). Exit code: the CIFAR-10 evaluation's (124 on timeout), else the ImageNet one's.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 
+PARTS="${GPU_CHECK_PARTS:-cifar10 precision imagenet}"
 N="${GPU_CHECK_N:-10000}"
+IMAGENET_N="${GPU_CHECK_IMAGENET_N:-1000}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 TIMEOUT="${GPU_CHECK_TIMEOUT:-540}"
 BATCH="${GPU_CHECK_BATCH:-}"
 DATA="${GPU_CHECK_DATA:-$(first_dir ../shared/data/cifar10 shared/data/cifar10)}"
 OFFICIAL="${GPU_CHECK_OFFICIAL:-$(first_dir ../shared/official shared/official)}"
+IMAGENET="${GPU_CHECK_IMAGENET_DATA:-$(first_dir ../shared/data/imagenet-sample shared/data/imagenet-sample)}"
+has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 gpu_setup gpu_check gpu-check-out
 REPORT="$OUT/cifar10-test-$N"
 
-say "N=$N device=$DEVICE timeout=${TIMEOUT}s batch=${BATCH:-default} data=$DATA out=$OUT"
+say "parts=$PARTS N=$N imagenet_n=$IMAGENET_N device=$DEVICE timeout=${TIMEOUT}s batch=${BATCH:-default} data=$DATA out=$OUT"
 {
   command -v nvidia-smi >/dev/null && nvidia-smi
   timeout 300 python -c "import torch, comdefend; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
@@ -48,46 +59,86 @@ fi
 
 # The command of docs/RESULTS.md (CIFAR-10 table), on the test split, with --resume so that a
 # rerun after a timeout continues where this one stopped.
-args=(evaluate --dataset cifar10 --split test --data-dir "$DATA" --classifier resnet20-cifar10
-  --defense none --defense jpeg:75 --defense "bits:5+median:2" --defense comdefend:comdefend-cifar10
-  --defense comdefend:comdefend-cifar10-1_on_off --defense comdefend:comdefend-cifar10-1_1
-  --defense comdefend:runs/official-rgb.safetensors
-  --attack fgsm,bim,mifgsm,deepfool,cw,pgd --eps 2,8,16 --threat-model oblivious --n "$N"
-  --attack-param cw.steps=50 --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05
-  --device "$DEVICE" --out "$REPORT" --resume)
-[ -n "$BATCH" ] && args+=(--batch-size "$BATCH")
-say "${CLI[*]} ${args[*]}"
-started=$(date +%s.%N)
-timeout --signal=INT --kill-after=30 "$TIMEOUT" "${CLI[@]}" "${args[@]}" >"$LOGS/evaluate.log" 2>&1
-status=$?
-seconds=$(python -c "import time; print(round(time.time() - $started, 1))")
-tail -n 40 "$LOGS/evaluate.log"
-case $status in
-  0) say "evaluation finished in ${seconds}s" ;;
-  124|130) say "evaluation stopped after ${TIMEOUT}s (rerun the same command: --resume continues)" ;;
-  *) say "evaluation failed with exit code $status (see logs/evaluate.log)" ;;
-esac
+run_evaluation() {  # LABEL LOGNAME ARGS...: runs evaluate under the timeout, sets status/seconds
+  local label=$1 logname=$2; shift 2
+  say "${CLI[*]} $*"
+  local started; started=$(date +%s.%N)
+  timeout --signal=INT --kill-after=30 "$TIMEOUT" "${CLI[@]}" "$@" >"$LOGS/$logname.log" 2>&1
+  status=$?
+  seconds=$(python -c "import time; print(round(time.time() - $started, 1))")
+  tail -n 40 "$LOGS/$logname.log"
+  case $status in
+    0) say "$label finished in ${seconds}s" ;;
+    124|130) say "$label stopped after ${TIMEOUT}s (rerun the same command: --resume continues)" ;;
+    *) say "$label failed with exit code $status (see logs/$logname.log)" ;;
+  esac
+}
+status=0 seconds=0 imagenet_status=0 imagenet_seconds=0 cifar10_status=0 cifar10_seconds=0
+if has_part cifar10; then
+  args=(evaluate --dataset cifar10 --split test --data-dir "$DATA" --classifier resnet20-cifar10
+    --defense none --defense jpeg:75 --defense "bits:5+median:2" --defense comdefend:comdefend-cifar10
+    --defense comdefend:comdefend-cifar10-1_on_off --defense comdefend:comdefend-cifar10-1_1
+    --defense comdefend:runs/official-rgb.safetensors
+    --attack fgsm,bim,mifgsm,deepfool,cw,pgd --eps 2,8,16 --threat-model oblivious --n "$N"
+    --attack-param cw.steps=50 --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05
+    --device "$DEVICE" --out "$REPORT" --resume)
+  [ -n "$BATCH" ] && args+=(--batch-size "$BATCH")
+  run_evaluation "CIFAR-10 evaluation" evaluate "${args[@]}"
+fi
+cifar10_status=$status cifar10_seconds=$seconds
 
 # Purification precision (fp32, tf32, bf16 on CUDA): speed, code bits, PSNR, robust accuracy.
-say "benchmarks/precision.py on $N images"
-timeout 300 python benchmarks/precision.py --images "$N" --device "$DEVICE" --data-dir "$DATA" \
-  --json "$OUT/precision.json" >"$LOGS/precision.log" 2>&1 || say "precision benchmark failed"
-tail -n 6 "$LOGS/precision.log" | tee -a "$LOGS/gpu_check.log"
+if has_part precision; then
+  say "benchmarks/precision.py on $N images"
+  timeout 300 python benchmarks/precision.py --images "$N" --device "$DEVICE" --data-dir "$DATA" \
+    --json "$OUT/precision.json" >"$LOGS/precision.log" 2>&1 || say "precision benchmark failed"
+  tail -n 6 "$LOGS/precision.log" | tee -a "$LOGS/gpu_check.log"
+fi
 
-python - "$REPORT" "$N" "$seconds" "$status" "$DEVICE" >"$OUT/summary.json" <<'PY'
+# The paper's Table 8 setting on the ImageNet sample (docs/RESULTS.md, ImageNet), oblivious and
+# bpda, with C&W: EfficientNet-Lite0, the authors' RGB model in patch mode, our CIFAR-10 models.
+IMAGENET_REPORT="$OUT/imagenet-$IMAGENET_N"
+if has_part imagenet; then
+  args=(evaluate --dataset imagenet --classifier efficientnet-lite0 --data-dir "$IMAGENET"
+    --eps 8 --eps 16 --n "$IMAGENET_N" --batch-size "${BATCH:-50}"
+    --defense none --defense jpeg:75 --defense "bits:5+median:2"
+    --defense comdefend:runs/official-rgb.safetensors --defense comdefend:comdefend-cifar10-authors
+    --defense comdefend:comdefend-cifar10
+    --attack fgsm,bim,mifgsm,deepfool,cw --attack-param deepfool.num_classes=10
+    --attack-param cw.steps=50 --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05
+    --threat-model oblivious,bpda --device "$DEVICE" --out "$IMAGENET_REPORT" --resume)
+  run_evaluation "ImageNet evaluation" imagenet "${args[@]}"
+  imagenet_status=$status imagenet_seconds=$seconds
+fi
+
+python - "$PARTS" "$DEVICE" "$REPORT" "$N" "$cifar10_seconds" "$cifar10_status" \
+  "$IMAGENET_REPORT" "$IMAGENET_N" "$imagenet_seconds" "$imagenet_status" >"$OUT/summary.json" <<'PY'
 import json, sys
 from pathlib import Path
 
-report, n, seconds, status, device = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-summary = {"images": n, "device": device, "seconds": seconds, "exit_code": status,
-           "images_per_second": round(n / seconds, 2) if seconds else None,
-           "results_json": str(report / "results.json") if (report / "results.json").is_file() else None}
-if summary["results_json"]:
-    results = json.loads((report / "results.json").read_text())
-    cells = [cell for cell in results.get("cells", []) if isinstance(cell, dict)]
-    summary["cells"] = len(cells)
-    summary["cell_seconds"] = round(sum(float(cell.get("seconds", 0)) for cell in cells), 1)
+parts, device = sys.argv[1].split(), sys.argv[2]
+
+
+def part(report: str, n: str, seconds: str, status: str) -> dict:
+    folder, n, seconds = Path(report), int(n), float(seconds)
+    summary = {"images": n, "seconds": seconds, "exit_code": int(status),
+               "images_per_second": round(n / seconds, 2) if seconds else None,
+               "results_json": str(folder / "results.json") if (folder / "results.json").is_file() else None}
+    if summary["results_json"]:
+        results = json.loads((folder / "results.json").read_text())
+        cells = [cell for cell in results.get("cells", []) if isinstance(cell, dict)]
+        summary["cells"] = len(cells)
+        summary["cell_seconds"] = round(sum(float(cell.get("seconds", 0)) for cell in cells), 1)
+    return summary
+
+
+summary = {"device": device, "parts": parts}
+if "cifar10" in parts:
+    summary["cifar10"] = part(*sys.argv[3:7])
+if "imagenet" in parts:
+    summary["imagenet"] = part(*sys.argv[7:11])
 print(json.dumps(summary, indent=2))
 PY
 cat "$OUT/summary.json" | tee -a "$LOGS/gpu_check.log"
-exit $status
+[ "$cifar10_status" -ne 0 ] && exit "$cifar10_status"
+exit "$imagenet_status"
