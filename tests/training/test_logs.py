@@ -46,6 +46,7 @@ def test_a_rolled_back_run_reads_back_with_its_redo_rollback_and_added_stabilize
     assert run.code_logit == {100: 50.0, 300: 900.0} and run.saturated_output[300] == 0.7
     assert (run.best_iteration, run.last_evaluation, run.last_iteration) == (300, 300, 300)
     assert run.finished
+    assert read_training_log(str(folder / "log.jsonl")) == run  # a str path too
 
 
 def test_an_older_log_without_flags_is_judged_by_the_margin(tmp_path: Path) -> None:

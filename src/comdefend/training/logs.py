@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,13 @@ class TrainingLog:
         return self.flagged[0] if self.flagged else first_collapse(self.psnr)
 
 
-def log_file(path: Path) -> Path:
+def log_file(path: str | os.PathLike[str]) -> Path:
     """``path`` itself, or the ``log.jsonl`` inside it when it is a run folder."""
+    path = Path(path)
     return path / "log.jsonl" if path.is_dir() else path
 
 
-def read_training_log(path: Path) -> TrainingLog:
+def read_training_log(path: str | os.PathLike[str]) -> TrainingLog:
     """Read a run's ``log.jsonl`` (or the run folder holding one).
 
     The run is named after its folder (``.../NAME/log.jsonl``) or the file (``NAME.jsonl``).
