@@ -176,7 +176,11 @@ def main() -> None:
         "settings": {**config.__dict__, "source": f"snapshots in {args.snapshots}"},
         "attack": attack,
         "adversarial_set": adv.stats,
-        "classifier": {"path": args.classifier, "weights": weights.to_dict()},
+        "classifier": {
+            "path": args.classifier,
+            "weights": weights.to_dict(),
+            "arch": classifier.config.arch if classifier.config else None,
+        },
         "presets": presets,
     }
     write_reports(args.out, results)

@@ -478,7 +478,7 @@ def write_plot(path: Path, results: dict[str, Any]) -> None:
     settings = results["settings"]
     figure.suptitle(
         f"{settings['dataset']} ({results['classifier'].get('arch')}), ComDefend trained on "
-        f"{settings.get('train_dataset')}: BIM eps {results['attack']['eps'] * 255:.4g}/255, "
+        f"{settings.get('train_dataset')}\nBIM eps {results['attack']['eps'] * 255:.4g}/255, "
         f"{adv['size']} fooling examples"
     )
     figure.tight_layout()
