@@ -28,17 +28,14 @@ from pathlib import Path
 
 import torch
 
-from comdefend.attacks import BIM
 from comdefend.checkpoint import load_checkpoint
 from comdefend.data.datasets import load_dataset
+from comdefend.errors import UsageError
 from comdefend.evaluation.residual_study import (
     ADVERSARIAL_FILE,
     ResidualStudyConfig,
-    adversarial_identity,
     defended_accuracy,
-    load_adversarial_set,
-    make_adversarial_set,
-    save_adversarial_set,
+    fooling_set,
     write_reports,
 )
 from comdefend.models.classifiers import load_classifier
@@ -111,21 +108,14 @@ def main() -> None:
         config.train_dataset, "test", args.data_dir if same else args.train_data_dir
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    attack = BIM(classifier, eps=args.eps / 255, steps=args.steps, seed=config.seed).settings()
-    identity = adversarial_identity(config, weights.sha256, attack)
-    cache = args.out / ADVERSARIAL_FILE
-    if cache.exists():
-        adv = load_adversarial_set(cache, data, identity)
-    else:
-        adv, attack = make_adversarial_set(classifier, data, config, torch.device("cpu"))
-        save_adversarial_set(cache, adv, identity)
+    try:  # cached in OUT: a rerun reuses it (and refuses one made with other settings)
+        adv, attack = fooling_set(
+            classifier, data, config, weights.sha256, torch.device("cpu"),
+            args.out / ADVERSARIAL_FILE, reuse=True,
+        )  # fmt: skip
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
     print(f"fooling set: {adv.stats}", flush=True)
-    if len(adv) == 0:
-        raise SystemExit(
-            f"error: the fooling set is empty (of the first {args.n} images "
-            f"{adv.stats['clean_correct']} are classified correctly, none is fooled); "
-            "raise --n or --eps"
-        )
 
     points_file = args.out / "points.json"
     measured: dict[str, dict] = (

@@ -334,6 +334,37 @@ def load_adversarial_set(path: Path, data: ImageSet, identity: dict[str, Any]) -
 
 
 @torch.no_grad()
+def fooling_set(
+    classifier: Classifier,
+    data: ImageSet,
+    config: ResidualStudyConfig,
+    classifier_sha: str,
+    device: torch.device,
+    cache: Path,
+    reuse: bool,
+) -> tuple[AdversarialSet, dict[str, Any]]:
+    """The study's fooling set and BIM's settings: read from ``cache`` when ``reuse`` and it
+    exists (refused if made with other settings), else made and saved there.
+
+    Raises :class:`UsageError` when the set is empty."""
+    attack = BIM(
+        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
+    ).settings()
+    identity = adversarial_identity(config, classifier_sha, attack)
+    if reuse and cache.exists():
+        adv = load_adversarial_set(cache, data, identity)
+    else:
+        adv, _ = make_adversarial_set(classifier, data, config, device)
+        save_adversarial_set(cache, adv, identity)
+    if len(adv) == 0:
+        raise UsageError(
+            f"the fooling set is empty: of the first {config.n} test images, "
+            f"{adv.stats['clean_correct']} are classified correctly and none is fooled by BIM "
+            f"(eps {config.attack_eps:g}/255); raise --n or --attack-eps"
+        )
+    return adv, attack
+
+
 def defended_accuracy(
     purifier: ComDefend,
     classifier: torch.nn.Module,
@@ -557,22 +588,10 @@ def run_residual_study(
         config.dataset, "test", config.data_dir, image_size=config.image_size, max_images=config.n
     )
 
-    attack_settings = BIM(
-        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
-    ).settings()
-    identity = adversarial_identity(config, classifier_sha, attack_settings)
     cache = out / ADVERSARIAL_FILE
-    if resume and cache.exists():
-        adv = load_adversarial_set(cache, test, identity)
-    else:
-        adv, _ = make_adversarial_set(classifier, test, config, device)
-        save_adversarial_set(cache, adv, identity)
-    if len(adv) == 0:
-        raise UsageError(
-            f"the fooling set is empty: of the first {config.n} test images, "
-            f"{adv.stats['clean_correct']} are classified correctly and none is fooled by BIM "
-            f"(eps {config.attack_eps:g}/255); raise --n or --attack-eps"
-        )
+    adv, attack_settings = fooling_set(
+        classifier, test, config, classifier_sha, device, cache, reuse=resume
+    )
 
     image_channels = DATASETS[config.dataset].channels
     results: dict[str, Any] = {
