@@ -14,6 +14,7 @@ from comdefend.commands.options import (
     positive_float_option,
     positive_int_option,
     seed_option,
+    status,
 )
 
 
@@ -38,8 +39,13 @@ def residual_study_command(
         7500, help="Training iterations of every preset.", callback=positive_int_option
     ),
     eval_every: int = typer.Option(
-        1000,
-        help="Measure accuracy every N iterations and at the end (the study: 100).",
+        100,
+        help="Keep a snapshot and measure it every N iterations and at the end (the study's).",
+        callback=positive_int_option,
+    ),
+    clean_every: int = typer.Option(
+        500,
+        help="Measure defended clean accuracy every N iterations (a multiple of --eval-every).",
         callback=positive_int_option,
     ),
     batch_size: int = typer.Option(20, help="Training batch size.", callback=positive_int_option),
@@ -76,16 +82,29 @@ def residual_study_command(
         None, help="CPU threads for torch.", callback=positive_int_option
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Skip finished presets, continue an interrupted one."
+        False,
+        "--resume",
+        help="Continue the study in --out: finished presets and measured points are kept.",
+    ),
+    stage: str = typer.Option(
+        "all",
+        help="all (train, then measure, preset after preset), train, or measure (the "
+        "snapshots there; run beside a --stage train process).",
+    ),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        help="With --stage measure: wait for new snapshots until every run is finished.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Accuracy after defending vs. training iteration for ComDefend presets (residual study).
 
     BIM adversarial examples (against the undefended classifier) that fool it are purified by
-    each preset's ComDefend at every evaluation step of its training; results.json, table.md
-    and accuracy_vs_iteration.png are written to --out. Ctrl-C keeps a checkpoint: rerun with
-    --resume.
+    each preset's ComDefend at every snapshot of its training (every --eval-every iterations);
+    results.json, points.csv, table.md and the charts are written to --out. Training and
+    measuring can run as two processes (--stage train, --stage measure --follow). Ctrl-C or
+    SIGTERM keeps the checkpoint and every measured point: rerun with --resume.
     """
     from comdefend.evaluation.residual_study import (
         PLOT_FILE,
@@ -102,6 +121,7 @@ def residual_study_command(
         presets=presets,
         iterations=iterations,
         eval_every=eval_every,
+        clean_every=clean_every,
         batch_size=batch_size,
         lr=lr,
         lr_schedule=lr_schedule,
@@ -119,28 +139,37 @@ def residual_study_command(
         threads=threads,
     )
     try:
-        results = run_residual_study(config, resume=resume, progress=progress)
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: finished presets and a checkpoint are kept in {out}; "
-            "rerun with --resume to continue",
-            err=True,
+        results = run_residual_study(
+            config, resume=resume, progress=progress, stage=stage, follow=follow
         )
-        raise
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"interrupted: finished presets, the last checkpoint and every measured point are "
+            f"kept in {out}; the same command with --resume continues"
+        ) from None
+    if stage == "train":
+        for name, state in results["trained"].items():
+            status(f"{name}: {state}")
+        return
     adv = results["adversarial_set"]
-    typer.echo(
+    status(
         f"fooling set: {adv['size']} of {adv['attacked_images']} test images "
         f"(clean accuracy {adv['clean_accuracy']:.4f})"
     )
     for entry in results["presets"].values():
-        final = entry["final"] or {}
-        accuracy = final.get("accuracy_after_defense")
-        shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
-        typer.echo(
-            f"{entry['name']} ({entry['study_name']}, {entry['status']}): "
-            f"accuracy after defending {shown}"
+        points = entry["evaluations"]
+        last = points[-1] if points else None
+        shown = (
+            "no point yet"
+            if last is None
+            else (
+                f"accuracy after defending {last['accuracy_after_defense']:.4f} "
+                f"at iteration {last['iteration']:,}"
+            )
         )
-    typer.echo(f"wrote {out / RESULTS_FILE}, {out / TABLE_FILE}, {out / PLOT_FILE}")
+        state = f", {entry['status']}" if entry["status"] else ""
+        status(f"{entry['name']} ({entry['study_name']}{state}): {len(points)} points, {shown}")
+    status(f"wrote {out / RESULTS_FILE}, {out / TABLE_FILE}, {out / PLOT_FILE}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,33 +7,39 @@ Protocol (the residual-variant study, ``PAPER.md``):
    classifier, from the first ``n`` test images of ``dataset`` (the study: ImageNet,
    ``--dataset imagenet --classifier efficientnet-lite0`` here). Only the images that the
    classifier gets right *and* that the attack fools are kept: the "fooling set", cached in
-   ``OUT`` and reused by ``--resume``.
+   ``OUT``.
 2. For every preset, ComDefend is trained with :func:`comdefend.training.train` on
    ``train_dataset`` (the study: CIFAR-10, also the default for ImageNet; run folder
-   ``OUT/runs/<preset>``). At every held-out evaluation (every ``eval_every`` iterations and at
-   the end) the evaluation hook measures
+   ``OUT/runs/<preset>``) with the ``residual-study`` recipe, no stabilizer and no early stop,
+   keeping a snapshot of the weights every ``eval_every`` iterations and at the end.
+3. Every snapshot is measured (:mod:`comdefend.evaluation.snapshots`):
 
    * ``accuracy_after_defense``: the fraction of the fooling set that
-     ``classifier(model.purify(x_adv))`` classifies correctly, and
-   * ``clean_accuracy_defended``: the same for the clean versions of those images.
+     ``classifier(model.purify(x_adv))`` classifies correctly, with its 95% Wilson interval;
+   * ``clean_accuracy_defended``: the same for the clean versions of those images, every
+     ``clean_every`` iterations and at the end;
+   * ``heldout_psnr_db``: the reconstruction PSNR on the training dataset's first
+     ``eval_images`` test images (the trainer's own measurement at that iteration).
 
-   Both land in the run's ``log.jsonl`` records, next to the trainer's ``heldout_psnr_db``;
-   the log is the source of truth when results are collected, so resumed runs keep the points
-   measured before an interruption.
+Training and measuring are stages (``stage``): ``all`` trains a preset and then measures it,
+preset after preset; ``train`` and ``measure`` split them over two processes (give each one
+thread on a small CPU), ``measure`` with ``follow`` waiting for the snapshots as the training
+writes them. Every stage resumes: training from its checkpoint, measuring from its points file,
+where each point is saved as soon as it is measured (none is lost, none is measured twice).
 
-Outputs in ``OUT`` (all written atomically, refreshed after every preset):
+Outputs in ``OUT`` (all written atomically):
 
-* ``fooling_set.safetensors``: the cached fooling set. The adversarial images are stored as the
-  exact float32 tensors the attack returned (not re-quantised to uint8, not regenerated: BIM on
-  a GPU is not bit-reproducible), with their test-set indices and labels; the clean images are
-  re-read from the dataset by index (they are uint8 there, hence exact). The metadata records
-  the classifier's sha256 and the attack settings; ``--resume`` refuses a cache that does not
-  match the current settings.
-* ``results.json``: settings, classifier provenance, fooling-set size, and per preset its names,
-  parameter counts, every evaluation point and the final values.
-* ``accuracy_vs_iteration.png``: the study's three panels (residual encoder 1-3, residual
-  decoder 1-3, both 1-3), each with the plain model's curve: accuracy after defending vs.
-  training iteration.
+* ``fooling_set.safetensors``: the cached fooling set, the exact float32 tensors BIM returned,
+  with their test-set indices and labels, and a checksum. Its identity (dataset, crop, ``n``,
+  the sha256 of the attacked images themselves, the classifier's sha256, the attack) must match
+  for it to be reused; the clean images are re-read from the dataset by index.
+* ``points/<preset>.json``: the measured points
+  (:class:`~comdefend.evaluation.snapshots.PointsFile`).
+* ``results.json``: settings, classifier provenance, fooling-set statistics, and per preset its
+  names, parameter counts, training state, every point, the best and the final point and the
+  first collapse; ``points.csv``: every point as a row.
+* ``accuracy_vs_iteration.png`` (the study's three panels, residual encoder / decoder / both,
+  each with the plain model), ``accuracy_vs_psnr.png`` and ``clean_accuracy_vs_iteration.png``.
 * ``table.md``: the final table.
 
 Usage from Python::
@@ -44,7 +50,12 @@ Usage from Python::
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +71,20 @@ from comdefend.checkpoint import (
     save_checkpoint,
 )
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
-from comdefend.errors import UsageError
+from comdefend.errors import CheckpointError, UsageError
+from comdefend.evaluation.snapshots import (
+    PointsFile,
+    SnapshotPoint,
+    defended_correct,
+    list_snapshots,
+    measure_snapshots,
+)
 from comdefend.models.classifiers import Classifier, check_classifier_fits, load_classifier
-from comdefend.models.comdefend import ComDefend
 from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
+from comdefend.training.logs import read_training_log
+from comdefend.training.recipes import resolve_config
 from comdefend.training.run import resolve_device
-from comdefend.training.trainer import EvaluationHook, TrainConfig, train
+from comdefend.training.trainer import TrainConfig, train
 from comdefend.validation import set_threads
 
 ADVERSARIAL_KIND = "residual-study-fooling-set"
@@ -80,10 +99,18 @@ CHART_FAMILIES: tuple[tuple[str, str], ...] = (
 )
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy_vs_iteration.png"
+PSNR_PLOT_FILE = "accuracy_vs_psnr.png"
+CLEAN_PLOT_FILE = "clean_accuracy_vs_iteration.png"
+POINTS_CSV = "points.csv"
+POINTS_FOLDER = "points"
+#: How the work is split: ``all`` (train then measure, preset after preset), ``train`` or
+#: ``measure`` (two processes).
+STAGES = ("all", "train", "measure")
 TABLE_FILE = "table.md"
 RUNS_FOLDER = "runs"
 # Training settings that may differ between a finished run and the current request.
-_IGNORED_TRAIN_KEYS = ("device", "threads", "checkpoint_every")
+# (where the folder lies is not a setting: a moved or copied study resumes)
+_IGNORED_TRAIN_KEYS = ("device", "threads", "checkpoint_every", "out")
 
 
 @dataclass
@@ -97,7 +124,10 @@ class ResidualStudyConfig:
         presets: ``"all"`` or comma-separated preset names / study aliases.
         out: experiment folder.
         iterations: training iterations of every preset.
-        eval_every: evaluation interval (iterations); the last iteration is always evaluated.
+        eval_every: snapshot and measuring interval (iterations; the study: 100); the last
+            iteration is always measured.
+        clean_every: defended clean accuracy is measured every this many iterations (and at
+            the last); a multiple of ``eval_every``.
         batch_size: training batch size.
         lr: learning rate (``None``: the schedule's default).
         lr_schedule: learning-rate schedule (see ``comdefend.training.schedules``).
@@ -121,7 +151,8 @@ class ResidualStudyConfig:
     dataset: str = "cifar10"
     presets: str = "all"
     iterations: int = 7500
-    eval_every: int = 1000
+    eval_every: int = 100
+    clean_every: int = 500
     batch_size: int = 20
     lr: float | None = None
     lr_schedule: str = "constant"
@@ -154,10 +185,15 @@ class ResidualStudyConfig:
         if self.image_size is not None and self.image_size < 32:
             raise UsageError(f"--image-size must be >= 32, got {self.image_size}")
         parse_presets(self.presets)
-        for name in ("iterations", "eval_every", "batch_size", "attack_steps", "n"):
+        for name in ("iterations", "eval_every", "clean_every", "batch_size", "attack_steps", "n"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+        if self.clean_every % self.eval_every:
+            raise UsageError(
+                f"--clean-every ({self.clean_every}) must be a multiple of --eval-every "
+                f"({self.eval_every}): clean accuracy is measured on the same snapshots"
+            )
         if self.inference_batch < 1:
             raise UsageError(f"inference batch must be >= 1, got {self.inference_batch}")
         if self.eval_images < 0:
@@ -177,8 +213,12 @@ class ResidualStudyConfig:
         return asdict(self)
 
     def train_config(self, preset: Preset) -> TrainConfig:
-        """The :class:`TrainConfig` of ``preset``'s run in ``OUT/runs/<preset>``."""
-        return TrainConfig(
+        """The :class:`TrainConfig` of ``preset``'s run in ``OUT/runs/<preset>``: the
+        ``residual-study`` recipe (:mod:`comdefend.training.recipes`) with this study's
+        settings, a snapshot at every measured iteration, and no early stop on a dead run (the
+        study reports its collapses to the last iteration)."""
+        return resolve_config(
+            "residual-study",
             dataset=self.train_dataset or self.dataset,
             out=str(Path(self.out) / RUNS_FOLDER / preset.name),
             preset=preset.name,
@@ -190,6 +230,9 @@ class ResidualStudyConfig:
             data_dir=self.train_data_dir,
             eval_every=self.eval_every,
             eval_images=self.eval_images,
+            checkpoint_every=self.eval_every,
+            snapshot_every=self.eval_every,
+            stop_when_dead=False,
             device=self.device,
             threads=self.threads,
         )
@@ -219,7 +262,7 @@ def parse_presets(spec: str | list[str] | tuple[str, ...]) -> list[Preset]:
     return chosen
 
 
-# --------------------------------------------------------------------------- adversarial set
+# --------------------------------------------------------------------------- the fooling set
 
 
 @dataclass
@@ -238,6 +281,39 @@ class AdversarialSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def sha256(self) -> str:
+        """A digest of the set's contents (adversarial and clean pixels, indices, labels)."""
+        return tensors_sha256(
+            {
+                "adversarial": self.adversarial,
+                "clean": self.clean,
+                "indices": self.indices.to(torch.int64),
+                "labels": self.labels.to(torch.int64),
+            }
+        )
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order).
+
+    Example:
+        >>> a = tensors_sha256({"x": torch.zeros(2)})
+        >>> a == tensors_sha256({"x": torch.zeros(2)}), a == tensors_sha256({"x": torch.ones(2)})
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def images_sha256(data: ImageSet) -> str:
+    """sha256 of a set's pixels and labels: what a cache made from them depends on (not the
+    folder's name, which may hold other images tomorrow)."""
+    return tensors_sha256({"images": data.images, "labels": data.labels.to(torch.int64)})
 
 
 @torch.no_grad()
@@ -289,48 +365,89 @@ def make_adversarial_set(
 
 
 def adversarial_identity(
-    config: ResidualStudyConfig, classifier_sha: str, attack: dict[str, Any]
+    config: ResidualStudyConfig, classifier_sha: str, attack: dict[str, Any], images_sha: str
 ) -> dict[str, Any]:
     """What a cached fooling set must have been made with to be reused: dataset, crop size,
-    image count, classifier weights (sha256) and the attack's settings."""
+    image count, the attacked images themselves (sha256), classifier weights (sha256) and the
+    attack's settings."""
     return {
         "dataset": config.dataset,
         "image_size": config.image_size,
         "n": config.n,
+        "images_sha256": images_sha,
         "classifier_sha256": classifier_sha,
         "attack": attack,
     }
 
 
-def save_adversarial_set(path: Path, adv: AdversarialSet, identity: dict[str, Any]) -> None:
-    """Write the fooling set (exact float32 adversarial images, indices, labels) atomically."""
-    tensors = {
+def _stored_tensors(adv: AdversarialSet) -> dict[str, torch.Tensor]:
+    return {
         "adversarial": adv.adversarial,
         "indices": adv.indices.to(torch.int64),
         "labels": adv.labels.to(torch.int64),
     }
-    save_checkpoint(path, tensors, {"kind": ADVERSARIAL_KIND, **identity, "stats": adv.stats})
+
+
+def save_adversarial_set(path: Path, adv: AdversarialSet, identity: dict[str, Any]) -> None:
+    """Write the fooling set (exact float32 adversarial images, indices, labels) atomically,
+    with a checksum of its tensors."""
+    tensors = _stored_tensors(adv)
+    metadata = {
+        "kind": ADVERSARIAL_KIND,
+        **identity,
+        "stats": adv.stats,
+        "tensors_sha256": tensors_sha256(tensors),
+    }
+    save_checkpoint(path, tensors, metadata)
 
 
 def load_adversarial_set(path: Path, data: ImageSet, identity: dict[str, Any]) -> AdversarialSet:
-    """Read a cached fooling set; :class:`UsageError` if it was made with other settings."""
-    tensors, metadata = load_checkpoint(path, ADVERSARIAL_KIND)
+    """Read a cached fooling set.
+
+    Raises:
+        UsageError: made with other settings or other images, or altered since it was written
+            (checksum, NaN, values outside [0, 1], indices outside the test images).
+    """
+    damaged = f"delete {path} to make the fooling set again"
+    try:
+        tensors, metadata = load_checkpoint(path, ADVERSARIAL_KIND)
+    except CheckpointError as error:
+        raise UsageError(f"{error}; {damaged}") from None
     differing = sorted(key for key in identity if metadata.get(key) != identity[key])
     if differing:
-        details = ", ".join(f"{k}: {metadata.get(k)!r} -> {identity[k]!r}" for k in differing)
-        raise UsageError(
-            f"{path} was made with other settings ({details}); use another --out or delete it"
+        details = ", ".join(
+            f"{k}: {_short(metadata.get(k))} -> {_short(identity[k])}" for k in differing
         )
+        raise UsageError(
+            f"{path} was made with other settings or images ({details}); use another --out "
+            "or delete it"
+        )
+    expected = {"adversarial", "indices", "labels"}
+    if set(tensors) != expected or metadata.get("tensors_sha256") != tensors_sha256(tensors):
+        raise UsageError(f"{path} does not match its checksum (the file was altered); {damaged}")
+    adversarial = tensors["adversarial"]
     indices = tensors["indices"].to(torch.int64)
     labels = tensors["labels"].to(torch.int64)
-    if indices.numel() and not torch.equal(data.labels[indices], labels):
+    if not bool(torch.isfinite(adversarial).all()) or (
+        adversarial.numel() and (adversarial.min() < 0 or adversarial.max() > 1)
+    ):
+        raise UsageError(f"{path} holds values that are not images in [0, 1]; {damaged}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(data)):
+        raise UsageError(
+            f"{path} refers to images outside the first {len(data)} test images; {damaged}"
+        )
+    if not (len(indices) == len(labels) == len(adversarial)) or (
+        indices.numel() and not torch.equal(data.labels[indices], labels)
+    ):
         raise UsageError(f"{path} does not match the labels of the {data.name} test split")
     return AdversarialSet(
-        data.float_images(indices), tensors["adversarial"], labels, indices, metadata["stats"]
+        data.float_images(indices), adversarial, labels, indices, metadata["stats"]
     )
 
 
-# --------------------------------------------------------------------------- measurements
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "...'"
 
 
 @torch.no_grad()
@@ -344,18 +461,21 @@ def fooling_set(
     reuse: bool,
 ) -> tuple[AdversarialSet, dict[str, Any]]:
     """The study's fooling set and BIM's settings: read from ``cache`` when ``reuse`` and it
-    exists (refused if made with other settings), else made and saved there.
+    exists (refused if made with other settings or images), else made and saved there.
 
     Raises :class:`UsageError` when the set is empty."""
     attack = BIM(
         classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
     ).settings()
-    identity = adversarial_identity(config, classifier_sha, attack)
+    identity = adversarial_identity(
+        config, classifier_sha, attack, images_sha256(data.head(config.n))
+    )
     if reuse and cache.exists():
         adv = load_adversarial_set(cache, data, identity)
     else:
         adv, _ = make_adversarial_set(classifier, data, config, device)
-        save_adversarial_set(cache, adv, identity)
+        if len(adv):  # an empty set is not kept: the error below asks for other settings
+            save_adversarial_set(cache, adv, identity)
     if len(adv) == 0:
         raise UsageError(
             f"the fooling set is empty: of the first {config.n} test images, "
@@ -366,171 +486,25 @@ def fooling_set(
 
 
 def defended_accuracy(
-    purifier: ComDefend,
+    purifier: torch.nn.Module,
     classifier: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     batch: int,
 ) -> float:
     """Fraction of ``images`` that ``classifier(purifier.purify(x))`` labels correctly."""
-    device = next(purifier.parameters()).device
-    correct = 0
-    for chunk, truth in zip(images.split(batch), labels.split(batch), strict=True):
-        purified = purifier.purify(chunk.to(device))
-        correct += int((classifier(purified).argmax(dim=1).cpu() == truth).sum())
-    return correct / max(int(labels.numel()), 1)
+    correct = defended_correct(purifier, classifier, images, labels, batch)
+    return float(correct.float().mean()) if correct.numel() else 0.0
 
 
-def make_evaluation_hook(
-    classifier: torch.nn.Module, adv: AdversarialSet, batch: int
-) -> EvaluationHook:
-    """The ``on_evaluation`` hook for :func:`train`: accuracies after defending."""
-
-    def hook(iteration: int, model: ComDefend) -> dict[str, Any]:  # noqa: ARG001
-        return {
-            "accuracy_after_defense": defended_accuracy(
-                model, classifier, adv.adversarial, adv.labels, batch
-            ),
-            "clean_accuracy_defended": defended_accuracy(
-                model, classifier, adv.clean, adv.labels, batch
-            ),
-            "fooling_set_size": len(adv),
-        }
-
-    return hook
-
-
-def read_evaluations(run: Path) -> list[dict[str, Any]]:
-    """Every evaluation point of a run, from its ``log.jsonl`` (last record per iteration)."""
-    points: dict[int, dict[str, Any]] = {}
-    log = run / "log.jsonl"
-    if not log.exists():
-        return []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "accuracy_after_defense" not in record:
-            continue
-        points[int(record["iteration"])] = {
-            "iteration": int(record["iteration"]),
-            "accuracy_after_defense": record["accuracy_after_defense"],
-            "clean_accuracy_defended": record.get("clean_accuracy_defended"),
-            "heldout_psnr_db": record.get("heldout_psnr_db"),
-        }
-    return [points[key] for key in sorted(points)]
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def write_table(path: Path, results: dict[str, Any]) -> None:
-    """The final table (Markdown), one row per preset."""
-    adv = results["adversarial_set"]
-    lines = [
-        f"# Residual study: accuracy after defending ({results['settings']['dataset']})",
-        "",
-        f"BIM L-inf eps {results['attack']['eps'] * 255:.4g}/255, "
-        f"{results['attack']['steps']} steps, "
-        f"against the undefended classifier; fooling set: {adv['size']} of "
-        f"{adv['attacked_images']} test images (clean accuracy {adv['clean_accuracy']:.4f}).",
-        "",
-        "| preset | study name | iterations | accuracy after defending | clean accuracy "
-        "(defended) | held-out PSNR (dB) | encoder params | decoder params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for entry in results["presets"].values():
-        final = entry.get("final") or {}
-        lines.append(
-            f"| {entry['name']} | {entry['study_name']} | {_fmt(final.get('iteration'), 'd')} | "
-            f"{_fmt(final.get('accuracy_after_defense'), '.4f')} | "
-            f"{_fmt(final.get('clean_accuracy_defended'), '.4f')} | "
-            f"{_fmt(final.get('heldout_psnr_db'), '.2f')} | "
-            f"{entry['encoder_parameters']:,} | {entry['decoder_parameters']:,} |"
-        )
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _family_panels(
-    presets: list[dict[str, Any]],
-) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The chart's panels: (title, presets) per residual family, each led by plain."""
-    plain = [entry for entry in presets if entry["name"] == "plain"]
-    panels = []
-    for prefix, title in CHART_FAMILIES:
-        members = [entry for entry in presets if entry["name"].startswith(prefix)]
-        if members:
-            panels.append((title, plain + members))
-    if not panels:  # only plain (or presets outside the families): one panel of everything
-        panels.append(("presets", presets))
-    return panels
-
-
-def write_plot(path: Path, results: dict[str, Any]) -> None:
-    """The study's chart: one panel per residual family (encoder, decoder, both), each with
-    the plain model's curve; accuracy after defending vs. training iteration (Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    panels = _family_panels(list(results["presets"].values()))
-    figure = Figure(figsize=(5 * len(panels), 4.5))
-    axes_list = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
-    for axes, (title, entries) in zip(axes_list, panels, strict=True):
-        for entry in entries:
-            points = entry["evaluations"]
-            if not points:
-                continue
-            axes.plot(
-                [point["iteration"] for point in points],
-                [point["accuracy_after_defense"] for point in points],
-                marker="o",
-                markersize=3,
-                color="black" if entry["name"] == "plain" else None,
-                linestyle="--" if entry["name"] == "plain" else "-",
-                label=f"{entry['study_name']} ({entry['name']})",
-            )
-        axes.set_title(title)
-        axes.set_xlabel("training iteration")
-        axes.set_ylim(-0.02, 1.02)  # a margin keeps lines at exactly 0 or 1 visible
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.grid(alpha=0.3)
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize="small")
-    axes_list[0].set_ylabel("accuracy after defending")
-    adv = results["adversarial_set"]
-    settings = results["settings"]
-    figure.suptitle(
-        f"{settings['dataset']} ({results['classifier'].get('arch')}), ComDefend trained on "
-        f"{settings.get('train_dataset')}\nBIM eps {results['attack']['eps'] * 255:.4g}/255, "
-        f"{adv['size']} fooling examples"
-    )
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-
-
-def write_reports(out: Path, results: dict[str, Any]) -> None:
-    """``results.json``, ``table.md`` and ``accuracy_vs_iteration.png``, each atomically."""
-    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    write_table(out / TABLE_FILE, results)
-    write_plot(out / PLOT_FILE, results)
-
-
-# --------------------------------------------------------------------------- the experiment
+# --------------------------------------------------------------------------- the stages
 
 
 def load_checked_classifier(config: ResidualStudyConfig, device: torch.device) -> Classifier:
     """Load the classifier; :class:`UsageError` if it was not made for ``config.dataset``."""
     model = load_classifier(config.classifier, device)  # resolved once, kept as model.weights
     check_classifier_fits(model, config.dataset, label=config.classifier)
-    return model
+    return model.requires_grad_(False)
 
 
 def _finished_run(run: Path, train_config: TrainConfig) -> bool:
@@ -554,73 +528,260 @@ def _finished_run(run: Path, train_config: TrainConfig) -> bool:
     return True
 
 
-def run_residual_study(
+def _existing_study(out: Path) -> bool:
+    return any((out / name).exists() for name in (RESULTS_FILE, ADVERSARIAL_FILE, RUNS_FOLDER))
+
+
+def train_preset(config: ResidualStudyConfig, preset: Preset, resume: bool, progress: bool) -> str:
+    """Train (or continue) one preset's run; ``"trained"``, ``"resumed"`` or ``"reused"``."""
+    train_config = config.train_config(preset)
+    run = Path(train_config.out)
+    if not resume and (run / "log.jsonl").exists():
+        raise UsageError(
+            f"{run} already holds a run; pass --resume to continue the study, "
+            "or choose another --out"
+        )
+    if resume and _finished_run(run, train_config):
+        return "reused"
+    continue_run = resume and (run / "checkpoint.safetensors").exists()
+    train(train_config, resume=continue_run, progress=progress)
+    return "resumed" if continue_run else "trained"
+
+
+def train_presets(
     config: ResidualStudyConfig, resume: bool = False, progress: bool = True
+) -> dict[str, str]:
+    """Train (or continue) every preset's run of the study, with its snapshots; measure
+    nothing. Returns ``{preset: "trained" | "resumed" | "reused"}``.
+
+    This is ``comdefend residual-study --stage train``: another process can measure the
+    snapshots meanwhile (``--stage measure --follow``).
+    """
+    set_threads(config.threads)
+    return {
+        preset.name: train_preset(config, preset, resume, progress)
+        for preset in parse_presets(config.presets)
+    }
+
+
+class StudyMeasurer:
+    """Measures the study's snapshots: the classifier, the fooling set and the held-out images,
+    loaded once; one points file per preset (``OUT/points/<preset>.json``)."""
+
+    def __init__(self, config: ResidualStudyConfig, reuse_fooling_set: bool = True) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        self.classifier = load_checked_classifier(config, self.device)
+        assert self.classifier.weights is not None  # set by load_classifier
+        self.classifier_sha = self.classifier.weights.sha256
+        # Only the attacked images are loaded: on an ImageNet folder the others are not decoded.
+        test = load_dataset(
+            config.dataset, "test", config.data_dir, image_size=config.image_size,
+            max_images=config.n,
+        )  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.adv, self.attack = fooling_set(
+            self.classifier, test, config, self.classifier_sha, self.device,
+            self.out / ADVERSARIAL_FILE, reuse=reuse_fooling_set,
+        )  # fmt: skip
+        self.heldout: torch.Tensor | None = None
+        heldout_sha = None
+        if config.eval_images > 0:
+            train_test = load_dataset(
+                config.train_dataset or config.dataset, "test", config.train_data_dir
+            ).head(config.eval_images)
+            self.heldout = train_test.float_images()
+            heldout_sha = images_sha256(train_test)
+        self.identity = {
+            "fooling_set_sha256": self.adv.sha256(),
+            "classifier_sha256": self.classifier_sha,
+            "clean_every": config.clean_every,
+            "eval_images": config.eval_images,
+            "heldout_images_sha256": heldout_sha,
+            "image_size": config.image_size,
+        }
+
+    def points(self, preset: Preset) -> PointsFile:
+        return PointsFile(self.out / POINTS_FOLDER / f"{preset.name}.json", self.identity)
+
+    def due(self, iteration: int) -> bool:
+        """Whether ``iteration`` is one the study measures (every ``eval_every`` and the last)."""
+        return iteration % self.config.eval_every == 0 or iteration == self.config.iterations
+
+    def measure(
+        self, preset: Preset, on_point: Callable[[SnapshotPoint], None] | None = None
+    ) -> list[SnapshotPoint]:
+        """Measure ``preset``'s snapshots that have no point yet; returns the new points."""
+        config = self.config
+        run = Path(config.train_config(preset).out)
+        due = [iteration for iteration, _ in list_snapshots(run) if self.due(iteration)]
+        return measure_snapshots(
+            run,
+            self.points(preset),
+            self.classifier,
+            self.adv.adversarial,
+            self.adv.labels,
+            clean=self.adv.clean,
+            clean_due=lambda it: it % config.clean_every == 0 or it == config.iterations,
+            heldout=self.heldout,
+            iterations=due,
+            batch=config.inference_batch,
+            on_point=on_point,
+        )
+
+    def complete(self, preset: Preset) -> bool:
+        """The preset's run is finished and every iteration it should have is measured."""
+        config = self.config
+        run = Path(config.train_config(preset).out)
+        if not (run / "summary.json").exists():
+            return False
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        if int(summary.get("iterations", 0)) < config.iterations:
+            return False
+        wanted = set(range(config.eval_every, config.iterations + 1, config.eval_every))
+        wanted.add(config.iterations)
+        return wanted <= set(self.points(preset).points)
+
+
+def _echo_point(preset: Preset, progress: bool) -> Callable[[SnapshotPoint], None]:
+    def echo(point: SnapshotPoint) -> None:
+        if progress:
+            row = point.summary()
+            clean = row["clean_accuracy_defended"]
+            psnr = row["heldout_psnr_db"]
+            print(
+                f"{preset.name} @ {point.iteration}: accuracy after defending "
+                f"{row['accuracy_after_defense']:.3f} ({row['restored']}/"
+                f"{row['fooling_set_size']})"
+                + ("" if clean is None else f", clean {clean:.3f}")
+                + ("" if psnr is None else f", PSNR {psnr:.2f} dB")
+                + f" [{point.seconds:.0f} s]",
+                flush=True,
+            )
+
+    return echo
+
+
+def run_residual_study(
+    config: ResidualStudyConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stage: str = "all",
+    follow: bool = False,
+    poll_seconds: float = 60.0,
 ) -> dict[str, Any]:
     """Run (or resume) the residual study; returns what is written to ``results.json``.
 
-    With ``resume``, finished presets are skipped (their results are read from their logs), an
-    interrupted preset continues from its checkpoint, and the cached fooling set is reused.
-    Without it, an ``out`` folder that already holds an experiment is refused.
+    Args:
+        config: the study's settings.
+        resume: continue the study in ``config.out``: finished presets are kept, an interrupted
+            one continues from its checkpoint, the cached fooling set and the measured points are
+            reused. Without it, an ``out`` folder that holds a study is refused (``stage``
+            ``measure`` always reuses what is there: it only adds points).
+        progress: progress bars and one line per measured point.
+        stage: ``all`` (train, then measure, preset after preset), ``train`` (no measuring; the
+            returned dict then holds ``{"trained": {preset: status}}``) or ``measure`` (the
+            snapshots that are there).
+        follow: with ``stage="measure"``, keep waiting for new snapshots (every
+            ``poll_seconds``) until every preset's run is finished and measured.
 
     Raises:
         UsageError: bad settings, classifier/dataset mismatch, an existing experiment without
-            ``resume``, a cache or run made with other settings, or an empty fooling set.
+            ``resume``, a cache, run or points file made with other settings, an altered file,
+            or an empty fooling set.
     """
+    if stage not in STAGES:
+        raise UsageError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if follow and stage != "measure":
+        raise UsageError("--follow goes with --stage measure")
     presets = parse_presets(config.presets)
     out = Path(config.out)
-    if not resume and (
-        (out / RESULTS_FILE).exists()
-        or (out / ADVERSARIAL_FILE).exists()
-        or (out / RUNS_FOLDER).exists()
-    ):
+    if stage != "measure" and not resume and _existing_study(out):
         raise UsageError(
             f"{out} already holds a residual study; pass --resume to continue it, "
             "or choose another --out"
         )
     set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
-    device = resolve_device(config.device)
-    classifier = load_checked_classifier(config, device)
-    assert classifier.weights is not None  # set by load_classifier
-    classifier_sha = classifier.weights.sha256
-    # Only the attacked images are loaded: on an ImageNet folder the others are never decoded.
-    test = load_dataset(
-        config.dataset, "test", config.data_dir, image_size=config.image_size, max_images=config.n
-    )
+    if stage == "train":
+        return {"trained": train_presets(config, resume=resume, progress=progress)}
 
-    cache = out / ADVERSARIAL_FILE
-    adv, attack_settings = fooling_set(
-        classifier, test, config, classifier_sha, device, cache, reuse=resume
-    )
+    measurer = StudyMeasurer(config, reuse_fooling_set=resume or stage == "measure")
+    statuses: dict[str, str] = {}
+    for preset in presets:
+        if stage == "all":
+            statuses[preset.name] = train_preset(config, preset, resume, progress)
+        measurer.measure(preset, _echo_point(preset, progress))
+        write_reports(out, collect_results(config, measurer, presets, statuses))
+    while follow and not all(measurer.complete(preset) for preset in presets):
+        time.sleep(poll_seconds)
+        new = [measurer.measure(preset, _echo_point(preset, progress)) for preset in presets]
+        if any(new):
+            write_reports(out, collect_results(config, measurer, presets, statuses))
+    results = collect_results(config, measurer, presets, statuses)
+    write_reports(out, results)
+    return results
 
+
+# --------------------------------------------------------------------------- results
+
+
+def _run_state(config: ResidualStudyConfig, preset: Preset) -> dict[str, Any]:
+    """Where a preset's training stands, from its folder."""
+    run = Path(config.train_config(preset).out)
+    state: dict[str, Any] = {"run": str(run), "iterations_done": 0, "finished": False}
+    summary = run / "summary.json"
+    if summary.exists():
+        data = json.loads(summary.read_text(encoding="utf-8"))
+        state["iterations_done"] = int(data.get("iterations", 0))
+        state["finished"] = state["iterations_done"] >= config.iterations
+        state["training_seconds_last_session"] = None
+    elif (run / "log.jsonl").exists():
+        log = read_training_log(run)
+        state["iterations_done"] = log.last_iteration
+    if (run / "log.jsonl").exists():
+        log = read_training_log(run)
+        state["collapse_flagged_at"] = log.flagged[0] if log.flagged else None
+    return state
+
+
+def collect_results(
+    config: ResidualStudyConfig,
+    measurer: StudyMeasurer,
+    presets: list[Preset],
+    statuses: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """``results.json``'s contents from the points files and the run folders."""
     image_channels = DATASETS[config.dataset].channels
+    classifier = measurer.classifier
+    assert classifier.weights is not None
     results: dict[str, Any] = {
         "kind": "residual-study",
-        "complete": False,
         "settings": config.to_dict(),
         "classifier": {
             "path": str(config.classifier),
-            "sha256": classifier_sha,
+            "sha256": measurer.classifier_sha,
             "weights": classifier.weights.to_dict(),
             "arch": classifier.config.arch if classifier.config else None,
             "dataset": config.dataset,
         },
-        "attack": attack_settings,
-        "adversarial_set": {"file": str(cache), **adv.stats},
+        "attack": measurer.attack,
+        "adversarial_set": {
+            "file": ADVERSARIAL_FILE,
+            **measurer.adv.stats,
+            "sha256": measurer.identity["fooling_set_sha256"],
+        },
         "presets": {},
     }
-    hook = make_evaluation_hook(classifier, adv, config.inference_batch)
+    complete = True
     for preset in presets:
-        train_config = config.train_config(preset)
-        run = Path(train_config.out)
-        if resume and _finished_run(run, train_config):
-            status = "reused"
-        else:
-            continue_run = resume and (run / "checkpoint.safetensors").exists()
-            train(train_config, resume=continue_run, progress=progress, on_evaluation=hook)
-            status = "resumed" if continue_run else "trained"
+        points = [point.summary() for point in measurer.points(preset).sorted_points()]
         summary = preset_summary(preset, image_channels)
-        evaluations = read_evaluations(run)
+        final = points[-1] if points and points[-1]["iteration"] == config.iterations else None
+        best = max(points, key=lambda p: p["accuracy_after_defense"]) if points else None
+        psnr = {p["iteration"]: p["heldout_psnr_db"] for p in points}
+        state = _run_state(config, preset)
+        complete = complete and measurer.complete(preset)
         results["presets"][preset.name] = {
             "name": preset.name,
             "study_name": preset.study_name,
@@ -629,12 +790,218 @@ def run_residual_study(
             "encoder_parameters": summary["encoder_parameters"],
             "decoder_parameters": summary["decoder_parameters"],
             "code_channels": summary["code_channels"],
-            "run": str(run),
-            "status": status,
-            "evaluations": evaluations,
-            "final": evaluations[-1] if evaluations else None,
+            "status": (statuses or {}).get(preset.name),
+            "training": state,
+            "evaluations": points,
+            "best": best,
+            "final": final,
+            "first_psnr_collapse": _first_collapse(psnr),
         }
-        write_reports(out, results)
-    results["complete"] = True
-    write_reports(out, results)
+    results["complete"] = complete
     return results
+
+
+def _first_collapse(psnr: dict[int, float | None]) -> int | None:
+    from comdefend.training.logs import first_collapse
+
+    return first_collapse({k: v for k, v in psnr.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _interval(point: dict[str, Any] | None, key: str) -> str:
+    if not point or point.get(key) is None:
+        return "n/a"
+    low, high = point[f"{key}_interval"]
+    return f"{point[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def write_table(path: Path, results: dict[str, Any]) -> None:
+    """The final table (Markdown), one row per preset, with 95% intervals."""
+    adv = results["adversarial_set"]
+    lines = [
+        f"# Residual study: accuracy after defending ({results['settings']['dataset']})",
+        "",
+        f"BIM L-inf eps {results['attack']['eps'] * 255:.4g}/255, "
+        f"{results['attack']['steps']} steps, "
+        f"against the undefended classifier; fooling set: {adv['size']} of "
+        f"{adv['attacked_images']} test images (clean accuracy {adv['clean_accuracy']:.4f}). "
+        "Accuracies with 95% Wilson intervals.",
+        "",
+        "| preset | study name | trained | measured points | accuracy after defending, last "
+        "point | best (iteration) | clean accuracy (defended), last | held-out PSNR (dB), last "
+        "| encoder params | decoder params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in results["presets"].values():
+        points = entry["evaluations"]
+        last = points[-1] if points else None
+        clean = next(
+            (p for p in reversed(points) if p["clean_accuracy_defended"] is not None), None
+        )
+        best = entry.get("best")
+        best_text = (
+            "n/a" if not best else f"{best['accuracy_after_defense']:.3f} ({best['iteration']:,})"
+        )
+        lines.append(
+            f"| {entry['name']} | {entry['study_name']} | "
+            f"{entry['training']['iterations_done']:,} | {len(points)} "
+            f"(to {_fmt(last and last['iteration'], ',')}) | "
+            f"{_interval(last, 'accuracy_after_defense')} | {best_text} | "
+            f"{_interval(clean, 'clean_accuracy_defended')} | "
+            f"{_fmt(last and last['heldout_psnr_db'], '.2f')} | "
+            f"{entry['encoder_parameters']:,} | {entry['decoder_parameters']:,} |"
+        )
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+CSV_COLUMNS = (
+    "preset", "study_name", "iteration", "accuracy_after_defense", "interval_low",
+    "interval_high", "restored", "fooling_set_size", "clean_accuracy_defended",
+    "clean_interval_low", "clean_interval_high", "heldout_psnr_db", "snapshot_sha256",
+)  # fmt: skip
+
+
+def write_points_csv(path: Path, results: dict[str, Any]) -> None:
+    """Every measured point as one CSV row."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for entry in results["presets"].values():
+        for point in entry["evaluations"]:
+            low, high = point["accuracy_after_defense_interval"]
+            clean_low, clean_high = point["clean_accuracy_defended_interval"] or (None, None)
+            writer.writerow(
+                [
+                    entry["name"],
+                    entry["study_name"],
+                    point["iteration"],
+                    point["accuracy_after_defense"],
+                    low,
+                    high,
+                    point["restored"],
+                    point["fooling_set_size"],
+                    point["clean_accuracy_defended"],
+                    clean_low,
+                    clean_high,
+                    point["heldout_psnr_db"],
+                    point["snapshot_sha256"],
+                ]  # fmt: skip
+            )
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _family_panels(
+    presets: list[dict[str, Any]],
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The chart's panels: (title, presets) per residual family, each led by plain."""
+    plain = [entry for entry in presets if entry["name"] == "plain"]
+    panels = []
+    for prefix, title in CHART_FAMILIES:
+        members = [entry for entry in presets if entry["name"].startswith(prefix)]
+        if members:
+            panels.append((title, plain + members))
+    if not panels:  # only plain (or presets outside the families): one panel of everything
+        panels.append(("presets", presets))
+    return panels
+
+
+def _study_figure(
+    path: Path,
+    results: dict[str, Any],
+    x_key: str,
+    y_key: str,
+    x_label: str,
+    y_label: str,
+    with_interval: bool,
+) -> None:
+    """One figure in the study's layout: a panel per residual family, each with plain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = _family_panels(list(results["presets"].values()))
+    figure = Figure(figsize=(5 * len(panels), 4.5))
+    axes_list = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for axes, (title, entries) in zip(axes_list, panels, strict=True):
+        for entry in entries:
+            points = [
+                p for p in entry["evaluations"]
+                if p.get(x_key) is not None and p.get(y_key) is not None
+            ]  # fmt: skip
+            if not points:
+                continue
+            plain = entry["name"] == "plain"
+            xs = [point[x_key] for point in points]
+            (line,) = axes.plot(
+                xs,
+                [point[y_key] for point in points],
+                marker="o",
+                markersize=2.5,
+                linewidth=1.2,
+                color="black" if plain else None,
+                linestyle="--" if plain else "-",
+                label=f"{entry['study_name']} ({entry['name']})",
+            )
+            intervals = [point.get(f"{y_key}_interval") for point in points]
+            if with_interval and all(intervals):
+                axes.fill_between(
+                    xs,
+                    [low for low, _ in intervals],
+                    [high for _, high in intervals],
+                    color=line.get_color(),
+                    alpha=0.12,
+                    linewidth=0,
+                )
+        axes.set_title(title)
+        axes.set_xlabel(x_label)
+        axes.set_ylim(-0.02, 1.02)  # a margin keeps lines at exactly 0 or 1 visible
+        if x_key == "iteration":
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+    axes_list[0].set_ylabel(y_label)
+    adv = results["adversarial_set"]
+    settings = results["settings"]
+    band = " (bands: 95% intervals)" if with_interval else ""
+    figure.suptitle(
+        f"{settings['dataset']} ({results['classifier'].get('arch')}), ComDefend trained on "
+        f"{settings.get('train_dataset')}\nBIM eps {results['attack']['eps'] * 255:.4g}/255, "
+        f"{adv['size']} fooling examples{band}"
+    )
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def write_plot(path: Path, results: dict[str, Any]) -> None:
+    """The study's chart: one panel per residual family (encoder, decoder, both), each with
+    the plain model's curve; accuracy after defending vs. training iteration (Agg)."""
+    _study_figure(
+        path, results, "iteration", "accuracy_after_defense", "training iteration",
+        "accuracy after defending", with_interval=True,
+    )  # fmt: skip
+
+
+def write_reports(out: Path, results: dict[str, Any]) -> None:
+    """``results.json``, ``points.csv``, ``table.md`` and the three charts, each atomically."""
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    write_points_csv(out / POINTS_CSV, results)
+    write_table(out / TABLE_FILE, results)
+    write_plot(out / PLOT_FILE, results)
+    _study_figure(
+        out / PSNR_PLOT_FILE, results, "heldout_psnr_db", "accuracy_after_defense",
+        f"held-out PSNR on {results['settings'].get('train_dataset')} (dB)",
+        "accuracy after defending", with_interval=False,
+    )  # fmt: skip
+    _study_figure(
+        out / CLEAN_PLOT_FILE, results, "iteration", "clean_accuracy_defended",
+        "training iteration", "clean accuracy (defended)", with_interval=True,
+    )  # fmt: skip

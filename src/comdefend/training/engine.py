@@ -42,6 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -239,6 +240,15 @@ class TrainingTask(ABC):
 
     def save_weights(self, path: os.PathLike | str, iteration: int, metrics: dict) -> None:
         """Write the model's weights (used for ``best.safetensors``)."""
+        raise NotImplementedError
+
+    def snapshot_due(self, iteration: int) -> bool:
+        """Whether to keep a snapshot of the weights after ``iteration`` (1-based)."""
+        return False
+
+    def save_snapshot(self, folder: Path, iteration: int, metrics: dict[str, Any]) -> None:
+        """Keep the weights after ``iteration`` in the run ``folder``, with the held-out
+        ``metrics`` measured at that iteration (empty if none were)."""
         raise NotImplementedError
 
     @abstractmethod
@@ -517,6 +527,9 @@ def run_training(
                     run.log(extra)
                     if progress and processes.is_main and "message" in extra:
                         bar.write(extra["message"])
+                if processes.is_main and task.snapshot_due(iteration):
+                    measured = {k: v for k, v in record.items() if k.startswith("heldout_")}
+                    task.save_snapshot(run.path, iteration, _plain(measured))
                 if task.checkpoint_due(iteration) or iteration == total or stopped_early:
                     save(iteration)
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)

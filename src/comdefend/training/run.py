@@ -59,7 +59,16 @@ def restore_optimizer(
 # Settings that may change on --resume: they do not change what is trained (a moved run folder,
 # the thread count or device, how often to evaluate or save, how many iterations in all).
 RESUMABLE_CHANGES = frozenset(
-    {"iterations", "device", "threads", "out", "eval_every", "checkpoint_every", "resume"}
+    {
+        "iterations",
+        "device",
+        "threads",
+        "out",
+        "eval_every",
+        "checkpoint_every",
+        "resume",
+        "snapshot_every",
+    }
 )
 #: Stabilizers a resume may add or drop: ``rollback`` changes nothing until a collapse, so
 #: adding it to a healthy run equals having had it from the start (the resume event logs it).

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,13 @@ class TrainConfig:
             (:mod:`comdefend.training.stabilizers`); empty in every recipe.
         patch_size: training images are random ``patch_size`` x ``patch_size`` crops (image
             folders always; other datasets only when it is smaller than their images).
+        snapshot_every: keep the weights every this many iterations (and at the end) in
+            ``OUT/snapshots/iteration-NNNNNN.safetensors``, loadable with
+            :meth:`ComDefend.from_checkpoint`, to measure the run along its training later
+            (``None``: no snapshots). It may change on ``--resume``.
+        stop_when_dead: end the run early once every gradient has been exactly zero for
+            :data:`DEAD_ITERATIONS` iterations (a collapse it cannot leave); ``False`` trains
+            to the last iteration anyway, as a study that reports collapses must.
     """
 
     dataset: str = "cifar10"
@@ -82,6 +90,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     stabilize: dict[str, float] = field(default_factory=dict)
+    snapshot_every: int | None = None
+    stop_when_dead: bool = True
 
     def __post_init__(self) -> None:
         self.preset = get_preset(self.preset).name
@@ -107,6 +117,10 @@ class TrainConfig:
             raise UsageError("Adam's betas must lie in [0, 1)")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.snapshot_every is not None and (
+            isinstance(self.snapshot_every, bool) or self.snapshot_every < 1
+        ):
+            raise UsageError(f"snapshot-every must be >= 1, got {self.snapshot_every}")
         self.stabilize = {STABILIZERS.canonical(k): float(v) for k, v in self.stabilize.items()}
         Stabilization.from_names(self.stabilize)  # checks the values
 
@@ -188,8 +202,22 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "adam_beta1": 0.9,
     "adam_beta2": 0.999,
     "stabilize": {},
+    "snapshot_every": None,
+    "stop_when_dead": True,
 }
+#: Where a run keeps its snapshots (``TrainConfig.snapshot_every``).
+SNAPSHOTS_FOLDER = "snapshots"
 NOISE_STREAM = 2
+
+
+def snapshot_name(iteration: int) -> str:
+    """File name of the snapshot after ``iteration`` (zero-padded: they sort by iteration).
+
+    Example:
+        >>> snapshot_name(700)
+        'iteration-000700.safetensors'
+    """
+    return f"iteration-{iteration:06d}.safetensors"
 
 
 def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
@@ -276,8 +304,19 @@ class PurifierTask(TrainingTask):
         self.evaluation_images: torch.Tensor | None = None
 
     @property
-    def dead_iterations(self) -> int:
-        return DEAD_ITERATIONS  # read at call time: tests shorten it
+    def dead_iterations(self) -> int | None:
+        # read at call time: tests shorten it
+        return DEAD_ITERATIONS if self.config.stop_when_dead else None
+
+    def snapshot_due(self, iteration: int) -> bool:
+        every = self.config.snapshot_every
+        return every is not None and (iteration % every == 0 or iteration == self.total_iterations)
+
+    def save_snapshot(self, folder: Path, iteration: int, metrics: dict[str, Any]) -> None:
+        assert isinstance(self.model, ComDefend)
+        path = folder / SNAPSHOTS_FOLDER / snapshot_name(iteration)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_weights(self.model, path, self.config, iteration, metrics)
 
     @property
     def base_lr(self) -> float:
@@ -417,6 +456,7 @@ __all__ = [
     "BEST_FILE",
     "COLLAPSE_DB",
     "DEAD_ITERATIONS",
+    "SNAPSHOTS_FOLDER",
     "NoisyReconstruction",
     "PurifierTask",
     "TrainConfig",
@@ -426,5 +466,6 @@ __all__ = [
     "evaluate_reconstruction",
     "gradients_all_zero",
     "read_best",
+    "snapshot_name",
     "train",
 ]
