@@ -161,3 +161,78 @@ def test_saturated_cross_entropy_is_not_mistaken_for_a_flat_model() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(FGSM(model, eps=0.1)(x, y), x)
+
+
+# Issue 21, item 5: whether an attack raises must not depend on how the batch is composed. A
+# differentiable model that is flat on some images (here black and white ones, in front of a
+# clamp) warns on a batch of only those images as on a mixed one; a non-differentiable defense
+# raises on both.
+
+
+class _ClampedInput(nn.Module):
+    """A differentiable classifier behind a clamp to [0.1, 0.9]: flat on black and white images."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x.clamp(0.1, 0.9))
+
+
+def _saturated_and_mixed() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two black and two white images, and the same four followed by four mid-grey ones."""
+    saturated = torch.cat([torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)])
+    middle = 0.3 + 0.4 * torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    return saturated, torch.cat([saturated, middle])
+
+
+def _labelled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_flat_images_of_a_differentiable_model_warn_whatever_the_batch(name: str) -> None:
+    model = _ClampedInput(_classifier())
+    for x in _saturated_and_mixed():
+        y = _labelled(model, x)
+        with pytest.warns(ZeroGradientWarning, match=f"{name}: 4 of {x.shape[0]}|{name}: all 4"):
+            x_adv = _attack(name, model)(x, y)  # type: ignore[operator]
+        if name not in L2 and x.shape[0] > 4:
+            assert (x_adv[4:] != x[4:]).any()  # the images with a gradient are attacked
+
+
+def test_flat_images_fgsm_result_does_not_depend_on_the_batch() -> None:
+    model = _ClampedInput(_classifier())
+    saturated, mixed = _saturated_and_mixed()
+    results = []
+    for x in (saturated, mixed):
+        with pytest.warns(ZeroGradientWarning):
+            results.append(FGSM(model, eps=8 / 255)(x, _labelled(model, x))[:4])
+    assert torch.equal(results[0], saturated) and torch.equal(results[1], saturated)
+
+
+@pytest.mark.parametrize("defense_spec", ["comdefend", "jpeg:75", "bits:3"])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_a_non_differentiable_defense_raises_on_saturated_batches_too(
+    name: str, defense_spec: str
+) -> None:
+    defense = _comdefend() if defense_spec == "comdefend" else parse_defense(defense_spec)
+    model = DefendedClassifier(defense, _classifier())
+    for x in _saturated_and_mixed():
+        with pytest.raises(ZeroGradientError, match="bpda"):
+            _attack(name, model)(x, _labelled(model, x))  # type: ignore[operator]
+
+
+def test_an_adapted_attack_gets_the_same_decision() -> None:
+    from comdefend.attacks import adapt_attack
+
+    adapted = adapt_attack("identity", lambda model, eps: lambda x, y: x, register=False)
+    saturated, _ = _saturated_and_mixed()
+    model = _ClampedInput(_classifier())
+    with pytest.warns(ZeroGradientWarning):
+        adapted(model, eps=8 / 255)(saturated, _labelled(model, saturated))
+    defended = DefendedClassifier(parse_defense("bits:3"), _classifier())
+    with pytest.raises(ZeroGradientError, match="bpda"):
+        adapted(defended, eps=8 / 255)(saturated, _labelled(defended, saturated))

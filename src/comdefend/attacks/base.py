@@ -13,10 +13,14 @@ Conventions kept by every attack:
 * randomness comes from a CPU :class:`torch.Generator` seeded afresh on every call, and the
   samples are moved to the input's device: equal seeds give equal outputs, on CPU and CUDA alike;
 * an attack never fails silently on a model without gradients: when the gradient of the model's
-  logit margin w.r.t. the input is exactly zero for every image the attack must still move (a
-  hard threshold, JPEG, bit-depth reduction or any detached step inside the model), it raises
-  :class:`ZeroGradientError`, which names the threat-model wrappers that make such a defense
-  attackable; when only some images are affected it warns (:class:`ZeroGradientWarning`).
+  logit margin w.r.t. the input is exactly zero for every image of the call that the attack
+  must still move, and the model is flat at random points around those images and on random
+  noise images too (a hard threshold, JPEG, bit-depth reduction or any detached step inside the
+  model: see :func:`flat_everywhere`), it raises :class:`ZeroGradientError`, which names the
+  threat-model wrappers that make such a defense attackable. A differentiable model that is
+  flat on some images only (black or saturated ones in front of a clamp or a ReLU) gets a
+  :class:`ZeroGradientWarning` instead, whether the batch holds only such images or others
+  too: the decision depends on the model, not on how the images were batched.
 
 Attacking a defended model: give the attack what the attacker of your threat model
 differentiates through, e.g. ``make_threat_model_defense(defense, "bpda", classifier)``
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -53,12 +58,156 @@ class ZeroGradientError(UsageError):
 
     Typical cause: a non-differentiable defense (ComDefend's hard threshold, JPEG, bit-depth
     reduction) inside the attacked model. Without this error the attack would return its input
-    unchanged and the defense would look perfectly robust.
+    unchanged and the defense would look perfectly robust. Raised only for a model that is flat
+    everywhere (:func:`flat_everywhere`), so it does not depend on which images a batch holds.
     """
 
 
 class ZeroGradientWarning(UserWarning):
-    """Some (not all) images of a batch have an exactly zero input gradient."""
+    """Some images have an exactly zero input gradient on a model that has one elsewhere.
+
+    E.g. black or saturated images in front of a clamp or a ReLU: the attack cannot move them
+    and keeps them as they are, and attacks the other images.
+    """
+
+
+#: Largest change per pixel of the images probed around by :func:`flat_everywhere`.
+PROBE_RADIUS = 0.05
+#: How many of the flat images :func:`flat_everywhere` probes around, and how many noise images.
+NEAR_PROBES = 8
+NOISE_PROBES = 8
+
+
+def zero_input_jacobian(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Per image of ``x``: is the Jacobian of ``forward`` w.r.t. that image exactly zero?
+
+    The gradient of a random Gaussian combination of the outputs is taken (one backward pass);
+    it is zero, almost surely, only where every output's gradient is. Needs no labels.
+
+    Args:
+        forward: a model, images to ``(N, K)`` outputs.
+        x: the images.
+        generator: CPU generator of the combination's weights.
+
+    Returns:
+        A boolean ``(N,)`` tensor on ``x``'s device.
+
+    Example:
+        >>> flat = lambda x: torch.round(x).flatten(1)
+        >>> zero_input_jacobian(flat, torch.rand(2, 1, 2, 2), generator=torch.Generator()).tolist()
+        [True, True]
+    """
+    probe = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        output = forward(probe)
+        flat = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return flat
+        weights = torch.randn(output.shape, generator=generator).to(output)
+        (grad,) = torch.autograd.grad((output * weights).sum(), probe, allow_unused=True)
+    if grad is None:
+        return flat
+    return grad.flatten(1).abs().amax(dim=1) == 0
+
+
+def flat_everywhere(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    generator: torch.Generator,
+) -> bool:
+    """Whether ``forward`` looks like a model whose input gradient is zero everywhere.
+
+    Tells a non-differentiable model (a hard threshold, rounding, JPEG or a detached step inside
+    it: its gradient is zero at every input) from a differentiable one that happens to be flat
+    on the images ``x`` (black or saturated images in front of a clamp or a ReLU). It probes
+    the input Jacobian (:func:`zero_input_jacobian`) at
+
+    * up to :data:`NEAR_PROBES` of the images ``x``, each moved by uniform noise of at most
+      :data:`PROBE_RADIUS` per pixel (clipped to [0, 1]), and
+    * :data:`NOISE_PROBES` images of uniform noise in [0, 1] of the same shape,
+
+    in one batch, and answers True only if it is exactly zero at all of them. Noise images are
+    what makes it robust: a flat region that a small move cannot leave (an image far below a
+    clamp's lower bound) is still left by them, while no probe can find a gradient in a model
+    that has none. The cost is one forward and backward pass of at most 16 images; the attacks
+    pay it only when every image of a call is flat.
+
+    Args:
+        forward: a model, images in [0, 1] to ``(N, K)`` outputs.
+        x: flat images of the model, ``(N, C, H, W)`` with ``N >= 1``.
+        generator: CPU generator of the probes (seeded by the caller: reproducible).
+
+    Example:
+        >>> x = torch.zeros(2, 1, 2, 2)  # black images, flat for both models below
+        >>> clamped = lambda x: x.clamp(0.1, 0.9).flatten(1)
+        >>> rounded = lambda x: torch.round(x).flatten(1)
+        >>> flat_everywhere(clamped, x, generator=torch.Generator().manual_seed(0))
+        False
+        >>> flat_everywhere(rounded, x, generator=torch.Generator().manual_seed(0))
+        True
+    """
+    near = x[:NEAR_PROBES].detach()
+    shape = (near.shape[0] + NOISE_PROBES, *x.shape[1:])
+    noise = torch.rand(shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    moved = (near + PROBE_RADIUS * (2 * noise[: near.shape[0]] - 1)).clamp(0.0, 1.0)
+    probes = torch.cat([moved, noise[near.shape[0] :]])
+    return bool(zero_input_jacobian(forward, probes, generator=generator).all())
+
+
+def report_flat_images(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    flat_images: torch.Tensor,
+    total: int,
+    *,
+    name: str,
+    images: str,
+    advice: str,
+    generator: torch.Generator,
+    stacklevel: int = 2,
+) -> None:
+    """Raise :class:`ZeroGradientError` or warn about images whose input gradient is zero.
+
+    The one decision shared by every path into an attack (comdefend's attacks and the ART
+    adapter): raise if every one of the ``total`` images that matter is flat *and* the model
+    is flat everywhere (:func:`flat_everywhere`), i.e. no gradient-based attack can do anything
+    on this model; otherwise warn (:class:`ZeroGradientWarning`): the model has a gradient,
+    only these images sit where it is zero. Since a model flat everywhere makes every image
+    flat, the outcome depends on the model, not on which images a batch holds.
+
+    Args:
+        forward: the attacked model (images to ``(N, K)`` outputs).
+        flat_images: the flat images among those that matter, ``(S, C, H, W)``.
+        total: how many images matter (``S <= total``).
+        name: who speaks (the attack's name), first in the message.
+        images: what the images are, e.g. ``"correctly classified image(s)"``.
+        advice: what to do instead, ending the message (e.g. :data:`GRADIENT_HELP`).
+        generator: CPU generator of the probes.
+        stacklevel: passed to :func:`warnings.warn`.
+    """
+    stuck = flat_images.shape[0]
+    if stuck == 0:
+        return
+    if stuck == total and flat_everywhere(forward, flat_images, generator=generator):
+        raise ZeroGradientError(
+            f"{name}: the model's input gradient is exactly zero for all {total} {images} of "
+            f"the call, and also around them and on random noise images (a non-differentiable "
+            f"model), so the attack cannot change them and would report the defense as robust; "
+            f"{advice}"
+        )
+    where = f"all {total}" if stuck == total else f"{stuck} of {total}"
+    warnings.warn(
+        f"{name}: {where} {images} have an exactly zero input gradient, although the model has "
+        f"one elsewhere (black or saturated images in front of a clamp, say); the attack cannot "
+        f"move them and keeps them; if a non-differentiable defense is the cause: {advice}",
+        ZeroGradientWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def check_real(
@@ -213,8 +362,10 @@ class Attack:
         Raises:
             UsageError: bad inputs (shape, dtype, range, labels) or model outputs.
             ZeroGradientError: the model's input gradient is exactly zero for every correctly
-                classified image (a non-differentiable defense inside the model): attack
-                ``make_threat_model_defense(defense, "bpda", classifier)`` instead.
+                classified image and at random probes too (a non-differentiable defense inside
+                the model): attack ``make_threat_model_defense(defense, "bpda", classifier)``
+                instead. A differentiable model flat on some images only warns
+                (:class:`ZeroGradientWarning`), however the images are batched.
         """
         if torch.is_inference_mode_enabled():
             raise UsageError("attacks need autograd: do not call them under torch.inference_mode")
@@ -329,9 +480,10 @@ class Attack:
         need no perturbation). For the ``suspect`` rows (default: all) the gradient of the
         logit margin :math:`Z_y - \\max_{i \\ne y} Z_i` w.r.t. the input is computed; a row where
         it is exactly zero is *flat*: no gradient step can move it. If every image that matters
-        is flat the attack would silently return its input, so this raises; if only some are,
-        it warns with :class:`ZeroGradientWarning` (those images keep the attack's result, which
-        for them is usually the clean image).
+        is flat and the model is flat everywhere (:func:`flat_everywhere`: a non-differentiable
+        defense), the attack would silently return its input, so this raises; otherwise it
+        warns with :class:`ZeroGradientWarning` (those images keep the attack's result, which
+        for them is usually the clean image). See :func:`report_flat_images`.
 
         Args:
             x: the images the attack starts from (``(N, C, H, W)``).
@@ -362,20 +514,14 @@ class Attack:
             correct[rows] = logits.detach().argmax(dim=1) == labels
         flat = torch.zeros(n, dtype=torch.bool, device=x.device)
         flat[rows] = flat_probed
-        stuck, matter = int((flat & correct).sum()), int(correct.sum())
-        if stuck == 0:
-            return
-        if stuck == matter:
-            raise ZeroGradientError(
-                f"{self.name}: the model's input gradient is exactly zero for all {matter} "
-                f"correctly classified image(s) of the batch, so the attack cannot change them "
-                f"and would report the defense as robust; {GRADIENT_HELP}"
-            )
-        warnings.warn(
-            f"{self.name}: {stuck} of {matter} correctly classified image(s) have an exactly "
-            f"zero input gradient; the attack cannot move them (a saturated or "
-            f"non-differentiable model); {GRADIENT_HELP}",
-            ZeroGradientWarning,
+        report_flat_images(
+            self._forward,
+            x[flat & correct].detach(),
+            int(correct.sum()),
+            name=self.name,
+            images="correctly classified image(s)",
+            advice=GRADIENT_HELP,
+            generator=self._generator(),
             stacklevel=4,
         )
 
