@@ -58,9 +58,9 @@ def classifier_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ARGS = [
     "--dataset", "fashion-mnist", "--presets", "normal,1_on_off", "--iterations", "4",
-    "--eval-every", "2", "--batch-size", "8", "--attack-steps", "3", "--n", "32",
-    "--eval-images", "4", "--data-dir", "/usr/share/datasets/fashion-mnist",
-    "--device", "cpu", "--no-progress",
+    "--eval-every", "2", "--clean-every", "4", "--batch-size", "8", "--attack-steps", "3",
+    "--n", "32", "--eval-images", "4", "--data-dir", "/usr/share/datasets/fashion-mnist",
+    "--train-data-dir", "/usr/share/datasets/fashion-mnist", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
 
 
@@ -82,20 +82,59 @@ def test_outputs(experiment: Path) -> None:
     assert results["settings"]["attack_eps"] == 7.65  # the study's 0.03, in 1/255
     adv = results["adversarial_set"]
     assert 0 < adv["size"] <= adv["clean_correct"] <= 32
+    assert len(adv["sha256"]) == 64
     assert list(results["presets"]) == ["plain", "residual-encoder-1"]
     for entry in results["presets"].values():
         assert entry["study_name"] in entry["aliases"]
         assert entry["encoder_parameters"] > 0 and entry["decoder_parameters"] > 0
+        assert entry["training"]["finished"] and entry["training"]["iterations_done"] == 4
         assert [point["iteration"] for point in entry["evaluations"]] == [2, 4]
         for point in entry["evaluations"]:
             assert 0.0 <= point["accuracy_after_defense"] <= 1.0
-            assert 0.0 <= point["clean_accuracy_defended"] <= 1.0
+            low, high = point["accuracy_after_defense_interval"]
+            assert low <= point["accuracy_after_defense"] <= high
+            assert point["restored"] == round(point["accuracy_after_defense"] * adv["size"])
+            assert point["fooling_set_size"] == adv["size"]
             assert point["heldout_psnr_db"] > 0
+        # defended clean accuracy at --clean-every (4) and at the end only
+        clean = [p["clean_accuracy_defended"] for p in entry["evaluations"]]
+        assert clean[0] is None and 0.0 <= clean[1] <= 1.0
         assert entry["final"] == entry["evaluations"][-1]
+        # the held-out PSNR is the trainer's own measurement at that iteration
+        log = [json.loads(line) for line in (experiment / "runs" / entry["name"] / "log.jsonl")
+               .read_text().splitlines()]  # fmt: skip
+        logged = {r["iteration"]: r["heldout_psnr_db"] for r in log if "heldout_psnr_db" in r}
+        for point in entry["evaluations"]:
+            assert point["heldout_psnr_db"] == pytest.approx(logged[point["iteration"]])
     table = (experiment / "table.md").read_text()
     assert "| plain | normal |" in table and "| residual-encoder-1 | 1_on_off |" in table
-    assert (experiment / "accuracy_vs_iteration.png").read_bytes()[:4] == b"\x89PNG"
+    for chart in ("accuracy_vs_iteration.png", "accuracy_vs_psnr.png",
+                  "clean_accuracy_vs_iteration.png"):  # fmt: skip
+        assert (experiment / chart).read_bytes()[:4] == b"\x89PNG"
+    rows = (experiment / "points.csv").read_text().splitlines()
+    assert rows[0].startswith("preset,study_name,iteration,accuracy_after_defense")
+    assert len(rows) == 1 + 4
     assert (experiment / "fooling_set.safetensors").exists()
+
+
+def _config(classifier_path: Path, out: Path, **changes: object) -> ResidualStudyConfig:
+    settings: dict = {
+        "classifier": str(classifier_path),
+        "out": str(out),
+        "dataset": "fashion-mnist",
+        "presets": "normal,1_on_off",
+        "iterations": 4,
+        "eval_every": 2,
+        "clean_every": 4,
+        "batch_size": 8,
+        "attack_steps": 3,
+        "n": 32,
+        "eval_images": 4,
+        "data_dir": "/usr/share/datasets/fashion-mnist",
+        "train_data_dir": "/usr/share/datasets/fashion-mnist",
+        "device": "cpu",
+    }
+    return ResidualStudyConfig(**{**settings, **changes})
 
 
 @pytest.mark.slow
@@ -104,25 +143,14 @@ def test_resume_of_finished_experiment_does_not_retrain(
 ) -> None:
     logs = sorted((experiment / "runs").glob("*/log.jsonl"))
     assert len(logs) == 2
-    before = {log: (log.stat().st_mtime_ns, log.read_text()) for log in logs}
+    watched = [*logs, *sorted((experiment / "points").glob("*.json"))]
+    before = {path: (path.stat().st_mtime_ns, path.read_text()) for path in watched}
     adv_before = (experiment / "fooling_set.safetensors").stat().st_mtime_ns
     first = json.loads((experiment / "results.json").read_text())
-    config = ResidualStudyConfig(
-        classifier=str(classifier_path),
-        out=str(experiment),
-        dataset="fashion-mnist",
-        presets="normal,1_on_off",
-        iterations=4,
-        eval_every=2,
-        batch_size=8,
-        attack_steps=3,
-        n=32,
-        eval_images=4,
-        data_dir="/usr/share/datasets/fashion-mnist",
-        device="cpu",
-    )
+    config = _config(classifier_path, experiment)
     again = run_residual_study(config, resume=True, progress=False)
-    assert {log: (log.stat().st_mtime_ns, log.read_text()) for log in logs} == before
+    # nothing retrained, nothing measured again
+    assert {path: (path.stat().st_mtime_ns, path.read_text()) for path in watched} == before
     assert (experiment / "fooling_set.safetensors").stat().st_mtime_ns == adv_before
     assert all(entry["status"] == "reused" for entry in again["presets"].values())
     for name, entry in first["presets"].items():
@@ -130,25 +158,201 @@ def test_resume_of_finished_experiment_does_not_retrain(
     # Without --resume the finished experiment is protected.
     with pytest.raises(UsageError, match="--resume"):
         run_residual_study(config, resume=False, progress=False)
+    # A copied (or moved) study resumes: where the folder lies is not a setting.
+    import shutil
+
+    copy = experiment.parent / "copied"
+    shutil.copytree(experiment, copy)
+    moved = run_residual_study(_config(classifier_path, copy), resume=True, progress=False)
+    assert all(entry["status"] == "reused" for entry in moved["presets"].values())
+    # Resuming with fewer presets keeps the others in the results, the table and the charts.
+    fewer = run_residual_study(
+        _config(classifier_path, copy, presets="normal"), resume=True, progress=False
+    )
+    assert list(fewer["presets"]) == ["plain", "residual-encoder-1"]
+    assert fewer["presets"] == {
+        name: {**entry, "status": fewer["presets"][name]["status"]}
+        for name, entry in moved["presets"].items()
+    }
+    assert "| residual-encoder-1 |" in (copy / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_changed_setting_is_refused_on_resume(experiment: Path, classifier_path: Path) -> None:
+    import shutil
+
+    copy = experiment.parent / "changed"
+    shutil.copytree(experiment, copy)
+    with pytest.raises(UsageError, match="clean_every"):
+        run_residual_study(
+            _config(classifier_path, copy, clean_every=2), resume=True, progress=False
+        )
+    with pytest.raises(UsageError, match="other settings"):
+        run_residual_study(_config(classifier_path, copy, seed=1), resume=True, progress=False)
+    with pytest.raises(UsageError, match="attack"):
+        run_residual_study(
+            _config(classifier_path, copy, attack_steps=4), resume=True, progress=False
+        )
+
+
+@pytest.mark.slow
+def test_altered_points_and_fooling_set_are_errors(experiment: Path, classifier_path: Path) -> None:
+    import shutil
+
+    copy = experiment.parent / "altered"
+    shutil.copytree(experiment, copy)
+    points = copy / "points" / "plain.json"
+    data = json.loads(points.read_text())
+    bits = data["points"][0]["adversarial_correct"]
+    data["points"][0]["adversarial_correct"] = ("1" if bits[0] == "0" else "0") + bits[1:]
+    points.write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="plain.json .*checksum"):
+        run_residual_study(_config(classifier_path, copy), resume=True, progress=False)
+    points.unlink()  # deleting it measures its points again, identically
+    again = run_residual_study(_config(classifier_path, copy), resume=True, progress=False)
+    first = json.loads((experiment / "results.json").read_text())
+    assert again["presets"]["plain"]["evaluations"] == first["presets"]["plain"]["evaluations"]
+    cache = copy / "fooling_set.safetensors"
+    raw = bytearray(cache.read_bytes())
+    raw[-5] ^= 0x01  # one flipped bit in the adversarial images
+    cache.write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="fooling_set.safetensors .*checksum"):
+        run_residual_study(_config(classifier_path, copy), resume=True, progress=False)
 
 
 @pytest.mark.slow
 def test_resume_continues_an_unfinished_preset(experiment: Path, classifier_path: Path) -> None:
     # A run with a checkpoint but no summary counts as interrupted: it is resumed, not redone.
-    run = experiment / "runs" / "residual-encoder-1"
+    import shutil
+
+    copy = experiment.parent / "unfinished"
+    shutil.copytree(experiment, copy)
+    run = copy / "runs" / "residual-encoder-1"
     (run / "summary.json").unlink()
-    before = json.loads((experiment / "results.json").read_text())["presets"]
+    before = json.loads((copy / "results.json").read_text())["presets"]
     result = CliRunner().invoke(
         _app(),
-        ["residual-study", "--classifier", str(classifier_path), "--out", str(experiment),
+        ["residual-study", "--classifier", str(classifier_path), "--out", str(copy),
          *ARGS, "--resume"],
     )  # fmt: skip
     assert result.exit_code == 0, (result.output, result.exception)
     assert "residual-encoder-1 (1_on_off, resumed)" in result.output
     assert "plain (normal, reused)" in result.output
-    after = json.loads((experiment / "results.json").read_text())["presets"]
+    after = json.loads((copy / "results.json").read_text())["presets"]
     assert after["residual-encoder-1"]["evaluations"] == before["residual-encoder-1"]["evaluations"]
     assert (run / "summary.json").exists()
+
+
+def _measured(points: Path) -> dict[int, dict]:
+    """The measured values of a points file (not the time taken, nor the snapshot's sha256:
+    its metadata names the run's folder)."""
+    data = json.loads(points.read_text())
+    dropped = ("seconds", "checksum", "snapshot_sha256")
+    return {p["iteration"]: {k: v for k, v in p.items() if k not in dropped}
+            for p in data["points"]}  # fmt: skip
+
+
+def _same_snapshots(a: Path, b: Path) -> None:
+    from comdefend.checkpoint import load_checkpoint
+
+    names = sorted(path.name for path in (a / "snapshots").iterdir())
+    assert names == sorted(path.name for path in (b / "snapshots").iterdir())
+    for name in names:
+        first, _ = load_checkpoint(a / "snapshots" / name)
+        second, _ = load_checkpoint(b / "snapshots" / name)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), name
+
+
+@pytest.mark.slow
+def test_interrupted_study_loses_no_point_and_measures_none_twice(
+    experiment: Path, classifier_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while measuring, then while training, then --resume: the points equal an
+    uninterrupted study's, and every point was measured exactly once."""
+    from comdefend.evaluation import residual_study, snapshots
+
+    measured: list[tuple[str, int]] = []
+    real_add = snapshots.PointsFile.add
+
+    def counting_add(self, point):  # every measurement ends in exactly one add
+        measured.append((self.path.stem, point.iteration))
+        real_add(self, point)
+
+    monkeypatch.setattr(snapshots.PointsFile, "add", counting_add)
+    out = tmp_path / "interrupted"
+    config = _config(classifier_path, out, iterations=6)
+
+    # 1. Ctrl-C after the first measured point
+    real_echo = residual_study._echo_point
+
+    def stop_after_first(preset, progress):
+        def echo(point):
+            raise KeyboardInterrupt
+
+        return echo
+
+    monkeypatch.setattr(residual_study, "_echo_point", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_residual_study(config, progress=False)
+    assert measured == [("plain", 2)]
+    monkeypatch.setattr(residual_study, "_echo_point", real_echo)
+
+    # 2. Ctrl-C in the middle of the next preset's training (after 3 of its 6 iterations)
+    from comdefend.training import engine
+
+    real_after_step = engine.TrainingTask.after_step
+
+    def interrupt_at_three(self, iteration, metrics):
+        if self.config.preset == "residual-encoder-1" and iteration == 3:
+            raise KeyboardInterrupt
+        return real_after_step(self, iteration, metrics)
+
+    monkeypatch.setattr(engine.TrainingTask, "after_step", interrupt_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        run_residual_study(config, resume=True, progress=False)
+    monkeypatch.setattr(engine.TrainingTask, "after_step", real_after_step)
+
+    # 3. resume to the end
+    run_residual_study(config, resume=True, progress=False)
+    assert sorted(measured) == sorted(set(measured))  # none measured twice
+    expected = {(name, it) for name in ("plain", "residual-encoder-1") for it in (2, 4, 6)}
+    assert set(measured) == expected  # none lost
+
+    # the same points as a study that was never interrupted
+    reference = tmp_path / "reference"
+    run_residual_study(_config(classifier_path, reference, iterations=6), progress=False)
+    for name in ("plain", "residual-encoder-1"):
+        assert _measured(out / "points" / f"{name}.json") == _measured(
+            reference / "points" / f"{name}.json"
+        )
+        _same_snapshots(out / "runs" / name, reference / "runs" / name)
+
+
+@pytest.mark.slow
+def test_train_and_measure_stages_as_two_processes(classifier_path: Path, tmp_path: Path) -> None:
+    """--stage train, then --stage measure: the same points as --stage all."""
+    split = tmp_path / "split"
+    trained = run_residual_study(_config(classifier_path, split), stage="train", progress=False)
+    assert trained == {"trained": {"plain": "trained", "residual-encoder-1": "trained"}}
+    assert not (split / "points").exists()
+    assert sorted(p.name for p in (split / "runs" / "plain" / "snapshots").iterdir()) == [
+        "iteration-000002.safetensors",
+        "iteration-000004.safetensors",
+    ]
+    results = run_residual_study(
+        _config(classifier_path, split), stage="measure", follow=True, poll_seconds=0.01,
+        progress=False,
+    )  # fmt: skip
+    assert results["complete"] is True
+    whole = tmp_path / "whole"
+    run_residual_study(_config(classifier_path, whole), progress=False)
+    for name in ("plain", "residual-encoder-1"):
+        assert _measured(split / "points" / f"{name}.json") == _measured(
+            whole / "points" / f"{name}.json"
+        )
+    with pytest.raises(UsageError, match="--follow goes with --stage measure"):
+        run_residual_study(_config(classifier_path, split), stage="all", follow=True)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +361,8 @@ def test_resume_continues_an_unfinished_preset(experiment: Path, classifier_path
         (["--presets", "normal,bogus"], "valid presets"),
         (["--iterations", "0"], "iterations"),
         (["--eval-every", "0"], "eval-every"),
+        (["--eval-every", "100", "--clean-every", "250"], "multiple of --eval-every"),
+        (["--stage", "bogus"], "--stage must be one of all, train, measure"),
         (["--attack-eps", "0"], "attack-eps"),
         (["--attack-eps", "300"], "attack-eps"),
     ],

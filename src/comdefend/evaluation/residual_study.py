@@ -708,19 +708,30 @@ def run_residual_study(
 
     measurer = StudyMeasurer(config, reuse_fooling_set=resume or stage == "measure")
     statuses: dict[str, str] = {}
+    shown = study_presets(config, presets)
     for preset in presets:
         if stage == "all":
             statuses[preset.name] = train_preset(config, preset, resume, progress)
         measurer.measure(preset, _echo_point(preset, progress))
-        write_reports(out, collect_results(config, measurer, presets, statuses))
+        write_reports(out, collect_results(config, measurer, shown, statuses))
     while follow and not all(measurer.complete(preset) for preset in presets):
         time.sleep(poll_seconds)
         new = [measurer.measure(preset, _echo_point(preset, progress)) for preset in presets]
         if any(new):
-            write_reports(out, collect_results(config, measurer, presets, statuses))
-    results = collect_results(config, measurer, presets, statuses)
+            write_reports(out, collect_results(config, measurer, shown, statuses))
+    results = collect_results(config, measurer, shown, statuses)
     write_reports(out, results)
     return results
+
+
+def study_presets(config: ResidualStudyConfig, asked: list[Preset]) -> list[Preset]:
+    """The presets a study's results show: those asked for, and every other preset the folder
+    holds points or a run of (a resume with fewer ``--presets`` keeps the others), in the
+    presets' order."""
+    out = Path(config.out)
+    held = {path.stem for path in (out / POINTS_FOLDER).glob("*.json")}
+    held |= {path.name for path in (out / RUNS_FOLDER).glob("*") if path.is_dir()}
+    return [preset for preset in PRESETS.values() if preset in asked or preset.name in held]
 
 
 # --------------------------------------------------------------------------- results
@@ -774,7 +785,7 @@ def collect_results(
         "presets": {},
     }
     complete = True
-    for preset in presets:
+    for preset in presets:  # every preset shown: the study is complete when all are
         points = [point.summary() for point in measurer.points(preset).sorted_points()]
         summary = preset_summary(preset, image_channels)
         final = points[-1] if points and points[-1]["iteration"] == config.iterations else None
