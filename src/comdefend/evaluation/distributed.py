@@ -5,8 +5,11 @@ images, takes its share of the attack batches, and sends its per-image records
 (:mod:`comdefend.evaluation.records`) to rank 0, which writes the report. The share is decided by
 batch numbers only (batch ``b`` of ``--batch-size`` images goes to rank ``b * world // batches``),
 and every random choice of the engine is seeded per batch, so the report is identical to the
-single-process one whatever the number of processes. Backend: ``nccl`` when the run's device is a
-GPU (one GPU per process: ``cuda:LOCAL_RANK``), else ``gloo``.
+single-process one whatever the number of processes. The environment, the device (one GPU per
+process: ``cuda:LOCAL_RANK``), the backend (``nccl`` on GPUs, else ``gloo``) and how long a
+process waits for the others (``COMDEFEND_DIST_TIMEOUT``, 10 minutes by default: a process that
+froze stops the others then, and ``--resume`` goes on from the finished groups) are those of
+training, from :mod:`comdefend.distributed`.
 
 Records travel as safetensors bytes in uint8 tensors (nothing is pickled).
 
@@ -18,28 +21,23 @@ Example:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from comdefend.distributed import exchange, join_process_group, launch_environment
 from comdefend.errors import ComDefendError, UsageError
 
 
 def torchrun_world_size() -> int:
-    """``WORLD_SIZE`` set by torchrun (1 outside torchrun)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """``WORLD_SIZE`` set by torchrun (1 outside torchrun; see
+    :func:`comdefend.distributed.launch_environment`)."""
+    return launch_environment().world_size
 
 
 def torchrun_rank() -> int:
     """``RANK`` set by torchrun (0 outside torchrun)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return launch_environment().rank
 
 
 @dataclass
@@ -70,27 +68,15 @@ class ProcessGroup:
             device: the run's device; a CUDA device becomes ``cuda:LOCAL_RANK``.
 
         Raises:
-            UsageError: torchrun started more processes on a node than it has GPUs.
+            UsageError: a broken torchrun environment, a numbered GPU, or more processes on a
+                node than it has GPUs (:func:`comdefend.distributed.join_process_group`).
         """
-        world = torchrun_world_size()
-        if world == 1:
+        launch = launch_environment()
+        if not launch.distributed:
             return ProcessGroup.single(device)
         import torch.distributed as dist
 
-        rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.type == "cuda":
-            if local_rank >= torch.cuda.device_count():
-                raise UsageError(
-                    f"process {rank} needs GPU {local_rank} but this node has "
-                    f"{torch.cuda.device_count()}: one process per GPU (--nproc-per-node)"
-                )
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        initialized = False
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            initialized = True
+        device, initialized = join_process_group(launch, device)
         return ProcessGroup(dist.get_rank(), dist.get_world_size(), device, initialized)
 
     @property
@@ -115,13 +101,14 @@ class ProcessGroup:
         device = self._comm_device()
         size = torch.tensor([len(data)], dtype=torch.long, device=device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size)
-        longest = int(max(int(s) for s in sizes))
-        buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
-        if data:
-            buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-        buffers = [torch.zeros_like(buffer) for _ in range(self.world_size)]
-        dist.all_gather(buffers, buffer)
+        with exchange("exchanging results", "the same command with --resume continues"):
+            dist.all_gather(sizes, size)
+            longest = int(max(int(s) for s in sizes))
+            buffer = torch.zeros(longest, dtype=torch.uint8, device=device)
+            if data:
+                buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            buffers = [torch.zeros_like(buffer) for _ in range(self.world_size)]
+            dist.all_gather(buffers, buffer)
         return [
             bytes(b[: int(s)].cpu().numpy().tobytes()) for b, s in zip(buffers, sizes, strict=True)
         ]

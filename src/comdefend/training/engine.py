@@ -50,6 +50,7 @@ from torch import nn
 
 from comdefend.checkpoint import read_metadata
 from comdefend.console import logger, progress_bar
+from comdefend.distributed import Launch, join_process_group, launch_environment
 from comdefend.errors import ComDefendError, UsageError
 from comdefend.training.run import RunDirectory, environment, resolve_device
 from comdefend.training.stabilizers import MAX_ROLLBACKS, Stabilization
@@ -134,32 +135,19 @@ class Processes:
 
 
 def launched_processes() -> Processes:
-    """The torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Processes()
-    return Processes(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=world_size,
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    """The torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), if any, read by
+    :func:`comdefend.distributed.launch_environment` (a broken one is a :class:`UsageError`)."""
+    launch = launch_environment()
+    return Processes(launch.rank, launch.world_size, launch.local_rank)
 
 
 def start_processes(processes: Processes, device_name: str) -> torch.device:
-    """The device of this process; joins the process group when there is more than one."""
+    """The device of this process; joins the process group when there is more than one
+    (:func:`comdefend.distributed.join_process_group`: backend, ``cuda:LOCAL_RANK``, and the
+    ``COMDEFEND_DIST_TIMEOUT`` a process waits for the others)."""
     device = resolve_device(device_name)
-    if not processes.distributed:
-        return device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        if device.index is not None and processes.world_size > 1 and device_name != "auto":
-            raise UsageError("with torchrun, use --device cuda or auto (one GPU per process)")
-        device = torch.device("cuda", processes.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
+    launch = Launch(processes.rank, processes.world_size, processes.local_rank)
+    return join_process_group(launch, device)[0]
 
 
 # -- the task interface -------------------------------------------------------------------------
