@@ -77,6 +77,24 @@ class Stabilization:
             result = STABILIZERS.get(name).apply(result, value)
         return result
 
+    def check_evaluations(self, heldout_images: int) -> None:
+        """Refuse measures that act on held-out evaluations in a run that has none.
+
+        ``rollback`` notices a collapse by the held-out PSNR and goes back to the last
+        evaluation that was healthy: without held-out images it could never act.
+
+        Args:
+            heldout_images: test images of each held-out evaluation (0: none, as with
+                ``--eval-images 0`` or an image folder, which has no test split).
+        """
+        if self.rollback is not None and heldout_images < 1:
+            raise UsageError(
+                "--stabilize rollback needs held-out evaluations (a collapse shows in their "
+                "PSNR; it goes back to the last healthy one) but this run has none "
+                "(--eval-images 0, or --dataset folder, which has no test split): give "
+                "--eval-images N on a dataset with a test split, or leave rollback out"
+            )
+
     def penalty(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The logit penalty's loss term for the unbounded code ``logits`` (None if unused)."""
         if self.logit_penalty is None:
@@ -122,16 +140,43 @@ class Stabilizer:
     default: float
     description: str
 
+    @property
+    def is_switch(self) -> bool:
+        """Whether the measure is only on or off (``amsgrad``, ``cosine-decay``): no value."""
+        return isinstance(getattr(Stabilization(), self.field), bool)
+
     def apply(self, settings: Stabilization, value: float) -> Stabilization:
-        if self.field in ("cosine_decay", "amsgrad"):
+        """``settings`` with this measure at strength ``value`` (a switch's is its default).
+
+        Raises:
+            UsageError: a value given to a switch, a rollback factor outside (0, 1], any other
+                value that is not finite or not > 0.
+        """
+        if self.is_switch:
+            if value != self.default:
+                raise UsageError(self.no_value_message(f"{value:g}"))
             changes_on: dict[str, Any] = {self.field: True}
             return replace(settings, **changes_on)
-        if not math.isfinite(value) or value <= 0:
-            raise UsageError(f"--stabilize {self.name}={value}: the value must be > 0")
-        if self.field == "rollback" and value > 1:
-            raise UsageError(f"--stabilize rollback={value}: the factor must lie in (0, 1]")
+        if self.field == "rollback":
+            if not 0 < value <= 1:  # NaN too
+                raise UsageError(
+                    f"--stabilize rollback={value:g}: the factor must lie in (0, 1] (the "
+                    "learning rate is multiplied by it at each rollback)"
+                )
+        elif not math.isfinite(value):
+            raise UsageError(
+                f"--stabilize {self.name}={value:g}: the value must be a finite number"
+            )
+        elif value <= 0:
+            raise UsageError(f"--stabilize {self.name}={value:g}: the value must be > 0")
         changes: dict[str, Any] = {self.field: float(value)}
         return replace(settings, **changes)
+
+    def no_value_message(self, value: str) -> str:
+        return (
+            f"--stabilize {self.name}={value}: {self.name} is on or off: it takes no value "
+            f"(write --stabilize {self.name})"
+        )
 
 
 #: Rollbacks allowed in one run (``rollback``); after that a collapse is only reported.
@@ -195,16 +240,25 @@ for _entry in (
 def parse_stabilizers(text: str | None) -> dict[str, float]:
     """``"clip-grad,code-bound=40"`` -> ``{"clip-grad": 1.0, "code-bound": 40.0}``.
 
-    ``None``, ``""`` and ``"none"`` mean no measure. Names are canonicalised and checked.
+    ``None``, ``""`` and ``"none"`` mean no measure (``none`` stands alone: it cannot be mixed
+    with measures). Names are canonicalised and checked; switches (``amsgrad``,
+    ``cosine-decay``) take no value.
     """
     if text is None or text.strip().lower() in ("", "none"):
         return {}
     chosen: dict[str, float] = {}
     for item in text.split(","):
-        name, _, value = item.partition("=")
+        name, equals, value = item.partition("=")
         if not name.strip():
             raise UsageError(f"--stabilize {text!r}: empty name")
+        if name.strip().lower() == "none":
+            raise UsageError(
+                f"--stabilize {text!r}: 'none' turns every measure off, so it stands alone "
+                "(--stabilize none); to use measures, name only them"
+            )
         entry = STABILIZERS.get(name)
+        if entry.is_switch and equals:
+            raise UsageError(entry.no_value_message(value.strip()))
         try:
             strength = float(value) if value.strip() else entry.default
         except ValueError:

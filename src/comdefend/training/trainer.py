@@ -122,7 +122,9 @@ class TrainConfig:
         ):
             raise UsageError(f"snapshot-every must be >= 1, got {self.snapshot_every}")
         self.stabilize = {STABILIZERS.canonical(k): float(v) for k, v in self.stabilize.items()}
-        Stabilization.from_names(self.stabilize)  # checks the values
+        # checks the values, and that a measure acting on held-out evaluations has them
+        stabilization = Stabilization.from_names(self.stabilize)
+        stabilization.check_evaluations(0 if self.dataset == "folder" else self.eval_images)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
