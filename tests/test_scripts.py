@@ -267,3 +267,43 @@ def test_gpu_presets_script_trains_both_arms_resumes_and_summarises_on_the_cpu(
     assert "| rollback=0.5 |" in (out / "stabilizers.md").read_text()
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert again.returncode == 0 and "skip normal rollback (finished)" in again.stdout
+
+
+def test_gpu_residual_study_script_trains_measures_and_resumes_on_the_cpu(
+    tmp_path: Path, cifar_dir: Path, imagenet_dir: Path, efficientnet_lite0
+) -> None:
+    """The GPU job of the residual study, tried on the CPU with a tiny budget: the presets
+    train side by side, measurers follow them, a second call measures nothing twice."""
+    import os
+
+    out = tmp_path / "study"
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "STUDY_PRESETS": "plain,residual-decoder-1",
+        "STUDY_ITERATIONS": "2",
+        "STUDY_EVAL_EVERY": "1",
+        "STUDY_CLEAN_EVERY": "2",
+        "STUDY_N": "8",
+        "STUDY_IMAGE_SIZE": "160",
+        "STUDY_EVAL_IMAGES": "4",
+        "STUDY_DEVICE": "cpu",
+        "STUDY_THREADS": "1",
+        "STUDY_IMAGENET": str(imagenet_dir),
+        "STUDY_CIFAR10": str(cifar_dir.parent),
+    }
+    script = [str(REPO / "scripts" / "gpu_residual_study.sh")]
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "complete" in done.stdout.splitlines()[-1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    for name in ("plain", "residual-decoder-1"):
+        points = results["presets"][name]["evaluations"]
+        assert [point["iteration"] for point in points] == [1, 2]
+        assert points[0]["clean_accuracy_defended"] is None
+        assert points[1]["clean_accuracy_defended"] is not None
+    before = {path: path.read_text() for path in (out / "points").glob("*.json")}
+    again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {path: path.read_text() for path in (out / "points").glob("*.json")} == before

@@ -669,7 +669,7 @@ def run_residual_study(
     progress: bool = True,
     stage: str = "all",
     follow: bool = False,
-    poll_seconds: float = 60.0,
+    poll_seconds: float = 10.0,
 ) -> dict[str, Any]:
     """Run (or resume) the residual study; returns what is written to ``results.json``.
 

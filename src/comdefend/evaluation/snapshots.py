@@ -228,6 +228,21 @@ def list_snapshots(run: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+_HASHED: dict[Path, tuple[int, int, str]] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered while its size and modification time stay the same (a
+    measurer that follows a training polls the same snapshots again and again)."""
+    stat = path.stat()
+    known = _HASHED.get(path)
+    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    sha = sha256_of(path)
+    _HASHED[path] = (stat.st_size, stat.st_mtime_ns, sha)
+    return sha
+
+
 def snapshot_psnr(path: Path, eval_images: int) -> float | None:
     """The held-out PSNR the trainer stored in a snapshot, if it measured ``eval_images``
     images at that iteration (None otherwise)."""
@@ -275,13 +290,13 @@ def measure_snapshots(
     for iteration, path in list_snapshots(run):
         if wanted is not None and iteration not in wanted:
             continue
-        sha = sha256_of(path)
+        sha = _file_sha256(path)
         known = points.points.get(iteration)
         if known is not None and known.snapshot_sha256 == sha:
             continue
         started = time.perf_counter()
         model = ComDefend.from_checkpoint(path, map_location=device).eval()
-        if sha256_of(path) != sha:  # rewritten while loading: measure it on the next pass
+        if _file_sha256(path) != sha:  # rewritten while loading: measure it on the next pass
             continue
         adversarial_correct = defended_correct(model, classifier, adversarial, labels, batch)
         clean_correct = None
