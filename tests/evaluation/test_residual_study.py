@@ -495,3 +495,30 @@ def test_imagenet_protocol_end_to_end(
     summary = json.loads((out / "runs" / "plain" / "summary.json").read_text())
     assert summary["config"]["dataset"] == "cifar10"
     assert (out / "fooling_set.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
+    experiment: Path, classifier_path: Path, tmp_path: Path
+) -> None:
+    """scripts/carry_study.py: what travels continues the study; the fooling set is made
+    again, identical, so no point is measured again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "carry_study", Path(__file__).parents[2] / "scripts" / "carry_study.py"
+    )
+    assert spec is not None and spec.loader is not None
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    saved = tmp_path / "saved"
+    copied = carry.save(experiment, saved)
+    assert "fooling_set.safetensors" not in copied
+    assert not any("snapshots" in name for name in copied)  # every snapshot is measured
+    assert "points/plain.json" in copied and "runs/plain/summary.json" in copied
+    elsewhere = tmp_path / "elsewhere"
+    carry.restore(saved, elsewhere)
+    before = {path.name: path.read_text() for path in (elsewhere / "points").glob("*.json")}
+    results = run_residual_study(_config(classifier_path, elsewhere), resume=True, progress=False)
+    assert results["complete"] is True
+    assert {p.name: p.read_text() for p in (elsewhere / "points").glob("*.json")} == before
