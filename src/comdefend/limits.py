@@ -13,7 +13,14 @@ patch size (pixels)    ``COMDEFEND_MAX_PATCH_SIZE``       1024
 full-mode tile         ``COMDEFEND_MAX_TILE``             2048
 authors' .npy (bytes)  ``COMDEFEND_MAX_OFFICIAL_BYTES``   256 MiB
 classifier classes     ``COMDEFEND_MAX_CLASSES``          100000
+crop size (pixels)     ``COMDEFEND_MAX_IMAGE_SIZE``       1024
 =====================  =================================  =========
+
+The crop size (``--image-size``, ImageNet's center crop) is above every usual ImageNet
+evaluation resolution (224 to 600, 800 for the largest EfficientNets): at 1024 one image takes
+3 MB as uint8 and 12.6 MB as float, so 1,000 images already take 15 GB; 9,000 took 11 GB for a
+single image. The pixel count of an image file has its own limit, shared by every image reader:
+:func:`comdefend.data.images.max_image_pixels`.
 
 Example:
     >>> check_int("patch_size", 32, 1, limit="patch_size")
@@ -39,6 +46,7 @@ LIMITS: dict[str, tuple[str, int]] = {
     "max_tile": ("COMDEFEND_MAX_TILE", 2048),
     "official_bytes": ("COMDEFEND_MAX_OFFICIAL_BYTES", 256 * 1024 * 1024),
     "num_classes": ("COMDEFEND_MAX_CLASSES", 100_000),
+    "image_size": ("COMDEFEND_MAX_IMAGE_SIZE", 1024),
 }
 
 

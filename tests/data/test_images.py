@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comdefend.data.images import MAX_PIXELS_ENV, image_channels_of, read_image
+from comdefend.data.images import MAX_PIXELS_ENV, image_channels_of, read_image, write_png
 from comdefend.errors import InputError, UsageError
 
 
@@ -102,6 +103,8 @@ def test_pixel_count_is_checked_before_decoding(tmp_path: Path, side: int) -> No
     assert bomb.stat().st_size < 2000
     with pytest.raises(InputError, match=f"{MAX_PIXELS_ENV}"):
         read_image(bomb)
+    with pytest.raises(InputError, match=f"{MAX_PIXELS_ENV}"):  # its header reader too
+        image_channels_of(bomb)
 
 
 def test_pixel_limit_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,3 +123,16 @@ def test_pixel_limit_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_a_folder_is_not_an_image(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="is a folder"):
         read_image(tmp_path)
+
+
+def test_a_failed_png_write_names_the_png_not_its_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left") as error:
+        write_png(tmp_path / "out.png", torch.zeros(3, 4, 4))
+    assert error.value.filename == str(tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []

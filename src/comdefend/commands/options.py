@@ -56,14 +56,22 @@ def device_option(param: typer.CallbackParam, value: str | None) -> str | None:
     return validation.device_name(value, _flag(param))
 
 
+def _image_size(param: typer.CallbackParam, value: int | None) -> int | None:
+    """A crop size from 1 to the ``image_size`` limit of :mod:`comdefend.limits`."""
+    from comdefend.limits import check_int
+
+    return None if value is None else check_int(_flag(param), value, 1, limit="image_size")
+
+
 def image_size_option() -> int | None:
     """``--image-size``: the center crop of datasets cropped on loading (one definition for
     every command that reads ImageNet)."""
     return typer.Option(
         None,
         "--image-size",
-        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first).",
-        callback=positive_int_option,
+        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first; at "
+        "most 1024 unless $COMDEFEND_MAX_IMAGE_SIZE says more).",
+        callback=_image_size,
     )
 
 

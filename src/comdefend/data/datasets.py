@@ -13,9 +13,10 @@ registry; :func:`register_dataset` adds one (e.g. ImageNet, or a user's own data
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,24 @@ from comdefend.registry import Registry
 
 ENV_VAR = "COMDEFEND_DATA"
 SPLITS = ("train", "test", "sample")  # sample: embedded 1,000 test images
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order): the checksum
+    of what a cache or progress file holds, or depends on.
+
+    Example:
+        >>> a = tensors_sha256({"x": torch.zeros(2)})
+        >>> a == tensors_sha256({"x": torch.zeros(2)}), a == tensors_sha256({"x": torch.ones(2)})
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():  # the bytes themselves, without a copy
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -58,6 +77,25 @@ class ImageSet:
     @property
     def channels(self) -> int:
         return int(self.images.shape[1])
+
+    def identity(self) -> dict[str, object]:
+        """What a result computed from these images depends on: their count and shape, and the
+        sha256 of their pixels and of their labels (:func:`tensors_sha256`). Not where they
+        lie: the same images in a moved folder have the same identity, a changed one another.
+
+        Example:
+            >>> images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+            >>> data = ImageSet("tiny", "test", images, torch.tensor([0, 1]), ["a", "b"], "here")
+            >>> identity = data.identity()
+            >>> identity["images"], identity["image_shape"], len(identity["pixels_sha256"])
+            (2, [1, 4, 4], 64)
+        """
+        return {
+            "images": len(self),
+            "image_shape": list(self.images.shape[1:]),
+            "pixels_sha256": tensors_sha256({"images": self.images}),
+            "labels_sha256": tensors_sha256({"labels": self.labels.to(torch.int64)}),
+        }
 
     def float_images(
         self, index: slice | torch.Tensor | Sequence[int] = slice(None)

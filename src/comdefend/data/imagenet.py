@@ -28,7 +28,19 @@ Bad input, and what happens (each tested):
 * grayscale, CMYK, palette or alpha images (JPEG or PNG): converted to RGB by PIL (gray is
   repeated in the three channels, alpha is dropped), as every ImageNet pipeline does;
 * images smaller than the crop: upscaled by the resize step like every other image (their
-  shorter side becomes ``resize_size``); a warning says how many there were.
+  shorter side becomes ``resize_size``); a warning says how many there were;
+* an image declaring more pixels than the pixel budget of every image reader
+  (:func:`comdefend.data.images.max_image_pixels`: 64 megapixels, ``$COMDEFEND_MAX_IMAGE_PIXELS``),
+  or one so long and thin that resizing its shorter side would exceed it: an
+  :class:`~comdefend.errors.InputError` naming it, before its pixels are decoded;
+* a crop size above ``$COMDEFEND_MAX_IMAGE_SIZE`` (default 1024, see :mod:`comdefend.limits`):
+  a :class:`~comdefend.errors.UsageError`;
+* ``labels.csv``: its columns may come in any order, a UTF-8 byte order mark is accepted; a row
+  with more or fewer fields than the header, bytes that are not UTF-8, or an image listed twice
+  (the same file, however spelled) are errors naming the file and line(s);
+* paths leading out of the dataset folder (an absolute path or ``..`` in ``labels.csv``, a
+  symbolic link inside the folder to a file outside it) are refused: a dataset folder's files
+  must lie in it. The folder itself (or its ``val/``) may be a link.
 
 All images are decoded into memory as uint8 (150 KB per 224x224 image: 150 MB for the sample,
 7.5 GB for the 50,000 validation images).
@@ -42,6 +54,8 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
+import os
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -52,7 +66,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from comdefend.errors import DatasetNotFoundError, InputError, UsageError
+from comdefend.data.images import MAX_PIXELS_ENV, max_image_pixels, open_bounded
+from comdefend.errors import ComDefendError, DatasetNotFoundError, InputError, UsageError
+from comdefend.limits import check_int
 
 CLASSES_FILE = "imagenet_classes.tsv"
 LABELS_FILE = "labels.csv"
@@ -87,24 +103,31 @@ class ImageNetTransform:
     resize_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.image_size < 1:
-            raise UsageError(f"image size must be >= 1, got {self.image_size}")
-        if self.resize_size is not None and self.resize_size < self.image_size:
-            raise UsageError(
-                f"resize size {self.resize_size} is smaller than the crop {self.image_size}"
-            )
+        check_int("image size", self.image_size, 1, limit="image_size")
+        if self.resize_size is not None:
+            check_int("resize size", self.resize_size, 1)
+            if self.resize_size < self.image_size:
+                raise UsageError(
+                    f"resize size {self.resize_size} is smaller than the crop {self.image_size}"
+                )
 
     @property
     def shorter_side(self) -> int:
         return self.resize_size or round(self.image_size / CROP_FRACTION)
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width`` x ``height`` has after the resize step."""
+        side = self.shorter_side
+        if min(width, height) == side:
+            return width, height
+        scale = side / min(width, height)
+        return max(side, round(width * scale)), max(side, round(height * scale))
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> ``(3, image_size, image_size)`` uint8 array."""
         width, height = image.size
-        side = self.shorter_side
-        if min(width, height) != side:
-            scale = side / min(width, height)
-            size = (max(side, round(width * scale)), max(side, round(height * scale)))
+        size = self.resized_size(width, height)
+        if size != (width, height):
             image = image.resize(size, Image.Resampling.BICUBIC)
             width, height = image.size
         left = (width - self.image_size) // 2
@@ -114,16 +137,36 @@ class ImageNetTransform:
 
 
 def _decode(path: Path) -> Image.Image:
-    with Image.open(path) as image:
+    """The RGB image in ``path`` (gray, CMYK, palette, alpha -> RGB), within the pixel budget.
+
+    Raises:
+        InputError: the header declares more pixels than :func:`max_image_pixels`.
+    """
+    with open_bounded(path) as image:
         image.load()
-        return image.convert("RGB")  # gray, CMYK, palette, alpha -> RGB
+        return image.convert("RGB")
+
+
+def _check_resize(path: Path, image: Image.Image, transform: ImageNetTransform) -> None:
+    """The resize step keeps the image's shape: a long thin image within the budget can become
+    a huge one (2 x 4,000 pixels -> 256 x 512,000). Refused before resizing."""
+    width, height = transform.resized_size(*image.size)
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise InputError(
+            f"{path}: resizing its {image.size[0]}x{image.size[1]} pixels to a shorter side of "
+            f"{transform.shorter_side} would make it {width}x{height} = {width * height:,} "
+            f"pixels, more than the limit of {limit:,}; crop it, or set {MAX_PIXELS_ENV} to a "
+            "larger number"
+        )
 
 
 def read_images(files: list[Path], transform: ImageNetTransform) -> tuple[torch.Tensor, list[Path]]:
     """Decode and transform ``files``; returns ``(N, 3, S, S)`` uint8 and the small ones.
 
     Raises:
-        InputError: some files cannot be decoded (names up to three and the count).
+        InputError: some files cannot be decoded (names up to three and the count); a file
+            above the pixel budget (at once, naming it).
     """
     arrays: list[np.ndarray] = []
     unreadable: list[str] = []
@@ -131,9 +174,12 @@ def read_images(files: list[Path], transform: ImageNetTransform) -> tuple[torch.
     for path in files:
         try:
             image = _decode(path)
+        except ComDefendError:
+            raise  # above the pixel budget (or a bad limit): another remedy than unreadable
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             unreadable.append(f"{path} ({type(error).__name__}: {str(error)[:80]})")
             continue
+        _check_resize(path, image, transform)
         if min(image.size) < transform.image_size:
             small.append(path)
         arrays.append(transform(image))
@@ -149,37 +195,110 @@ def read_images(files: list[Path], transform: ImageNetTransform) -> tuple[torch.
     return torch.from_numpy(np.stack(arrays)), small
 
 
+def _labels_table(table: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (names stripped) and the non-empty rows with their line numbers.
+
+    Raises:
+        InputError: bytes that are not UTF-8, a malformed CSV line, a row whose field count
+            differs from the header's; each names the file and line.
+    """
+    raw = table.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte order mark (Excel's "CSV UTF-8") is dropped
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise InputError(
+            f"{table}, line {line}: byte 0x{raw[error.start]:02x} is not UTF-8 text; save the "
+            "file as UTF-8"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] = []
+    try:
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue  # blank line
+            if not header:
+                header = [name.strip() for name in fields]
+                continue
+            if len(fields) != len(header):
+                raise InputError(
+                    f"{table}, line {reader.line_num}: {len(fields)} field"
+                    f"{'' if len(fields) == 1 else 's'} where the header has {len(header)} "
+                    f"({','.join(header)})"
+                )
+            rows.append((reader.line_num, [field.strip() for field in fields]))
+    except csv.Error as error:
+        raise InputError(f"{table}, line {reader.line_num}: {error}") from None
+    return header, rows
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symbolic links followed, lies in ``root`` (already resolved)."""
+    return path.resolve().is_relative_to(root)
+
+
+def _link_out(path: Path, folder: Path) -> str:
+    return (
+        f"{path} leads through a symbolic link to {path.resolve()}, outside the dataset folder "
+        f"{folder}; a dataset folder's images must lie in it (copy the image in)"
+    )
+
+
 def _rows_of_labels_csv(folder: Path) -> tuple[list[Path], list[int]]:
     table = folder / LABELS_FILE
+    root = folder.resolve()
+    header, rows = _labels_table(table)
+    missing = {"file", "label"} - set(header)
+    if missing:
+        raise InputError(f"{table} lacks the column(s) {sorted(missing)}")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise InputError(f"{table} has the column {repeated[0]!r} twice")
+    column = {name: header.index(name) for name in header}
     files: list[Path] = []
     labels: list[int] = []
-    with table.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"file", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise InputError(f"{table} lacks the column(s) {sorted(missing)}")
-        for line, row in enumerate(reader, start=2):
-            where = f"{table}, line {line}"
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                raise InputError(f"{where}: label {row['label']!r} is not an integer") from None
-            if not 0 <= label < len(IMAGENET_WNIDS):
-                raise InputError(f"{where}: label {label} is not an ImageNet-1k class (0-999)")
-            wnid = (row.get("wnid") or "").strip()
-            if wnid and WNID_TO_LABEL.get(wnid) != label:
-                expected = IMAGENET_WNIDS[label]
-                what = "unknown WordNet id" if wnid not in WNID_TO_LABEL else "WordNet id"
-                raise InputError(
-                    f"{where}: {what} {wnid} does not match label {label} ({expected})"
-                )
-            path = folder / "images" / row["file"]
-            if not path.is_file():
-                path = folder / row["file"]
-            if not path.is_file():
-                raise InputError(f"{where}: image {row['file']} not found in {folder / 'images'}")
-            files.append(path)
-            labels.append(label)
+    lines_of: dict[Path, list[int]] = {}
+    for line, fields in rows:
+        where = f"{table}, line {line}"
+        name, text = fields[column["file"]], fields[column["label"]]
+        try:
+            label = int(text)
+        except ValueError:
+            raise InputError(f"{where}: label {text!r} is not an integer") from None
+        if not 0 <= label < len(IMAGENET_WNIDS):
+            raise InputError(f"{where}: label {label} is not an ImageNet-1k class (0-999)")
+        wnid = fields[column["wnid"]] if "wnid" in column else ""
+        if wnid and WNID_TO_LABEL.get(wnid) != label:
+            expected = IMAGENET_WNIDS[label]
+            what = "unknown WordNet id" if wnid not in WNID_TO_LABEL else "WordNet id"
+            raise InputError(f"{where}: {what} {wnid} does not match label {label} ({expected})")
+        if not name:
+            raise InputError(f"{where}: empty file name")
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise InputError(
+                f"{where}: {name!r} points outside the dataset folder {folder}; entries are "
+                "paths relative to its images/ folder (or to the folder itself)"
+            )
+        path = folder / "images" / name
+        if not path.is_file():
+            path = folder / name
+        if not path.is_file():
+            raise InputError(f"{where}: image {name} not found in {folder / 'images'}")
+        if not _inside(path, root):
+            raise InputError(f"{where}: {_link_out(path, folder)}")
+        lines_of.setdefault(path.resolve(), []).append(line)
+        files.append(path)
+        labels.append(label)
+    repeated_files = [(path, lines) for path, lines in lines_of.items() if len(lines) > 1]
+    if repeated_files:
+        path, lines = repeated_files[0]
+        others = len(repeated_files) - 1
+        raise InputError(
+            f"{table}: image {path.relative_to(root)} is listed {len(lines)} times (lines "
+            f"{', '.join(map(str, lines))}); each image must be listed once"
+            + (f" ({others} other image(s) are listed more than once too)" if others else "")
+        )
     return files, labels
 
 
@@ -198,9 +317,19 @@ def _rows_of_class_folders(root: Path) -> tuple[list[Path], list[int]]:
         )
     files: list[Path] = []
     labels: list[int] = []
+    inside = root.resolve()
+    seen: dict[Path, Path] = {}
     for class_dir in class_dirs:
         for path in sorted(class_dir.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                if not _inside(path, inside):
+                    raise InputError(_link_out(path, root))
+                first = seen.setdefault(path.resolve(), path)
+                if first != path:
+                    raise InputError(
+                        f"{path} and {first} are the same image (a symbolic link): it would "
+                        "be counted twice"
+                    )
                 files.append(path)
                 labels.append(WNID_TO_LABEL[class_dir.name])
     return files, labels

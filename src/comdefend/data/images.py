@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,31 @@ def _too_large(file: Path, width: int, height: int, limit: int) -> InputError:
         f"{limit:,} (a guard against decompression bombs); if the image is genuine, set "
         f"{MAX_PIXELS_ENV} to a larger number"
     )
+
+
+@contextmanager
+def open_bounded(path: str | os.PathLike, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` with the pixel-count check of :func:`max_image_pixels`, read from
+    the header before any pixel is decoded (in place of PIL's own bomb check, a warning and
+    then a traceback at twice its limit, which has no override and names no file). Every
+    reader of image files opens them through here.
+
+    Raises:
+        InputError: the image declares more pixels than ``max_pixels`` (default:
+            :func:`max_image_pixels`); PIL's own errors (missing, unreadable) pass through.
+    """
+    file = Path(path)
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            if width * height > limit:
+                raise _too_large(file, width, height, limit)
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def _gray_array(image: Image.Image, file: Path) -> np.ndarray:
@@ -124,15 +150,8 @@ def read_image(
     """
     file = Path(path)
     limit = max_image_pixels() if max_pixels is None else max_pixels
-    previous_limit = Image.MAX_IMAGE_PIXELS
     try:
-        # PIL's own bomb check (a warning, then an error at twice its limit) is replaced by
-        # ours, which has an override and a message for the user.
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(file) as image:
-            width, height = image.size
-            if width * height > limit:
-                raise _too_large(file, width, height, limit)
+        with open_bounded(file, limit) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
             gray = upright.mode in _GRAY_MODES
@@ -153,8 +172,6 @@ def read_image(
         if isinstance(error, InputError):
             raise
         raise InputError(f"cannot read image {file}: {error}") from error
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
     array = _over_white(color, alpha)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array)).float().clamp_(0, 1)
@@ -162,10 +179,13 @@ def read_image(
 
 def image_channels_of(path: str | os.PathLike) -> int:
     """1 for grayscale files (with or without alpha), 3 for anything else (header only)."""
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as image:
+        with open_bounded(path, limit) as image:
             return 1 if image.mode in _GRAY_MODES else 3
-    except (UnidentifiedImageError, OSError) as error:
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputError(f"cannot read image {path}: {error}") from error
 
 
@@ -177,10 +197,18 @@ def to_uint8(x: torch.Tensor, quantization: str = "round") -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, x: torch.Tensor, quantization: str = "round") -> Path:
-    """Write a ``(C, H, W)`` [0, 1] tensor as an 8-bit PNG, atomically."""
+    """Write a ``(C, H, W)`` [0, 1] tensor as an 8-bit PNG, atomically.
+
+    Raises:
+        OSError: the file cannot be written (full disk, permissions); it names ``path``, not
+            the temporary file written first.
+    """
     array = to_uint8(x, quantization)
     image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    try:
+        return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -12,6 +12,7 @@ from comdefend.attacks import ATTACKS
 from comdefend.defenses import DETECTORS, THREAT_MODELS
 from comdefend.errors import UsageError
 from comdefend.evaluation.progress import PROGRESS_FILE
+from comdefend.limits import check_int
 from comdefend.models.precision import check_precision
 
 #: How results of minimum-norm attacks (no L-inf budget) are labelled instead of an eps.
@@ -127,7 +128,8 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
 
     Raises:
         UsageError: unknown attack, threat model or detector; eps outside [0, 255]; n < 1;
-            bad batch size or EOT counts; the output folder exists without ``force``. Messages
+            bad batch size or EOT counts; an image size above its limit
+            (:mod:`comdefend.limits`); the output folder exists without ``force``. Messages
             list the valid choices.
     """
     attacks = check_attacks(config.attacks)
@@ -161,7 +163,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
     _int_at_least("seed", config.seed, 0)
     _int_at_least("detector holdout", config.detector_holdout, 2)
     if config.image_size is not None:
-        _int_at_least("image size", config.image_size, 1)
+        check_int("image size", config.image_size, 1, limit="image_size")
     if config.device not in ("cpu", "cuda", "auto") and not config.device.startswith("cuda:"):
         raise UsageError(f"unknown device {config.device!r}; valid: cpu, cuda, auto")
     _check_out_folder(config)

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comdefend.data.datasets import ImageSet
 from comdefend.defenses import (
     ComDefendDefense,
     Defense,
@@ -231,15 +232,31 @@ class _Evaluator:
         )
 
 
-def _fit_detectors(ev: _Evaluator) -> Detectors:
-    """Fit and calibrate the requested detectors (every process fits the same ones)."""
+def _detector_train_set(ev: _Evaluator) -> ImageSet | None:
+    """The training images the detectors are fitted on (``None`` without detectors)."""
     from comdefend.data.datasets import load_dataset
 
     config = ev.config
     if not config.detectors:
+        return None
+    return load_dataset(config.dataset, "train", config.data_dir).head(DETECTOR_TRAIN_IMAGES)
+
+
+def _data_identity(ev: _Evaluator, detector_train: ImageSet | None) -> dict[str, Any]:
+    """The resume fingerprint's images: what they are (sha256 of pixels and labels), not
+    where they lie (:meth:`ImageSet.identity`)."""
+    identity = {"test": ev.test.identity()}  # the run's images and the detectors' holdout
+    if detector_train is not None:
+        identity["detector_train"] = detector_train.identity()
+    return identity
+
+
+def _fit_detectors(ev: _Evaluator, train: ImageSet | None) -> Detectors:
+    """Fit and calibrate the requested detectors (every process fits the same ones)."""
+    config = ev.config
+    if not config.detectors or train is None:
         return Detectors()
-    train = load_dataset(config.dataset, "train", config.data_dir)
-    train_x = train.head(DETECTOR_TRAIN_IMAGES).float_images()
+    train_x = train.float_images()
     holdout_n = min(config.detector_holdout, len(ev.test) - ev.n)
     holdout = None
     if holdout_n >= 2:
@@ -456,14 +473,14 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     ev = _Evaluator(config, group.device)
     # before any expensive work: a resume with other settings is refused at once
     checkpoints = _checkpoint_hashes(config, ev)
+    detector_train = _detector_train_set(ev)
     progress: EvaluationProgress | None = None
     failure: ComDefendError | None = None
     if group.is_main:
         try:
+            data = _data_identity(ev, detector_train) if config.out is not None else None
             progress = EvaluationProgress(
-                config.out,
-                fingerprint(asdict(config), checkpoints, ev.data_source),
-                config.resume,
+                config.out, fingerprint(asdict(config), checkpoints, data), config.resume
             )
         except ComDefendError as error:
             failure = error
@@ -471,7 +488,7 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     restored = json.loads(
         group.broadcast_bytes(json.dumps(progress.keys() if progress else []).encode())
     )
-    detectors = _fit_detectors(ev)
+    detectors = _fit_detectors(ev, detector_train)
     batches = Batches(ev.n, config.batch_size)
     numbers = group.shard(batches.count)
     positions = batches.indices(numbers)

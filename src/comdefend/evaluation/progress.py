@@ -7,13 +7,22 @@ tensors, the cells and settings as JSON metadata). ``evaluate --resume`` reads t
 groups back instead of recomputing them; the file is removed once the report is written.
 
 A run resumes only with the settings it started with: the progress file records a fingerprint
-(every setting that changes a number, and the sha256 of every checkpoint) and a resume with a
-different one is refused. Every random choice of the harness is seeded per group, so a resumed
-run gives the same numbers as an uninterrupted one.
+(every setting that changes a number, the sha256 of every checkpoint, and the identity of the
+images the run uses: their count, shape and the sha256 of their pixels and labels) and a resume
+with a different one is refused, saying what differs. The images count, not the folder they lie
+in: the same images in a moved or renamed folder resume, a changed image does not. Every random
+choice of the harness is seeded per group, so a resumed run gives the same numbers as an
+uninterrupted one.
+
+The file is checked when read: a sha256 of its tensors and one of its metadata are stored in it,
+and each restored cell must agree with its per-image record (accuracy, image and draw counts). A
+damaged or altered file is refused, naming it: the run is then started over with ``--force``
+(or the file deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,21 +30,33 @@ from typing import Any
 import torch
 
 from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.data.datasets import tensors_sha256
 from comdefend.errors import CheckpointError, UsageError
+from comdefend.evaluation.scoring import accuracy_stats
 
 PROGRESS_FILE = "progress.safetensors"
 PROGRESS_KIND = "evaluation-progress"
-#: Settings that do not change any number: left out of the fingerprint.
-UNFINGERPRINTED = ("out", "force", "resume", "progress")
+#: Settings that do not change any number: left out of the fingerprint. ``data_dir`` only says
+#: where the images lie; what they are is the fingerprint's ``data`` part.
+UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir")
+#: Metadata keys not covered by the metadata checksum (itself, and what save_checkpoint adds).
+_UNCHECKSUMMED = ("metadata_sha256", "format_version")
 
 
-def fingerprint(config: dict[str, Any], checkpoints: dict[str, str], data_source: Any) -> dict:
-    """What must match between an interrupted run and its resume."""
+def fingerprint(config: dict[str, Any], checkpoints: dict[str, str], data: Any) -> dict:
+    """What must match between an interrupted run and its resume.
+
+    Args:
+        config: the run's settings (those in :data:`UNFINGERPRINTED` are left out).
+        checkpoints: sha256 of every checkpoint, by name.
+        data: the identity of the images the run uses, by role, e.g.
+            ``{"test": ImageSet.identity()}`` (:meth:`comdefend.data.datasets.ImageSet.identity`).
+    """
     settings = {k: v for k, v in config.items() if k not in UNFINGERPRINTED}
     # JSON round trip: tuples become lists, as they will be when read back
     return json.loads(
         json.dumps(
-            {"config": settings, "checkpoints": checkpoints, "data": data_source},
+            {"config": settings, "checkpoints": checkpoints, "data": data},
             sort_keys=True,
             default=str,
         )
@@ -57,8 +78,9 @@ class EvaluationProgress:
 
     Raises:
         UsageError: ``resume`` and the saved run's fingerprint differs from ``fingerprint``
-            (the message names the differing settings).
-        CheckpointError: the progress file is unreadable.
+            (the message names the differing settings, or says how the images changed).
+        CheckpointError: the progress file is unreadable, does not match its checksums, or
+            contradicts itself (a cell and its per-image record).
     """
 
     def __init__(self, folder: str | Path | None, fingerprint: dict, resume: bool) -> None:
@@ -74,21 +96,33 @@ class EvaluationProgress:
         if not resume:  # --force: the interrupted run is replaced
             self.path.unlink()
             return
-        tensors, metadata = load_checkpoint(self.path, PROGRESS_KIND)
+        try:
+            tensors, metadata = load_checkpoint(self.path, PROGRESS_KIND)
+        except CheckpointError as error:
+            # not the checkpoint loader's hint (import-official): this file is ours to remake
+            cause = error.__cause__
+            reason = str(cause).splitlines()[0] if cause else "not an evaluation progress file"
+            raise self._damaged(f"unreadable: {reason}") from None
+        self._check_checksums(tensors, metadata)
         saved = metadata.get("fingerprint")
         if saved != fingerprint:
-            raise UsageError(
-                f"{self.path.parent} holds an interrupted evaluation with other settings "
-                f"(differing: {', '.join(_differences(saved, fingerprint)) or 'format'}); rerun "
-                "it with the same settings, or pass --force instead of --resume to start over"
-            )
+            raise UsageError(_refusal(self.path.parent, saved, fingerprint))
         try:
             self.groups = list(metadata["groups"])
             self.elapsed_s = float(metadata["elapsed_s"])
             grid_specs = list(metadata["grid_purified"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{self.path}: incomplete progress record ({error})") from error
+            defenses = list(fingerprint.get("config", {}).get("defenses", []))
+            expected = {f"grid/purified/{i}" for i in range(len(grid_specs))}
+            for number, group in enumerate(self.groups):
+                expected |= self._check_group(number, group, tensors, defenses)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            raise self._damaged(f"incomplete record: {type(error).__name__} {error}") from None
         self.correct = {k: v for k, v in tensors.items() if k.startswith("correct/")}
+        stray = sorted(
+            set(tensors) - expected - {f"grid/{n}" for n in ("clean", "adversarial", "difference")}
+        )
+        if stray:
+            raise self._damaged(f"tensors no group lists: {', '.join(stray[:3])}")
         for name in ("clean", "adversarial", "difference"):
             if f"grid/{name}" in tensors:
                 self.grid[name] = tensors[f"grid/{name}"]
@@ -96,6 +130,64 @@ class EvaluationProgress:
         if purified:
             self.grid["purified"] = purified
         self.restored = len(self.groups)
+
+    def _damaged(self, reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path}: the evaluation progress file is damaged ({reason}); pass --force "
+            "instead of --resume to start the evaluation over, or delete it"
+        )
+
+    def _check_checksums(self, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        stored_metadata = metadata.get("metadata_sha256")
+        stored_tensors = metadata.get("tensors_sha256")
+        if stored_metadata is None or stored_tensors is None:
+            raise self._damaged(
+                "no checksum: written by an older comdefend, or altered; its groups cannot be "
+                "trusted"
+            )
+        if stored_metadata != _metadata_sha256(metadata):
+            raise self._damaged("its metadata does not match its checksum: the file was altered")
+        if stored_tensors != tensors_sha256(tensors):
+            raise self._damaged(
+                "its per-image tensors do not match their checksum: the file was altered"
+            )
+
+    def _check_group(
+        self, number: int, group: dict, tensors: dict[str, torch.Tensor], defenses: list[str]
+    ) -> set[str]:
+        """Every computed cell of a restored group agrees with its per-image record; returns
+        the group's tensor names.
+
+        A file whose checksums are right can still hold wrong numbers (an edit followed by new
+        checksums, a bug): the cells are what reaches results.json, so they are recomputed
+        from the per-image correctness that worst-case accuracy also reads."""
+        key, cells = group["key"], group["cells"]
+        listed = {(int(index), str(tm)) for index, tm in group["correct"]}
+        computed = {
+            (defenses.index(cell["defense"]), cell["threat_model"]): cell
+            for cell in cells
+            if cell["status"] != "skipped"
+        }
+        if set(computed) != listed:
+            raise self._damaged(f"group {key}: its cells and per-image records differ")
+        names = set()
+        for (index, tm), cell in computed.items():
+            name = f"correct/{number}/{index}/{tm}"
+            names.add(name)
+            correct = tensors.get(name)
+            if correct is None or correct.dtype != torch.bool or correct.dim() != 2:
+                raise self._damaged(f"group {key}: {name} is missing or not a per-image record")
+            stated = (cell["robust_accuracy"], cell["n"], cell["draws"])
+            actual = (accuracy_stats(correct)[0], int(correct.shape[1]), int(correct.shape[0]))
+            if stated != actual:
+                raise CheckpointError(
+                    f"{self.path}: the cell {cell['defense']} / {tm} of {key} says robust "
+                    f"accuracy {stated[0]} on {stated[1]} images x {stated[2]} draws, which "
+                    f"contradicts its per-image record ({actual[0]} on {actual[1]} x "
+                    f"{actual[2]}); the file was altered: pass --force instead of --resume to "
+                    "start the evaluation over, or delete it"
+                )
+        return names
 
     def keys(self) -> list[str]:
         """The :func:`group_key` of every finished group."""
@@ -154,17 +246,20 @@ class EvaluationProgress:
         specs = list(grid.get("purified", {}))
         for i, spec in enumerate(specs):
             tensors[f"grid/purified/{i}"] = grid["purified"][spec].clone()
-        save_checkpoint(
-            self.path,
-            tensors,
-            {
-                "kind": PROGRESS_KIND,
-                "fingerprint": self.fingerprint,
-                "groups": self.groups,
-                "grid_purified": specs,
-                "elapsed_s": elapsed_s,
-            },
-        )
+        metadata: dict[str, Any] = {
+            "kind": PROGRESS_KIND,
+            "fingerprint": self.fingerprint,
+            "groups": self.groups,
+            "grid_purified": specs,
+            "elapsed_s": elapsed_s,
+            "tensors_sha256": tensors_sha256(tensors),
+        }
+        metadata["metadata_sha256"] = _metadata_sha256(metadata)
+        try:
+            save_checkpoint(self.path, tensors, metadata)
+        except OSError as error:
+            # named by the progress file, not the temporary file it is written through
+            raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
 
     def clear(self) -> None:
         """The report is written: the progress file is no longer needed."""
@@ -172,14 +267,70 @@ class EvaluationProgress:
             self.path.unlink(missing_ok=True)
 
 
+def _metadata_sha256(metadata: dict[str, Any]) -> str:
+    body = {k: v for k, v in metadata.items() if k not in _UNCHECKSUMMED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _refusal(folder: Path, saved: Any, current: dict) -> str:
+    """Why a resume is refused: the differing settings, and how the images changed."""
+    settings = _differences(saved, current)
+    images = _image_changes(saved.get("data") if isinstance(saved, dict) else None, current)
+    if not images:
+        return (
+            f"{folder} holds an interrupted evaluation with other settings "
+            f"(differing: {', '.join(settings) or 'format'}); rerun it with the same settings, "
+            "or pass --force instead of --resume to start over"
+        )
+    also = f"; its settings differ too: {', '.join(settings)}" if settings else ""
+    return (
+        f"{folder} holds an interrupted evaluation of other images ({'; '.join(images)}{also}): "
+        "a resumed report would mix results of old and new images; restore the images it "
+        "started with, or pass --force instead of --resume to start over"
+    )
+
+
 def _differences(saved: Any, current: dict) -> list[str]:
     if not isinstance(saved, dict):
         return []
     names = []
-    for part in ("config", "checkpoints", "data"):
+    for part in ("config", "checkpoints"):
         old, new = saved.get(part), current.get(part)
         if isinstance(old, dict) and isinstance(new, dict):
             names += [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
             names.append(part)
     return names
+
+
+def _image_changes(saved: Any, current: dict) -> list[str]:
+    """How the images of each role (``test``, ...) differ from those the run started with."""
+    new = current.get("data")
+    if saved == new:
+        return []
+    if not isinstance(saved, dict) or not isinstance(new, dict):
+        return ["the images are recorded differently (an older comdefend?)"]
+    changes = []
+    for role in sorted(set(saved) | set(new)):
+        before, after = saved.get(role), new.get(role)
+        if before == after:
+            continue
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            changes.append(f"{role} images: {'added' if before is None else 'none now'}")
+        elif before.get("images") != after.get("images"):
+            changes.append(
+                f"{role} images: {after.get('images')} instead of {before.get('images')}"
+            )
+        elif before.get("image_shape") != after.get("image_shape"):
+            changes.append(
+                f"{role} images of size {after.get('image_shape')} instead of "
+                f"{before.get('image_shape')}"
+            )
+        else:
+            changed = [
+                what
+                for what in ("pixels", "labels")
+                if before.get(f"{what}_sha256") != after.get(f"{what}_sha256")
+            ]
+            changes.append(f"{role} images' {' and '.join(changed) or 'identity'} changed")
+    return changes

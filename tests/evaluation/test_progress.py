@@ -1,0 +1,181 @@
+"""The evaluation progress file: checksums, consistency with its per-image tensors, and the
+data part of the resume fingerprint (what the images are, not where they lie)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comdefend.checkpoint import METADATA_KEY
+from comdefend.data.datasets import ImageSet
+from comdefend.errors import CheckpointError, UsageError
+from comdefend.evaluation.progress import PROGRESS_FILE, EvaluationProgress, fingerprint
+from comdefend.evaluation.scoring import accuracy_stats
+
+DEFENSES = ["none", "bits:4"]
+
+
+def _images(value: int = 7, label: int = 3) -> ImageSet:
+    images = torch.full((4, 3, 8, 8), value, dtype=torch.uint8)
+    labels = torch.tensor([label, 1, 2, 0])
+    return ImageSet("imagenet", "test", images, labels, [], "/somewhere/labels.csv")
+
+
+def _fingerprint(data: ImageSet | None = None) -> dict:
+    config = {"dataset": "imagenet", "defenses": DEFENSES, "n": 4, "data_dir": "/a", "out": "o"}
+    return fingerprint(config, {}, {"test": (data or _images()).identity()})
+
+
+def _cell(defense: str, correct: torch.Tensor) -> dict:
+    return {
+        "attack": "fgsm",
+        "eps": 4.0,
+        "defense": defense,
+        "threat_model": "oblivious",
+        "status": "ok",
+        "robust_accuracy": accuracy_stats(correct)[0],
+        "n": int(correct.shape[1]),
+        "draws": int(correct.shape[0]),
+    }
+
+
+def _save(folder: Path, cells_edit: dict | None = None) -> Path:
+    progress = EvaluationProgress(folder, _fingerprint(), resume=False)
+    correct = {
+        (0, "oblivious"): torch.tensor([[True, False, True, True]]),
+        (1, "oblivious"): torch.tensor([[True, True, False, False]]),
+    }
+    cells = [_cell(DEFENSES[index], tensor) for (index, _), tensor in correct.items()]
+    cells[1].update(cells_edit or {})
+    grid = {"clean": torch.rand(2, 3, 8, 8), "purified": {"bits:4": torch.rand(2, 3, 8, 8)}}
+    progress.save_group("fgsm", 4.0, cells, correct, None, grid, 1.5)
+    return folder / PROGRESS_FILE
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return length, json.loads(raw[8 : 8 + length])
+
+
+def _rewrite_metadata(path: Path, edit) -> None:
+    """Rewrite the file with the same tensors and an edited comdefend metadata (checksums
+    kept as they were)."""
+    _, header = _header(path)
+    metadata = json.loads(header["__metadata__"][METADATA_KEY])
+    edit(metadata)
+    save_file(load_file(path), path, metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def _refused(path: Path, match: str) -> str:
+    with pytest.raises(CheckpointError, match=match) as error:
+        EvaluationProgress(path.parent, _fingerprint(), resume=True)
+    message = str(error.value)
+    assert str(path) in message and "--force" in message and "delete" in message
+    assert "import-official" not in message and "\n" not in message
+    return message
+
+
+def test_a_saved_group_reads_back(tmp_path: Path) -> None:
+    _save(tmp_path)
+    progress = EvaluationProgress(tmp_path, _fingerprint(), resume=True)
+    assert progress.restored == 1 and progress.elapsed_s == 1.5
+    finished = progress.finished("fgsm", 4.0)
+    assert finished is not None
+    cells, correct, _ = finished
+    assert [c["defense"] for c in cells] == DEFENSES
+    assert correct[(1, "oblivious")].tolist() == [[True, True, False, False]]
+    assert set(progress.grid) == {"clean", "purified"}
+
+
+def test_a_flipped_byte_in_a_tensor_is_refused(tmp_path: Path) -> None:
+    path = _save(tmp_path)
+    length, header = _header(path)
+    start, _ = header["correct/0/1/oblivious"]["data_offsets"]
+    raw = bytearray(path.read_bytes())
+    raw[8 + length + start] ^= 1  # True -> False in the second defense's first image
+    path.write_bytes(bytes(raw))
+    _refused(path, "checksum")
+    raw[-1] ^= 0x40  # and one in the grid's float pixels
+    raw[8 + length + start] ^= 1
+    path.write_bytes(bytes(raw))
+    _refused(path, "checksum")
+
+
+def test_an_edited_value_in_the_metadata_is_refused(tmp_path: Path) -> None:
+    path = _save(tmp_path)
+
+    def more_robust(metadata: dict) -> None:
+        metadata["groups"][0]["cells"][1]["robust_accuracy"] = 1.0
+
+    _rewrite_metadata(path, more_robust)
+    _refused(path, "checksum")
+    path = _save(tmp_path)
+    _rewrite_metadata(path, lambda metadata: metadata.update(elapsed_s=0.0))
+    _refused(path, "checksum")
+
+
+def test_a_cell_contradicting_its_per_image_tensor_is_refused(tmp_path: Path) -> None:
+    """Checksums made over wrong numbers (an edit with fresh checksums, a bug) are caught by
+    the consistency checks."""
+    path = _save(tmp_path, {"robust_accuracy": 1.0})
+    message = _refused(path, "contradict")
+    assert "bits:4" in message and "0.5" in message
+    _save(tmp_path, {"n": 5})
+    _refused(path, "contradict")
+
+
+def test_unreadable_progress_files_say_force_or_delete(tmp_path: Path) -> None:
+    path = _save(tmp_path)
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    _refused(path, "damaged")
+    path.write_bytes(b"\x80\x04 a pickle, or anything else")
+    _refused(path, "damaged")
+    _save(tmp_path)
+    _rewrite_metadata(path, lambda metadata: metadata.pop("tensors_sha256"))  # older format
+    _refused(path, "checksum")
+
+
+def test_the_fingerprint_holds_the_images_not_their_folder(tmp_path: Path) -> None:
+    _save(tmp_path)
+    moved = _images()
+    moved.source = "/elsewhere/labels.csv"
+    other_dir = fingerprint(
+        {"dataset": "imagenet", "defenses": DEFENSES, "n": 4, "data_dir": "/b", "out": "p"},
+        {},
+        {"test": moved.identity()},
+    )
+    assert other_dir == _fingerprint()
+    assert EvaluationProgress(tmp_path, other_dir, resume=True).restored == 1
+    for changed, what in [(_images(value=8), "pixels"), (_images(label=4), "labels")]:
+        with pytest.raises(UsageError, match=rf"test images' {what} changed") as error:
+            EvaluationProgress(tmp_path, _fingerprint(changed), resume=True)
+        assert "--force" in str(error.value)
+    fewer = _images().head(3)
+    with pytest.raises(UsageError, match="test images: 3 instead of 4"):
+        EvaluationProgress(tmp_path, _fingerprint(fewer), resume=True)
+
+
+def test_the_progress_file_is_named_when_it_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while writing: the error names the progress file, not the temporary file
+    it is written through (which is gone by the time the user reads the message)."""
+    import comdefend.checkpoint
+
+    def disk_full(tensors: object, filename: str, metadata: object = None) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(comdefend.checkpoint, "save_file", disk_full)
+    progress = EvaluationProgress(tmp_path, _fingerprint(), resume=False)
+    with pytest.raises(OSError, match="No space left") as error:
+        progress.save_group("fgsm", 4.0, [], {}, None, {}, 1.0)
+    assert error.value.filename == str(tmp_path / PROGRESS_FILE)
+    assert error.value.errno == errno.ENOSPC and "comdefend-tmp" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
