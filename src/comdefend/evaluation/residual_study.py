@@ -51,7 +51,6 @@ Usage from Python::
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import time
@@ -70,7 +69,7 @@ from comdefend.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from comdefend.data.datasets import DATASETS, ImageSet, load_dataset
+from comdefend.data.datasets import DATASETS, ImageSet, load_dataset, tensors_sha256
 from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.snapshots import (
     PointsFile,
@@ -294,25 +293,9 @@ class AdversarialSet:
         )
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over named tensors (names, dtypes, shapes and bytes, in name order).
-
-    Example:
-        >>> a = tensors_sha256({"x": torch.zeros(2)})
-        >>> a == tensors_sha256({"x": torch.zeros(2)}), a == tensors_sha256({"x": torch.ones(2)})
-        (True, False)
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def images_sha256(data: ImageSet) -> str:
-    """sha256 of a set's pixels and labels: what a cache made from them depends on (not the
-    folder's name, which may hold other images tomorrow)."""
+    """sha256 of a set's pixels and labels together (:func:`tensors_sha256`): what a cache
+    made from them depends on (not the folder's name, which may hold other images tomorrow)."""
     return tensors_sha256({"images": data.images, "labels": data.labels.to(torch.int64)})
 
 
