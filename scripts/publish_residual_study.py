@@ -133,8 +133,9 @@ def readme(results: dict[str, Any], provenance: dict[str, Any], notes: str | Non
         f"{settings['eval_every']} iterations, measured on {settings['dataset']} with "
         f"{results['classifier']['arch']}: the accuracy after defending on the BIM examples "
         f"(L-inf {attack['eps'] * 255:.4g}/255, {attack['steps']} steps) that fooled the "
-        f"undefended classifier ({adv['size']} of the first {adv['attacked_images']} images; "
-        f"the classifier got {adv['clean_correct']} of them right). Defended clean accuracy "
+        f"undefended classifier: the classifier got {adv['clean_correct']} of the first "
+        f"{adv['attacked_images']} images right and BIM fooled it on {adv['size']} of those, "
+        "the fooling set. Defended clean accuracy "
         f"on the same images every {settings['clean_every']} iterations; held-out PSNR on "
         f"{settings['eval_images']} {settings['train_dataset']} test images at every point. "
         "Intervals are 95% Wilson intervals over the fooling set's images.",
