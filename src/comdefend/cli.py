@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -506,9 +508,31 @@ def _describe_os_error(error: OSError) -> str:
     return f"{error.filename}: {reason}"
 
 
+def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, ``kill``, ``timeout``, torchrun stopping its workers)
+    raises KeyboardInterrupt like Ctrl-C for the whole command, so that every command, not only
+    the training engine (whose own deferred handler replaces this one while it trains and gives
+    it back), ends in its message and exit 130 instead of a silent exit 143."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+    except ValueError:  # not the main thread: only the main thread may handle signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        # None: a handler not installed from Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: every failure a user can cause ends in one ``error:`` line and a non-zero
-    exit (2 for bad arguments), Ctrl-C/SIGTERM in the command's message and exit 130.
+    exit (2 for bad arguments), Ctrl-C and SIGTERM alike in the command's message and exit 130.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``); tests pass their own.
@@ -516,11 +540,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from comdefend.console import reset
 
     try:
-        code = app(
-            args=list(argv) if argv is not None else None,
-            prog_name="comdefend",
-            standalone_mode=False,
-        )
+        with _sigterm_as_ctrl_c():
+            code = app(
+                args=list(argv) if argv is not None else None,
+                prog_name="comdefend",
+                standalone_mode=False,
+            )
     except ComDefendError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
