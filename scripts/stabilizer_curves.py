@@ -62,12 +62,9 @@ def table(runs: list[TrainingLog], at: tuple[int, ...] = MARKS) -> str:
 
 
 def plot(runs: list[TrainingLog], path: Path) -> None:
-    import matplotlib
+    from comdefend.figures import panels, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    figure, (top, bottom) = panels(2, width=9, height=3.5, rows=2, sharex=True)
     for run in runs:
         psnr = run.psnr
         line = top.plot(sorted(psnr), [psnr[i] for i in sorted(psnr)], label=run.name)[0]
@@ -81,9 +78,7 @@ def plot(runs: list[TrainingLog], path: Path) -> None:
     bottom.set_ylabel("largest |code logit| (batch)")
     bottom.set_xlabel("training iteration")
     bottom.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_png(figure, path, dpi=110)
 
 
 def main() -> None:
