@@ -13,6 +13,8 @@
 #   PRESETS_TIMEOUT=540         seconds before every run still going is stopped (SIGTERM: it
 #                               checkpoints; rerunning this script resumes every run)
 #   PRESETS_DEVICE=cuda         cuda, cuda:N or cpu
+#   PRESETS_PRECISION=fp32      fp32, bf16, fp16 or tf32 (comdefend train --precision); a run
+#                               folder keeps the precision it started with
 #   PRESETS_DATA=               folder holding cifar-10-batches-py (default ../shared/data/cifar10
 #                               or shared/data/cifar10)
 # Writes under $OUT (default gpu-presets-out): runs/PRESET-ARM/ (log.jsonl, checkpoints, weights),
@@ -29,6 +31,7 @@ PRESETS="${PRESETS_PRESETS:-all}"
 PARALLEL="${PRESETS_PARALLEL:-10}"
 TIMEOUT="${PRESETS_TIMEOUT:-540}"
 DEVICE="${PRESETS_DEVICE:-cuda}"
+PRECISION="${PRESETS_PRECISION:-fp32}"
 DATA="${PRESETS_DATA:-$(first_dir ../shared/data/cifar10 shared/data/cifar10)}"
 gpu_setup gpu_presets gpu-presets-out
 mkdir -p "$OUT/runs"
@@ -36,7 +39,7 @@ mkdir -p "$OUT/runs"
 if [ "$PRESETS" = all ]; then
   PRESETS=$(python -c "from comdefend.models.presets import PRESETS; print(','.join(PRESETS.names()))")
 fi
-say "presets=$PRESETS arms=$ARMS iterations=$ITERATIONS eval_every=$EVAL_EVERY device=$DEVICE"
+say "presets=$PRESETS arms=$ARMS iterations=$ITERATIONS eval_every=$EVAL_EVERY device=$DEVICE precision=$PRECISION"
 say "parallel=$PARALLEL timeout=${TIMEOUT}s data=$DATA out=$OUT"
 
 jobs=()
@@ -54,11 +57,11 @@ run_one() {
     --recipe residual-study --dataset cifar10 --data-dir "$DATA" --preset "$preset" \
     --iterations "$ITERATIONS" --eval-every "$EVAL_EVERY" --eval-images "$EVAL_IMAGES" \
     --checkpoint-every "$EVAL_EVERY" --stabilize "$arm" --seed 0 --device "$DEVICE" \
-    --out "$folder" "${resume[@]}" >"$LOGS/$preset-$arm.log" 2>&1
+    --precision "$PRECISION" --out "$folder" "${resume[@]}" >"$LOGS/$preset-$arm.log" 2>&1
   echo "$preset $arm exit $?"
 }
 export -f run_one
-export OUT LOGS TIMEOUT ITERATIONS EVAL_EVERY EVAL_IMAGES DATA DEVICE
+export OUT LOGS TIMEOUT ITERATIONS EVAL_EVERY EVAL_IMAGES DATA DEVICE PRECISION
 export CLI_TEXT="${CLI[*]}"
 started=$(date +%s)
 printf '%s\n' "${jobs[@]}" | xargs -P "$PARALLEL" -L 1 bash -c 'CLI=($CLI_TEXT); run_one $0 $1' \

@@ -4,6 +4,7 @@
     python scripts/train_zoo.py --only fashion-cnn  # one model
     python scripts/train_zoo.py --smoke             # a few iterations each, nothing registered
     python scripts/train_zoo.py --only NAME --finalize  # register an interrupted run as it is
+    python scripts/train_zoo.py --precision bf16    # ComDefend models in bf16 autocast
 
 Each model is one ``comdefend`` command (the exact command is stored in the registry); a run
 folder that already holds a checkpoint is resumed, a finished one is skipped. After training,
@@ -63,6 +64,22 @@ PLAN: dict[str, tuple[str, str]] = {
     ),
 }
 SMOKE = {"--epochs": "1", "--iterations": "4", "--eval-images": "16"}
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+
+
+def with_precision(arguments: str, precision: str) -> str:
+    """A ComDefend ``train`` command at ``precision`` (fp32, the default, adds nothing, so the
+    recorded commands of fp32 models stay as they were; classifiers always train in fp32).
+
+    Example:
+        >>> with_precision("train --dataset cifar10", "bf16")
+        'train --dataset cifar10 --precision bf16'
+        >>> with_precision("train-classifier --arch resnet20", "bf16")
+        'train-classifier --arch resnet20'
+    """
+    if precision == "fp32" or shlex.split(arguments)[0] != "train":
+        return arguments
+    return f"{arguments} --precision {precision}"
 
 
 def hardware() -> str:
@@ -96,6 +113,13 @@ def main() -> None:
         "and register those weights, recording how many iterations they had",
     )
     parser.add_argument("--hardware", default=None, help="override the recorded hardware line")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="training precision of the ComDefend models (comdefend train --precision); "
+        "classifiers train in fp32. A run folder keeps the precision it started with.",
+    )
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(PLAN)
     unknown = [name for name in names if name not in PLAN]
@@ -103,6 +127,7 @@ def main() -> None:
         sys.exit(f"unknown zoo model(s) {unknown}; valid: {', '.join(PLAN)}")
     for name in names:
         arguments, notes = PLAN[name]
+        arguments = with_precision(arguments, args.precision)
         argv = shlex.split(arguments)
         if args.smoke:
             argv = smoke_arguments(argv)

@@ -332,6 +332,12 @@ def train_command(
     threads: int | None = typer.Option(
         None, help="CPU threads for torch.", callback=positive_int_option
     ),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32, bf16, fp16 or tf32 (CUDA): the forward pass's arithmetic (autocast, fp32 "
+        "weights; noise, binarizer and loss in fp32); refused where the device lacks it and "
+        "fixed for the run (not changed by --resume).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
 ) -> None:
     """Train a ComDefend purifier (Ctrl-C saves a checkpoint; --resume continues exactly).
@@ -364,6 +370,7 @@ def train_command(
         checkpoint_every=checkpoint_every,
         device=device,
         threads=threads,
+        precision=precision,
     )
     try:
         summary = train(config, resume=resume)

@@ -280,13 +280,14 @@ def test_resume_with_fewer_iterations_is_refused(fashion_dir: Path, tmp_path: Pa
 
 
 def test_old_run_folders_still_resume(fashion_dir: Path, tmp_path: Path) -> None:
-    """A checkpoint written before recipes, stabilizers and data-parallel runs existed (no
-    recipe, betas, stabilize or world_size in it) resumes to the same weights."""
+    """A checkpoint written before recipes, stabilizers, data-parallel runs and precisions
+    existed (no recipe, betas, stabilize, precision or world_size in it) resumes to the same
+    weights."""
     train(_config(tmp_path / "straight", 4), progress=False)
     out = tmp_path / "old"
     train(_config(out, 2), progress=False)
     tensors, metadata = load_checkpoint(out / "checkpoint.safetensors", "training-state")
-    for key in ("recipe", "adam_beta1", "adam_beta2", "stabilize"):
+    for key in ("recipe", "adam_beta1", "adam_beta2", "stabilize", "precision"):
         del metadata["train_config"][key]
     del metadata["world_size"]
     metadata.pop("format_version")

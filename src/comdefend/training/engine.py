@@ -18,6 +18,9 @@ engine, :func:`run_training`, owns everything else, once for all tasks:
 - a NaN or infinite loss (:class:`TrainingDivergedError`, checked before the step, so no
   checkpoint ever holds NaN weights) and a dead run (every gradient exactly zero for
   ``task.dead_iterations`` iterations: checkpointed, ended early);
+- the task's numeric precision (:class:`TrainingPrecision`: ``fp32``, ``bf16``, ``fp16`` with
+  a gradient scaler, ``tf32`` on CUDA; fp32 master weights and Adam state in every case),
+  refused where the hardware lacks it, never silently run as fp32;
 - data-parallel training when started by ``torchrun`` (``WORLD_SIZE`` > 1): one process per
   device, DistributedDataParallel (gloo on CPUs, nccl on GPUs), the recipe's *global* batch split
   evenly across the processes (a batch that does not divide is refused), process 0 alone
@@ -36,11 +39,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import platform
 import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from comdefend.checkpoint import read_metadata
 from comdefend.console import logger, progress_bar
 from comdefend.distributed import Launch, join_process_group, launch_environment
 from comdefend.errors import ComDefendError, UsageError
+from comdefend.models.precision import precision_context
 from comdefend.training.run import RunDirectory, environment, resolve_device
 from comdefend.training.stabilizers import MAX_ROLLBACKS, Stabilization
 from comdefend.validation import set_threads
@@ -150,6 +155,173 @@ def start_processes(processes: Processes, device_name: str) -> torch.device:
     return join_process_group(launch, device)[0]
 
 
+# -- precision ----------------------------------------------------------------------------------
+#: Training precisions (``--precision``): what the model's forward pass computes in.
+TRAINING_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "tf32")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_training_precision(precision: object) -> str:
+    """``precision`` checked and lower-cased (whether a device has it: :class:`TrainingPrecision`).
+
+    Example:
+        >>> check_training_precision("BF16")
+        'bf16'
+        >>> check_training_precision("fp64")
+        Traceback (most recent call last):
+        ...
+        comdefend.errors.UsageError: precision must be one of fp32, bf16, fp16, tf32, got 'fp64'
+    """
+    text = precision.strip().lower() if isinstance(precision, str) else precision
+    if text not in TRAINING_PRECISIONS:
+        raise UsageError(
+            f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, got {precision!r}"
+        )
+    return str(text)
+
+
+def _probe(namespace: object, name: str) -> bool:
+    """A hardware probe of torch's (private, so absent in some versions: False then)."""
+    try:
+        return bool(getattr(namespace, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_lacks(precision: str) -> str | None:
+    if precision == "tf32":
+        return "TF32 exists only on CUDA GPUs (Ampere or later)"
+    if precision == "bf16":
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            # Without AVX512-BF16 or AMX, oneDNN emulates bfloat16: slower than fp32.
+            native = _probe(torch.cpu, "_is_avx512_bf16_supported") or _probe(
+                torch.cpu, "_is_amx_tile_supported"
+            )
+            return None if native else "this CPU has neither AVX512-BF16 nor AMX"
+        onednn_bf16 = _probe(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+        if torch.backends.mkldnn.is_available() and onednn_bf16:
+            return None
+        return "oneDNN has no bfloat16 kernels for this CPU"
+    if precision == "fp16":
+        # It runs, but the backward pass of a float16 convolution takes a reference kernel:
+        # one step of the plain model (batch 4, 32x32, 1 thread, torch 2.13, a CPU with
+        # AVX512-FP16 and AMX) took 124 s against 0.09 s in bf16.
+        return (
+            "torch's float16 convolution backward has no fast CPU kernel (one training step "
+            "measured 1,300x slower than bf16); use --precision bf16 on a CPU"
+        )
+    return None
+
+
+def _cuda_lacks(precision: str, device: torch.device) -> str | None:
+    if precision == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
+        return "TF32 needs compute capability 8.0 (Ampere) or later"
+    if precision == "bf16":
+        try:  # torch >= 2.3 would otherwise count a slow emulation as support
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            native = torch.cuda.is_bf16_supported()
+        if not native:
+            return "this GPU has no bfloat16 arithmetic"
+    return None
+
+
+def precision_unavailable(precision: str, device: torch.device) -> str | None:
+    """Why ``device`` cannot train at ``precision`` (None: it can)."""
+    precision = check_training_precision(precision)
+    if precision == "fp32":
+        return None
+    if device.type == "cpu":
+        return _cpu_lacks(precision)
+    if device.type == "cuda":
+        return _cuda_lacks(precision, device)
+    return f"only fp32 is supported on {device.type} devices"
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """:func:`torch.autocast` to ``bf16`` or ``fp16`` on ``device``'s type; for ``fp32`` and
+    ``tf32`` a context that does nothing (no autocast at all)."""
+    dtype = _AUTOCAST_DTYPES.get(check_training_precision(precision))
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class TrainingPrecision:
+    """How the engine runs a training step at a precision; the task puts :func:`autocast`
+    around its model's forward pass (and keeps noise and loss in float32).
+
+    - ``fp32``: float32 everywhere; on CUDA, TF32 is turned off for the run (cuDNN would
+      otherwise use it for convolutions by default).
+    - ``tf32`` (CUDA only): float32 storage, TF32 convolutions and matrix products.
+    - ``bf16``: the forward pass under autocast to bfloat16.
+    - ``fp16``: the forward pass under autocast to float16 and a gradient scaler
+      (:class:`torch.amp.GradScaler`), whose state travels in the checkpoint.
+
+    Parameters, gradients and the optimizer state stay float32 in every case. Held-out
+    evaluation runs in float32 (:meth:`evaluation`): it measures the weights as they are used.
+
+    Args:
+        precision: one of :data:`TRAINING_PRECISIONS`, or None for a task without the setting
+            (fp32, and the process's TF32 settings left as they are).
+        device: the run's device.
+
+    Raises:
+        UsageError: ``device`` lacks the precision (:func:`precision_unavailable`).
+    """
+
+    def __init__(self, precision: str | None, device: torch.device) -> None:
+        self.controls_math = precision is not None
+        self.name = check_training_precision(precision or "fp32")
+        self.device = device
+        reason = precision_unavailable(self.name, device)
+        if reason is not None:
+            raise UsageError(
+                f"--precision {self.name} is not available on {device}: {reason}; train with "
+                "--precision fp32 (or on hardware that has it)"
+            )
+        self.scaler = torch.amp.GradScaler(device.type) if self.name == "fp16" else None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast(self.name, self.device)
+
+    def training_math(self) -> AbstractContextManager[Any]:
+        """The run's float32 arithmetic on CUDA (TF32 on or off); nothing elsewhere."""
+        if self.device.type != "cuda" or not self.controls_math:
+            return nullcontext()
+        return precision_context("tf32" if self.name == "tf32" else "fp32", self.device)
+
+    def evaluation(self) -> AbstractContextManager[Any]:
+        """True float32 arithmetic for held-out evaluation on CUDA; nothing elsewhere."""
+        if self.device.type != "cuda" or not self.controls_math:
+            return nullcontext()
+        return precision_context("fp32", self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients by the scale (before they are inspected or clipped)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step (skipped by the scaler when a gradient is not finite)."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (the gradient scaler's state; nothing without one)."""
+        return {} if self.scaler is None else {"grad_scaler": self.scaler.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+
 # -- the task interface -------------------------------------------------------------------------
 class TrainingTask(ABC):
     """What is trained. The engine calls, in order: :meth:`setup`, :meth:`build_optimizer`, then
@@ -167,10 +339,14 @@ class TrainingTask(ABC):
         stabilization: the measures against collapse the engine applies (clipping, decay).
         legacy_defaults: values of config keys that older run folders do not record, so that
             they still resume.
+        precision: the training precision (:data:`TRAINING_PRECISIONS`), or None for a task
+            without the setting (fp32, TF32 settings left alone); a task with one puts
+            :func:`autocast` around its model's forward pass.
     """
 
     kind: str = "model"
     monitor: str | None = None
+    precision: str | None = None
     collapse_margin: float = DEFAULT_COLLAPSE_MARGIN
     legacy_defaults: dict[str, Any] = {}
 
@@ -333,6 +509,7 @@ def run_training(
     torch.set_flush_denormal(True)
     processes = processes or launched_processes()
     device = start_processes(processes, config.device)
+    numerics = TrainingPrecision(task.precision, device)  # refused before any file is written
     run = RunDirectory(
         config.out,
         resume,
@@ -354,6 +531,7 @@ def run_training(
         start = int(saved_state["iteration"])
         lr_scale = float(saved_state.get("lr_scale", 1.0))
         rollbacks = int(saved_state.get("rollbacks", 0))
+        numerics.load(saved_state)
         if start > total:
             raise UsageError(
                 f"--resume: the run in {run.path} has already done {start} iterations, more "
@@ -402,10 +580,11 @@ def run_training(
     healthy: _Snapshot | None = None  # the last healthy evaluation's state (rollback)
 
     def save(at: int) -> None:
-        run.save(model, optimizer, at, {"lr_scale": lr_scale, "rollbacks": rollbacks})
+        state = {"lr_scale": lr_scale, "rollbacks": rollbacks, **numerics.state()}
+        run.save(model, optimizer, at, state)
 
     try:
-        with deferred_interrupts() as interrupts:
+        with deferred_interrupts() as interrupts, numerics.training_math():
             while iteration < total:
                 lr = task.learning_rate(iteration) * stabilization.lr_factor(iteration, total)
                 lr *= lr_scale
@@ -426,10 +605,11 @@ def run_training(
                     )
                 in_step = True
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                numerics.backward(loss)
+                numerics.unscale(optimizer)
                 dead = gradients_all_zero(model)
                 grad_norm = stabilization.clip(list(model.parameters()))
-                optimizer.step()
+                numerics.step(optimizer)
                 in_step = False
                 iteration += 1
                 images_seen += int(config.batch_size)
@@ -444,7 +624,8 @@ def run_training(
                 if task.evaluation_due(iteration) or iteration == total:
                     if processes.is_main:
                         model.eval()
-                        heldout = task.evaluate(iteration)
+                        with numerics.evaluation():
+                            heldout = task.evaluate(iteration)
                         model.train()
                         record.update(heldout)
                         score = heldout.get(task.monitor) if task.monitor else None
@@ -485,7 +666,7 @@ def run_training(
                     )
                     trouble = trouble or stopped_early is not None
                     if trouble and healthy is not None and rollbacks < MAX_ROLLBACKS:
-                        healthy.restore(model, optimizer)
+                        healthy.restore(model, optimizer, numerics)
                         rollbacks += 1
                         lr_scale *= stabilization.rollback
                         run.log(
@@ -510,7 +691,7 @@ def run_training(
                         bar.refresh()
                         continue
                     if evaluated and not trouble:
-                        healthy = _Snapshot.take(model, optimizer, iteration)
+                        healthy = _Snapshot.take(model, optimizer, iteration, numerics)
                 for extra in task.after_step(iteration, means):
                     run.log(extra)
                     if progress and processes.is_main and "message" in extra:
@@ -551,11 +732,13 @@ def run_training(
         return {"rank": processes.rank}
 
     state = {"best": best, "optimizer": optimizer, "stopped_early": stopped_early}
+    with numerics.evaluation():
+        finished = task.finish(run, iteration, state)
     summary: dict[str, Any] = {
         "config": config.to_dict(),
         "task": task.kind,
         "iterations": iteration,
-        **task.finish(run, iteration, state),
+        **finished,
         "stopped_early": stopped_early,
         "rollbacks": rollbacks,
         "world_size": processes.world_size,
@@ -570,21 +753,35 @@ def run_training(
 
 @dataclass
 class _Snapshot:
-    """Weights and optimizer state at one iteration, in memory (for the rollback stabilizer)."""
+    """Weights, optimizer and gradient-scaler state at one iteration, in memory (for the
+    rollback stabilizer)."""
 
     iteration: int
     model: dict[str, Any]
     optimizer: dict[str, Any]
+    numerics: dict[str, Any]
 
     @classmethod
-    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer, iteration: int) -> _Snapshot:
+    def take(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        iteration: int,
+        numerics: TrainingPrecision,
+    ) -> _Snapshot:
         return cls(
-            iteration, copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+            iteration,
+            copy.deepcopy(model.state_dict()),
+            copy.deepcopy(optimizer.state_dict()),
+            copy.deepcopy(numerics.state()),
         )
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def restore(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, numerics: TrainingPrecision
+    ) -> None:
         model.load_state_dict(self.model)
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        numerics.load(copy.deepcopy(self.numerics))
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -595,13 +792,18 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 __all__ = [
     "BEST_FILE",
     "LOG_EVERY",
+    "TRAINING_PRECISIONS",
     "Processes",
     "TrainingDivergedError",
     "TrainingInterrupted",
+    "TrainingPrecision",
     "TrainingTask",
+    "autocast",
+    "check_training_precision",
     "deferred_interrupts",
     "gradients_all_zero",
     "launched_processes",
+    "precision_unavailable",
     "read_best",
     "run_training",
 ]

@@ -31,6 +31,8 @@ Example:
     >>> config = resolve_config("authors", out="runs/a", batch_size=10)
     >>> config.iterations, config.batch_size, config.recipe
     (2500, 10, 'authors')
+    >>> resolve_config("residual-study", out="runs/s", precision="bf16").precision
+    'bf16'
 """
 
 from __future__ import annotations

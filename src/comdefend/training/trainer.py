@@ -8,6 +8,8 @@ Usage from Python::
     # or by recipe (comdefend.training.recipes), with overrides:
     from comdefend.training.recipes import resolve_config
     summary = train(resolve_config("authors", out="runs/authors", stabilize="clip-grad"))
+    # bfloat16 autocast (CPUs with AVX512-BF16 or AMX, recent GPUs), fp32 master weights:
+    summary = train(TrainConfig(out="runs/c-bf16", precision="bf16"))
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from comdefend.training.engine import (
     Processes,
     TrainingDivergedError,
     TrainingTask,
+    autocast,
+    check_training_precision,
     gradients_all_zero,
     read_best,
     run_training,
@@ -65,6 +69,12 @@ class TrainConfig:
         stop_when_dead: end the run early once every gradient has been exactly zero for
             :data:`DEAD_ITERATIONS` iterations (a collapse it cannot leave); ``False`` trains
             to the last iteration anyway, as a study that reports collapses must.
+        precision: the arithmetic of the model's forward pass in training: ``fp32`` (the
+            default), ``bf16`` or ``fp16`` (:func:`torch.autocast`; fp16 with a gradient
+            scaler) or ``tf32`` (CUDA only). The weights, Adam's state, the code noise, the
+            binarizer's sigmoid, the loss and the held-out evaluation stay float32. Refused
+            where the device lacks it (:class:`~comdefend.training.engine.TrainingPrecision`);
+            it may not change on ``--resume``.
     """
 
     dataset: str = "cifar10"
@@ -92,9 +102,11 @@ class TrainConfig:
     stabilize: dict[str, float] = field(default_factory=dict)
     snapshot_every: int | None = None
     stop_when_dead: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.preset = get_preset(self.preset).name
+        self.precision = check_training_precision(self.precision)
         schedule = SCHEDULES.get(self.lr_schedule)  # UsageError listing the valid names
         self.lr_schedule = schedule.name
         if self.lr is None:
@@ -206,6 +218,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "stabilize": {},
     "snapshot_every": None,
     "stop_when_dead": True,
+    "precision": "fp32",
 }
 #: Where a run keeps its snapshots (``TrainConfig.snapshot_every``).
 SNAPSHOTS_FOLDER = "snapshots"
@@ -255,18 +268,31 @@ class NoisyReconstruction(nn.Module):
     The noise of iteration ``i`` is drawn for the whole global batch from the generator of
     ``(seed, i)`` and this process's rows are taken from it, so a data-parallel run sees the
     noise a single process would. For one process it is exactly the binarizer's own draw.
+
+    At ``bf16`` or ``fp16`` the encoder and the decoder run under :func:`torch.autocast`; the
+    logits are cast to float32 before the noise is subtracted, so the noise, the binarizer's
+    sigmoid, the code and the returned reconstruction (and so the loss) are float32. At
+    ``fp32`` and ``tf32`` there is no autocast at all.
     """
 
-    def __init__(self, model: ComDefend, stabilization: Stabilization) -> None:
+    def __init__(
+        self,
+        model: ComDefend,
+        stabilization: Stabilization,
+        precision: str = "fp32",
+    ) -> None:
         super().__init__()
         self.model = model
         self.stabilization = stabilization
+        self.precision = check_training_precision(precision)
         self.largest_logit = torch.zeros(())
 
     def forward(
         self, x: torch.Tensor, generator: torch.Generator, global_batch: int, rows: slice
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        unbounded = self.model.code_logits(x)
+        with autocast(self.precision, x.device):
+            unbounded = self.model.code_logits(x)
+        unbounded = unbounded.float()  # the same tensor at fp32 and tf32
         self.largest_logit = unbounded.detach().abs().max()
         logits = self.stabilization.bound_logits(unbounded)
         std = float(self.model.binarizer.noise_std)
@@ -280,7 +306,9 @@ class NoisyReconstruction(nn.Module):
             else:
                 noise = torch.randn(shape, generator=generator, dtype=logits.dtype)[rows] * std
             code = torch.sigmoid(logits - noise)
-        return self.model.decode(code), code, unbounded
+        with autocast(self.precision, code.device):
+            reconstruction = self.model.decode(code)
+        return reconstruction.float(), code, unbounded
 
 
 class PurifierTask(TrainingTask):
@@ -303,6 +331,7 @@ class PurifierTask(TrainingTask):
         self.on_evaluation = on_evaluation
         self.stabilization = Stabilization.from_names(config.stabilize)
         self.collapse_margin = COLLAPSE_DB
+        self.precision = config.precision
         self.evaluation_images: torch.Tensor | None = None
 
     @property
@@ -333,7 +362,9 @@ class PurifierTask(TrainingTask):
         self.batches = make_batches(self.config)
         self.evaluation_images = held_out(self.config) if processes.is_main else None
         self.total_iterations = self.config.iterations
-        self.step_module = NoisyReconstruction(self.model, self.stabilization)
+        self.step_module = NoisyReconstruction(
+            self.model, self.stabilization, self.config.precision
+        )
 
     def build_optimizer(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
         betas = (self.config.adam_beta1, self.config.adam_beta2)
