@@ -249,8 +249,8 @@ def _hours(seconds: dict[str, float]) -> str:
 
 
 def training_seconds(study: Path) -> dict[str, float]:
-    """Wall time of every training session of each run (from its log's time stamps when
-    present, else the number of iterations times the logged speed)."""
+    """Wall time of every run's training, summed over its sessions (the ``session_seconds``
+    its log records at the end of each session, finished or interrupted)."""
     spent = {}
     for log in sorted((study / "runs").glob("*/log.jsonl")):
         seconds = 0.0

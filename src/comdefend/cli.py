@@ -328,6 +328,12 @@ def train_command(
     checkpoint_every: int = typer.Option(
         250, help="Checkpoint interval (iterations).", callback=positive_int_option
     ),
+    snapshot_every: int | None = typer.Option(
+        None,
+        help="Keep the weights every N iterations (and at the end) in OUT/snapshots/, to "
+        "measure the run along its training later.",
+        callback=positive_int_option,
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
     threads: int | None = typer.Option(
         None, help="CPU threads for torch.", callback=positive_int_option
@@ -368,6 +374,7 @@ def train_command(
         eval_every=eval_every,
         eval_images=eval_images,
         checkpoint_every=checkpoint_every,
+        snapshot_every=snapshot_every,
         device=device,
         threads=threads,
         precision=precision,

@@ -81,6 +81,11 @@ def residual_study_command(
     threads: int | None = typer.Option(
         None, help="CPU threads for torch.", callback=positive_int_option
     ),
+    precision: str = typer.Option(
+        "fp32",
+        help="Training arithmetic: fp32, bf16, fp16 or tf32 (see 'comdefend train --help'); "
+        "snapshots are measured in fp32.",
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -137,6 +142,7 @@ def residual_study_command(
         inference_batch=inference_batch,
         device=device,
         threads=threads,
+        precision=precision,
     )
     try:
         results = run_residual_study(

@@ -83,7 +83,7 @@ from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.logs import read_training_log
 from comdefend.training.recipes import resolve_config
 from comdefend.training.run import resolve_device
-from comdefend.training.trainer import TrainConfig, train
+from comdefend.training.trainer import LEGACY_DEFAULTS, TrainConfig, train
 from comdefend.validation import set_threads
 
 ADVERSARIAL_KIND = "residual-study-fooling-set"
@@ -143,6 +143,8 @@ class ResidualStudyConfig:
         inference_batch: images per forward pass when attacking and measuring accuracy.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: CPU threads for torch.
+        precision: the training's arithmetic (``fp32``, ``bf16``, ...; see
+            :class:`~comdefend.training.trainer.TrainConfig`); measuring is always fp32.
     """
 
     classifier: str
@@ -167,6 +169,7 @@ class ResidualStudyConfig:
     inference_batch: int = 250
     device: str = "auto"
     threads: int | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.dataset = DATASETS.get(self.dataset).name  # UsageError listing the valid ones
@@ -234,6 +237,7 @@ class ResidualStudyConfig:
             stop_when_dead=False,
             device=self.device,
             threads=self.threads,
+            precision=self.precision,
         )
 
 
@@ -496,7 +500,7 @@ def _finished_run(run: Path, train_config: TrainConfig) -> bool:
     if not summary_path.exists():
         return False
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    saved = summary.get("config", {})
+    saved = {**LEGACY_DEFAULTS, **summary.get("config", {})}  # what older runs do not record
     wanted = train_config.to_dict()
     differing = sorted(
         key

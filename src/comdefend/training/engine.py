@@ -721,7 +721,14 @@ def run_training(
         saved = not in_step
         if saved:
             save(iteration)
-        run.log({"event": "interrupted", "iteration": iteration, "saved": saved})
+        run.log(
+            {
+                "event": "interrupted",
+                "iteration": iteration,
+                "saved": saved,
+                "session_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
         raise TrainingInterrupted(
             _interrupt_message(run, iteration, total, saved), iteration, saved, str(run.path)
         ) from error
@@ -745,7 +752,11 @@ def run_training(
         "env": environment(),
         "device": str(device),
         "images_per_second_this_session": images_seen / max(seconds, 1e-9),
+        "seconds_this_session": round(seconds, 1),
     }
+    # the wall time of this session's training (the ``interrupted`` event carries it for a
+    # session that ended early): how long a run took, summed over its sessions
+    run.log({"event": "session_end", "iteration": iteration, "session_seconds": round(seconds, 1)})
     run.write_summary(summary)
     processes.barrier()
     return summary
