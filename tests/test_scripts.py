@@ -307,3 +307,32 @@ def test_gpu_residual_study_script_trains_measures_and_resumes_on_the_cpu(
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     assert {path: path.read_text() for path in (out / "points").glob("*.json")} == before
+
+
+def test_results_pages_are_generated_from_the_result_files(tmp_path: Path) -> None:
+    """docs/results/README.md and the README's table are what scripts/results_page.py makes of
+    the result files (no number typed by hand), and a changed result changes them."""
+    import shutil
+
+    script = [sys.executable, str(REPO / "scripts" / "results_page.py")]
+    check = subprocess.run([*script, "--check"], cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "docs" / "results" / "fashion-test-10000", results / "fm")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n<!-- results-at-a-glance:start -->\nold\n<!-- results-at-a-glance:end -->\ntail\n"
+    )
+    arguments = ["--results", str(results), "--readme", str(readme)]
+    made = subprocess.run([*script, *arguments], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    data = json.loads((results / "fm" / "results.json").read_text())
+    cell = next(c for c in data["cells"] if c["defense"] == "none" and c["attack"] == "fgsm")
+    value = f"| fgsm | {cell['eps']:g} | {100 * cell['robust_accuracy']:.1f} ["
+    assert value in (results / "README.md").read_text()
+    assert "old" not in readme.read_text() and readme.read_text().endswith("tail\n")
+    assert "10,000" in readme.read_text()
+    cell["robust_accuracy"] = 0.5  # a changed result is a stale page
+    (results / "fm" / "results.json").write_text(json.dumps(data))
+    stale = subprocess.run([*script, *arguments, "--check"], capture_output=True, text=True)
+    assert stale.returncode == 1 and "out of date" in stale.stderr

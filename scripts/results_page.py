@@ -1,0 +1,271 @@
+"""Regenerate the results pages from the result files: ``docs/results/README.md`` and the
+"results at a glance" table of the README. No number on either page is typed by hand.
+
+    python scripts/results_page.py            # rewrite both
+    python scripts/results_page.py --check    # exit 1 if either is out of date (CI, tests)
+
+Every folder ``docs/results/<name>/`` holds one result set: an evaluation's ``results.json``
+(``comdefend evaluate``) or a residual study's (``comdefend residual-study``), and a
+``provenance.json`` with the command, the hardware and the wall time. Accuracies are given in %
+with 95% Wilson intervals over the images (randomized defenses evaluated over several draws:
+mean and standard deviation over the draws instead), always with the image count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from comdefend.metrics import proportion_interval
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+PAGE = RESULTS / "README.md"
+README = REPO / "README.md"
+START, END = "<!-- results-at-a-glance:start -->", "<!-- results-at-a-glance:end -->"
+
+
+def load_sets(root: Path) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(name, results, provenance)`` of every result folder, by name."""
+    sets = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        results_file = folder / "results.json"
+        if not results_file.is_file():
+            continue
+        provenance_file = folder / "provenance.json"
+        provenance = (
+            json.loads(provenance_file.read_text(encoding="utf-8"))
+            if provenance_file.is_file()
+            else {}
+        )
+        sets.append((folder.name, json.loads(results_file.read_text(encoding="utf-8")), provenance))
+    return sets
+
+
+def accuracy(value: float, n: int, std: float = 0.0, draws: int = 1) -> str:
+    """``"42.0 [41.0, 43.0]"`` (%, 95% Wilson interval), or mean +- std over draws.
+
+    Example:
+        >>> accuracy(0.5, 100)
+        '50.0 [40.4, 59.6]'
+        >>> accuracy(0.5, 100, std=0.01, draws=3)
+        '50.0 ± 1.0 (3 draws)'
+    """
+    if draws > 1:
+        return f"{100 * value:.1f} ± {100 * std:.1f} ({draws} draws)"
+    low, high = proportion_interval(round(value * n), n)
+    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _eps(value: Any) -> str:
+    return "min-norm" if isinstance(value, str) else f"{value:g}"
+
+
+def _defense_specs(results: dict[str, Any]) -> list[str]:
+    return [d["spec"] if isinstance(d, dict) else str(d) for d in results["defenses"]]
+
+
+def evaluation_section(name: str, results: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+    config = results["config"]
+    defenses = _defense_specs(results)
+    n = int(config["n"])
+    clean = {row["defense"]: row for row in results["clean"]}
+    lines = [
+        f"## {name}",
+        "",
+        f"{config['dataset']} {config.get('split', 'test')} set, first {n:,} images; "
+        f"classifier `{config['classifier']}`; threat models: "
+        f"{', '.join(results['threat_models'])}. Accuracy in % with 95% intervals "
+        f"({n:,} images each).",
+        "",
+    ]
+    for threat_model in results["threat_models"]:
+        cells = [c for c in results["cells"] if c["threat_model"] == threat_model]
+        if not cells:
+            continue
+        lines += [
+            f"### {name}: {threat_model}",
+            "",
+            "| attack | eps (/255) | " + " | ".join(f"`{d}`" for d in defenses) + " |",
+            "|---|---|" + "---:|" * len(defenses),
+            "| clean | — | "
+            + " | ".join(
+                accuracy(
+                    clean[d]["accuracy"],
+                    n,
+                    clean[d].get("accuracy_std") or 0.0,
+                    int(clean[d].get("draws", 1)),
+                )  # fmt: skip
+                if d in clean
+                else "n/a"
+                for d in defenses
+            )
+            + " |",
+        ]
+        keys = []
+        for cell in cells:
+            key = (cell["attack"], cell["eps"])
+            if key not in keys:
+                keys.append(key)
+        for attack, eps in keys:
+            row = {c["defense"]: c for c in cells if (c["attack"], c["eps"]) == (attack, eps)}
+            values = []
+            for defense in defenses:
+                cell = row.get(defense)
+                if cell is None or cell.get("robust_accuracy") is None:
+                    values.append("n/a")
+                    continue
+                values.append(
+                    accuracy(
+                        cell["robust_accuracy"],
+                        int(cell["n"]),
+                        cell.get("robust_accuracy_std") or 0.0,
+                        int(cell.get("draws", 1)),
+                    )  # fmt: skip
+                )
+            lines.append(f"| {attack} | {_eps(eps)} | " + " | ".join(values) + " |")
+        lines.append("")
+    lines += _provenance_lines(results, provenance)
+    return lines
+
+
+def _provenance_lines(results: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+    lines = []
+    if provenance.get("command"):
+        lines += ["```bash", provenance["command"].strip(), "```", ""]
+    facts = []
+    if provenance.get("hardware"):
+        facts.append(f"hardware: {provenance['hardware']}")
+    if provenance.get("wall_time"):
+        facts.append(f"wall time: {provenance['wall_time']}")
+    environment = results.get("environment") or {}
+    if environment:
+        facts.append(f"comdefend {environment.get('comdefend')}, torch {environment.get('torch')}")
+    if provenance.get("date"):
+        facts.append(f"run {provenance['date']}")
+    if facts:
+        lines += ["- " + "; ".join(facts) + ".", ""]
+    return lines
+
+
+def study_section(name: str, results: dict[str, Any]) -> list[str]:
+    settings = results["settings"]
+    adv = results["adversarial_set"]
+    measured = {preset: len(entry["evaluations"]) for preset, entry in results["presets"].items()}
+    state = ", ".join(f"{preset} {count} points" for preset, count in measured.items())
+    status = "complete" if results.get("complete") else "in progress"
+    return [
+        f"## {name}",
+        "",
+        f"The residual study ({status}): ComDefend presets trained on "
+        f"{settings['train_dataset']}, accuracy after defending on {settings['dataset']} "
+        f"({results['classifier'].get('arch')}, fooling set of {adv['size']} images) every "
+        f"{settings['eval_every']} of {settings['iterations']:,} training iterations: {state}. "
+        f"Tables, charts and the answer: [{name}/README.md]({name}/README.md).",
+        "",
+    ]
+
+
+def glance_rows(
+    sets: list[tuple[str, dict[str, Any], dict[str, Any]]], page_link: str = ""
+) -> list[str]:
+    """One row per evaluation: undefended and ComDefend clean accuracy and the worst case over
+    the L-inf attacks at the first budget, per threat model; ``page_link`` leads to the results
+    page (empty on the page itself)."""
+    rows = [
+        "| result set | images | classifier | threat model | defense | clean | worst case at "
+        "eps (/255) |",
+        "|---|---:|---|---|---|---:|---:|",
+    ]
+    for name, results, _ in sets:
+        if "cells" not in results:
+            continue
+        n = int(results["config"]["n"])
+        clean = {row["defense"]: row for row in results["clean"]}
+        defenses = [d for d in _defense_specs(results) if d == "none" or d.startswith("comdefend")]
+        for threat_model in results["threat_models"]:
+            worst = [
+                w for w in results["worst_case"]
+                if w["threat_model"] == threat_model and not isinstance(w["eps"], str)
+            ]  # fmt: skip
+            if not worst:
+                continue
+            eps = min(w["eps"] for w in worst)
+            for defense in defenses:
+                row = next((w for w in worst if w["defense"] == defense and w["eps"] == eps), None)
+                if row is None or defense not in clean:
+                    continue
+                rows.append(
+                    f"| [{name}]({page_link}#{name}) | {n:,} | "
+                    f"`{results['config']['classifier']}` | {threat_model} | `{defense}` | "
+                    f"{accuracy(clean[defense]['accuracy'], n)} | "
+                    f"{accuracy(row['worst_case_robust_accuracy'], int(row['n']))} at "
+                    f"{_eps(eps)} |"
+                )
+    return rows
+
+
+def page(sets: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    lines = [
+        "# Results",
+        "",
+        "Every number on this page is read from the result files beside it "
+        "(`docs/results/<name>/results.json`, with the command, hardware and time in "
+        "`provenance.json`) by `scripts/results_page.py`. Accuracies are in %, with 95% Wilson "
+        "intervals over the images; the worst case is the lowest robust accuracy over the L-inf "
+        "attacks at a budget.",
+        "",
+        "## At a glance",
+        "",
+        *glance_rows(sets),
+        "",
+    ]
+    for name, results, provenance in sets:
+        if results.get("kind") == "residual-study":
+            lines += study_section(name, results)
+        elif "cells" in results:
+            lines += evaluation_section(name, results, provenance)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def readme_with_glance(readme: str, sets: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    """The README with the table between its markers replaced."""
+    if START not in readme or END not in readme:
+        raise SystemExit(f"error: README.md lacks the markers {START} ... {END}")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    table = "\n".join(glance_rows(sets, page_link="docs/results/README.md"))
+    body = (
+        f"{START}\n{table}\n\nAll tables, with the commands that made them: "
+        f"[docs/results/README.md](docs/results/README.md).\n{END}"
+    )
+    return head + body + tail
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args()
+    sets = load_sets(args.results)
+    wanted = {
+        args.results / "README.md": page(sets),
+        args.readme: readme_with_glance(args.readme.read_text(encoding="utf-8"), sets),
+    }
+    stale = [path for path, text in wanted.items()
+             if not path.is_file() or path.read_text(encoding="utf-8") != text]  # fmt: skip
+    if args.check:
+        for path in stale:
+            print(f"{path} is out of date: run python scripts/results_page.py", file=sys.stderr)
+        raise SystemExit(1 if stale else 0)
+    for path in stale:
+        path.write_text(wanted[path], encoding="utf-8")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
