@@ -105,7 +105,8 @@ def test_register_weights_refuses_a_collapsed_run(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode != 0
-    assert "collapsed" in done.stderr and "--weights best" in done.stderr
+    assert "collapsed" in done.stderr and "--if-collapsed best" in done.stderr
+    assert "Traceback" not in done.stderr
     assert registry.read_text() == before
 
 
@@ -128,7 +129,8 @@ def _collapsed_run(out: Path, scripted_psnrs) -> dict:
 
 
 def _register_into(zoo: Path, run: Path, *options: str) -> subprocess.CompletedProcess:
-    """Run register_weights.py as a user does, but against a throw-away zoo folder."""
+    """Run register_weights.py (a thin wrapper of ``comdefend zoo register``, which
+    tests/zoo/test_zoo_cards.py tests) as a user does, against a throw-away zoo folder."""
     redirect = (
         "import runpy, sys\n"
         "from pathlib import Path\n"
@@ -160,12 +162,14 @@ def test_register_weights_auto_ships_a_collapsed_runs_best_weights(
     zoo.mkdir()
     common = ("--name", "tiny", "--command", "c", "--hardware", "h", "--notes", "n")
     refused = _register_into(zoo, run, *common)
-    assert refused.returncode != 0 and "--weights best" in refused.stderr
+    assert refused.returncode != 0 and "--if-collapsed best" in refused.stderr
     assert not (zoo / "registry.json").exists()
 
     done = _register_into(zoo, run, *common, "--weights", "auto")
     assert done.returncode == 0, done.stderr
-    (entry,) = json.loads((zoo / "registry.json").read_text())
+    registry = json.loads((zoo / "registry.json").read_text())
+    assert registry["format"] == "comdefend-zoo/2"
+    (entry,) = registry["entries"]
     shipped = zoo / "weights" / "tiny.safetensors"
     assert entry["sha256"] == sha256_of(shipped) == sha256_of(run / "best.safetensors")
     assert sha256_of(shipped) != sha256_of(run / "model.safetensors")
@@ -188,15 +192,17 @@ def test_register_weights_auto_ships_a_healthy_runs_final_weights(
     train(config, progress=False)
     zoo = tmp_path / "zoo"
     zoo.mkdir()
-    # An older entry of the same name is replaced where it stands, before another entry.
-    shipped = json.loads((REPO / "src/comdefend/zoo/registry.json").read_text())[0]
+    # An older entry of the same name is replaced where it stands, before another entry; a
+    # registry of format 1 (a bare list) is read and written back versioned.
+    shipped = json.loads((REPO / "src/comdefend/zoo/registry.json").read_text())["entries"][0]
+    shipped.pop("card")
     older = [{**shipped, "name": "tiny", "sha256": "old"}, {**shipped, "name": "after"}]
     (zoo / "registry.json").write_text(json.dumps(older))
     done = _register_into(
         zoo, run, "--name", "tiny", "--command", "c", "--hardware", "h", "--weights", "auto"
     )
     assert done.returncode == 0, done.stderr
-    entry, after = json.loads((zoo / "registry.json").read_text())
+    entry, after = json.loads((zoo / "registry.json").read_text())["entries"]
     assert entry["name"] == "tiny" and after == older[1]
     assert entry["sha256"] == sha256_of(run / "model.safetensors") and entry["notes"] == ""
     # The final weights were the best: best.safetensors is the same file, copied.

@@ -2,7 +2,11 @@
 
 ``registry.json`` beside this file lists every entry: file, sha256, kind (purifier or
 classifier), dataset, architecture, the exact training command, the metrics measured after
-training, the hardware it was trained on, and its license. Loading verifies the sha256.
+training, the hardware it was trained on, its license, and its model card (what it is for and
+its measured clean and robust accuracy with their conditions: :mod:`comdefend.zoo.cards`).
+Loading verifies the sha256. The file is versioned (``{"format": "comdefend-zoo/2", "entries":
+[...]}``); a bare list of entries (format 1) is still read. ``comdefend zoo register`` adds an
+entry (:mod:`comdefend.zoo.registration`), ``comdefend zoo card`` attaches measurements.
 
 An entry with a ``source`` is not shipped: its weights come from another package (installed
 through an extra) and are converted to safetensors in the user cache folder on first use, with
@@ -26,10 +30,13 @@ from torch import nn
 
 from comdefend.checkpoint import read_metadata, sha256_of
 from comdefend.errors import CheckpointError, UsageError
+from comdefend.zoo.cards import Measurement, ModelCard
 from comdefend.zoo.external import ExternalSource, cache_folder, convert_classifier, source_file
 
 ZOO_FOLDER = Path(str(resources.files("comdefend.zoo")))
 REGISTRY_FILE = ZOO_FOLDER / "registry.json"
+#: ``registry.json``'s ``format``; format 1 was a bare list of entries.
+REGISTRY_FORMAT = "comdefend-zoo/2"
 
 
 @dataclass(frozen=True)
@@ -53,13 +60,17 @@ class PretrainedEntry:
     input_size: int | None = None  # the image size the model was trained and is evaluated at
     mean: tuple[float, ...] | None = None  # normalization inside the model (classifiers)
     std: tuple[float, ...] | None = None
+    card: ModelCard = field(default_factory=ModelCard)  # what it is for, what it measured
+    # the folder of the registry it was read from (its weights/ lie there); not serialized
+    folder: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def path(self) -> Path:
-        """The checkpoint: in the package, or (``source`` entries) in the user cache folder."""
+        """The checkpoint: in the registry's ``weights/`` folder (the package's for shipped
+        entries), or (``source`` entries) in the user cache folder."""
         if self.source is not None:
             return cache_folder() / "zoo" / self.file
-        return ZOO_FOLDER / "weights" / self.file
+        return (self.folder or ZOO_FOLDER) / "weights" / self.file
 
     @property
     def installed(self) -> bool:
@@ -67,37 +78,98 @@ class PretrainedEntry:
         return self.source is None or source_file(self.source) is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The entry as ``registry.json`` holds it."""
+        values = asdict(self)
+        values.pop("folder")
+        values["card"] = self.card.to_dict()
+        return values
 
 
-def _entry_from_dict(data: dict[str, Any]) -> PretrainedEntry:
+def _entry_from_dict(data: dict[str, Any], folder: Path | None = None) -> PretrainedEntry:
     values = dict(data)
     if values.get("source") is not None:
         values["source"] = ExternalSource(**values["source"])
     for key in ("mean", "std"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
-    return PretrainedEntry(**values)
+    values["card"] = ModelCard.from_dict(values.get("card"))
+    return PretrainedEntry(**values, folder=folder)
 
 
-def _read_registry() -> dict[str, PretrainedEntry]:
-    if not REGISTRY_FILE.is_file():
-        return {}
-    entries = json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
-    return {entry["name"]: _entry_from_dict(entry) for entry in entries}
+def registry_file(registry: str | os.PathLike | None = None) -> Path:
+    """The registry to read or write: ``registry`` (a ``.json`` file, or a folder holding
+    ``registry.json``), else the package's own."""
+    if registry is None:
+        return REGISTRY_FILE
+    path = Path(registry).expanduser()
+    return path if path.suffix == ".json" and not path.is_dir() else path / "registry.json"
 
 
-def list_pretrained(kind: str | None = None) -> list[str]:
-    """Names of the shipped models (optionally only ``purifier`` or ``classifier``)."""
-    return [name for name, e in _read_registry().items() if kind is None or e.kind == kind]
+def read_registry_entries(registry: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The raw entries of a registry file, of either format (``[]`` when it does not exist).
+
+    Raises:
+        CheckpointError: unreadable, or not a registry (the message says why).
+    """
+    path = registry_file(registry)
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read the zoo registry {path}: {error}") from None
+    entries: Any
+    if isinstance(data, list):  # format 1
+        entries = data
+    elif isinstance(data, dict) and data.get("format") == REGISTRY_FORMAT:
+        entries = data.get("entries")
+    else:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(
+            f"{path} is not a zoo registry this comdefend reads (format {found!r}; reads "
+            f"{REGISTRY_FORMAT} and a bare list of entries)"
+        )
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries
+    ):
+        raise CheckpointError(f"{path}: every registry entry must be an object with a name")
+    return entries
 
 
-def get_entry(name: str) -> PretrainedEntry:
-    registry = _read_registry()
-    if name not in registry:
-        valid = ", ".join(registry) or "(none shipped in this build)"
-        raise UsageError(f"unknown pretrained model {name!r}; valid: {valid}")
-    return registry[name]
+def _read_registry(registry: str | os.PathLike | None = None) -> dict[str, PretrainedEntry]:
+    path = registry_file(registry)
+    folder = path.parent
+    found = {}
+    for data in read_registry_entries(path):
+        try:
+            found[data["name"]] = _entry_from_dict(data, folder)
+        except TypeError as error:  # an unknown or missing field
+            raise CheckpointError(f"{path}: entry {data['name']!r}: {error}") from None
+    return found
+
+
+def list_pretrained(
+    kind: str | None = None, registry: str | os.PathLike | None = None
+) -> list[str]:
+    """Names of the shipped models (optionally only ``purifier`` or ``classifier``).
+
+    ``registry`` reads another registry file (``comdefend zoo ... --registry``)."""
+    entries = _read_registry(registry).items()
+    return [name for name, e in entries if kind is None or e.kind == kind]
+
+
+def get_entry(name: str, registry: str | os.PathLike | None = None) -> PretrainedEntry:
+    """The entry called ``name`` (``zoo:NAME`` also works).
+
+    Raises:
+        UsageError: no such entry (the message lists the valid names).
+    """
+    bare = name[len(ZOO_PREFIX) :] if name.startswith(ZOO_PREFIX) else name
+    entries = _read_registry(registry)
+    if bare not in entries:
+        valid = ", ".join(entries) or "(none shipped in this build)"
+        raise UsageError(f"unknown pretrained model {bare!r}; valid: {valid}")
+    return entries[bare]
 
 
 def _converted_path(entry: PretrainedEntry) -> Path:
@@ -132,14 +204,16 @@ def _converted_path(entry: PretrainedEntry) -> Path:
     return path
 
 
-def pretrained_path(name: str, verify: bool = True) -> Path:
+def pretrained_path(
+    name: str, verify: bool = True, registry: str | os.PathLike | None = None
+) -> Path:
     """Path of a zoo checkpoint, after checking its sha256 against the registry.
 
     For an entry converted from another package, the first call converts it into the user
     cache folder (both sha256s checked); a missing package is a :class:`UsageError` that says
     how to install it.
     """
-    entry = get_entry(name)
+    entry = get_entry(name, registry)
     if entry.source is not None:
         return _converted_path(entry)
     if not entry.path.is_file():
@@ -296,16 +370,39 @@ def load_pretrained(name: str, map_location: str = "cpu", verify: bool = True) -
     raise CheckpointError(f"{name}: unexpected checkpoint kind {kind!r}")
 
 
+def _load_file(path: Path, name: str) -> nn.Module:
+    kind = read_metadata(path).get("kind")
+    if kind == "purifier":
+        from comdefend.models.comdefend import ComDefend
+
+        return ComDefend.from_checkpoint(path)
+    if kind == "classifier":
+        from comdefend.models.classifiers import load_classifier
+
+        return load_classifier(path)
+    raise CheckpointError(f"{name}: unexpected checkpoint kind {kind!r}")
+
+
 #: The slice of the embedded sample on which every entry's ``sample_*`` metric is recorded.
 SAMPLE_SLICE = slice(0, 1000, 2)
 
 
-def measure_on_sample(name: str) -> dict[str, Any]:
-    """Measure a shipped model on every other image of its dataset's embedded sample (500).
+def measure_on_sample(
+    name: str | PretrainedEntry,
+    registry: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Measure a zoo model on every other image of its dataset's embedded sample (500).
 
     Classifiers: top-1 ``sample_accuracy``. Purifiers: ``sample_psnr_db`` (8-bit PSNR of the
     mean MSE between images and their purification). The registry records these at
     registration so that a test can check that the shipped files still give them.
+
+    Args:
+        name: the entry's name, or the entry itself (its file is read, sha256 unchecked).
+        registry: the registry ``name`` is looked up in (default: the package's).
+        path: read this checkpoint instead of the entry's file (registration measures the
+            weights before it copies them).
     """
     import torch
 
@@ -313,8 +410,16 @@ def measure_on_sample(name: str) -> dict[str, Any]:
     from comdefend.metrics import mean_psnr
     from comdefend.models.comdefend import ComDefend
 
-    entry = get_entry(name)
-    model = load_pretrained(name)
+    if isinstance(name, PretrainedEntry) or path is not None:
+        entry = name if isinstance(name, PretrainedEntry) else get_entry(name, registry)
+        model = _load_file(Path(path) if path is not None else entry.path, entry.name)
+    else:
+        entry = get_entry(name, registry)
+        model = (
+            load_pretrained(name)
+            if registry is None
+            else _load_file(pretrained_path(name, registry=registry), name)
+        )
     sample = load_dataset(entry.dataset, "sample")
     indices = torch.arange(len(sample))[SAMPLE_SLICE]
     x = sample.float_images(indices)
@@ -332,7 +437,10 @@ def measure_on_sample(name: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "REGISTRY_FORMAT",
     "ExternalSource",
+    "Measurement",
+    "ModelCard",
     "ZOO_PREFIX",
     "PretrainedEntry",
     "WeightsRef",
@@ -341,6 +449,8 @@ __all__ = [
     "load_pretrained",
     "measure_on_sample",
     "pretrained_path",
+    "read_registry_entries",
+    "registry_file",
     "resolve_weights",
     "weights_file",
 ]
