@@ -107,3 +107,22 @@ def test_links_point_to_files() -> None:
         if "://" in target or target in generated:
             continue
         assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_contributing_and_citation() -> None:
+    """CONTRIBUTING shows the same test command as README and CI; CITATION.cff cites the package
+    and the ComDefend paper, and the documentation's citation page gives both in BibTeX."""
+    contributing = (ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    assert TEST_COMMAND in contributing
+    assert "mkdocs build --strict" in contributing
+    for target in re.findall(r"\]\(([^)#\s]+)", contributing):
+        assert "://" in target or (ROOT / target).exists(), f"CONTRIBUTING links to {target}"
+    assert "(CONTRIBUTING.md)" in _text()
+
+    cff = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
+    assert re.search(r"^type: software$", cff, re.M)
+    assert re.search(r"^title: .*comdefend", cff, re.M)
+    assert "ComDefend: An Efficient Image Compression Model to Defend Adversarial Examples" in cff
+    assert "arXiv:1811.12673" in cff
+    citation = (ROOT / "docs" / "citation.md").read_text(encoding="utf-8")
+    assert "@software{comdefend" in citation and "@inproceedings{jia2019comdefend" in citation

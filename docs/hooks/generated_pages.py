@@ -24,15 +24,15 @@ GENERATED_PAGES: dict[str, str] = {
 _STAND_IN = """# {title}
 
 This page is generated from the result files under `docs/results/`, and this copy of the
-project does not have it yet. The dated measurements are in the [lab notebook]({notebook}).
+project does not have it yet. The investigations behind the results are in the [notes]({notes}).
 """
 
 
 def stand_in(src_uri: str, what: str) -> str:
     """The Markdown of the stand-in page for the generated page ``src_uri``."""
     depth = src_uri.count("/")
-    notebook = "../" * depth + "RESULTS.md"
-    return _STAND_IN.format(title=what[0].upper() + what[1:], notebook=notebook)
+    notes = "../" * depth + "notes/index.md"
+    return _STAND_IN.format(title=what[0].upper() + what[1:], notes=notes)
 
 
 def on_files(files: Files, config) -> Files:  # noqa: ANN001 - MkDocs' own signature
