@@ -134,7 +134,7 @@ ATTACKER_TMS = ("bpda", "bpda+eot", "relaxed")
 
 def _run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     golden = json.loads((GOLDEN / f"{name}.json").read_text())
-    return comparable(evaluate(EvaluationConfig(**CASES[name]))), golden
+    return comparable(evaluate(EvaluationConfig(**CASES[name])).to_dict()), golden
 
 
 def _noisy_attacked(row: dict[str, Any]) -> bool:
@@ -176,10 +176,10 @@ def record() -> None:
     torch.set_num_threads(1)
     GOLDEN.mkdir(exist_ok=True)
     for name in sys.argv[1:] or list(CASES):
-        results = evaluate(EvaluationConfig(**CASES[name]))
+        result = evaluate(EvaluationConfig(**CASES[name]))
         path = GOLDEN / f"{name}.json"
-        path.write_text(json.dumps(comparable(results), indent=1, sort_keys=True) + "\n")
-        print(f"wrote {path} ({results['elapsed_s']} s)")
+        path.write_text(json.dumps(comparable(result.to_dict()), indent=1, sort_keys=True) + "\n")
+        print(f"wrote {path} ({result.elapsed_s} s)")
 
 
 if __name__ == "__main__":

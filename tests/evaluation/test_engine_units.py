@@ -141,7 +141,7 @@ def test_reports_without_the_report_extra_write_everything_else(
         defenses=["none", "bits:3"], attacks=["fgsm"], eps=[8], n=4, out=str(out),
         progress=False,
     )  # fmt: skip
-    results = evaluate(config)
+    results = evaluate(config).to_dict()
     for name in ("results.json", "results.csv", "report.md", "report.html", "grid.png"):
         assert (out / name).is_file(), name
     assert not (out / "accuracy.png").exists()
@@ -207,7 +207,7 @@ def test_precision_reaches_every_comdefend_and_the_results(tmp_path: Path) -> No
         defenses=["none", purifier], attacks=["fgsm"], eps=[8], n=4, progress=False,
         precision="BF16",
     )  # fmt: skip
-    results = evaluate(config)
+    results = evaluate(config).to_dict()
     assert results["config"]["precision"] == "bf16"
     names = [defense["name"] for defense in results["defenses"]]
     assert names == ["none", f"{purifier}@precision=bf16"]

@@ -77,7 +77,7 @@ def _cells(results: dict, **match: object) -> list[dict]:
 def test_robust_accuracy_falls_with_eps_and_eps0_equals_clean(checkpoints: dict) -> None:
     results = evaluate(
         _config(checkpoints, attacks=["pgd", "bim", "fgsm"], defenses=["none", "bits:4"])
-    )
+    ).to_dict()
     for defense in ("none", "bits:4"):
         clean = next(c for c in results["clean"] if c["defense"] == defense)["accuracy"]
         assert clean > 0.3  # the tiny classifier learned something
@@ -110,7 +110,7 @@ def test_bpda_at_most_oblivious_and_reuse_rules(checkpoints: dict) -> None:
             defenses=["none", spec, "jpeg:75", "bits:3"],
             threat_models=["oblivious", "bpda", "bpda+eot", "relaxed"],
         )
-    )
+    ).to_dict()
     oblivious = _cells(results, defense=spec, threat_model="oblivious")[0]
     bpda = _cells(results, defense=spec, threat_model="bpda")[0]
     assert bpda["robust_accuracy"] <= oblivious["robust_accuracy"] + 0.13  # one image of 8
@@ -141,7 +141,7 @@ def test_same_seed_same_results(checkpoints: dict) -> None:
         defenses=["none", noisy],
         threat_models=["oblivious", "bpda"],
     )
-    first, second = evaluate(config), evaluate(config)
+    first, second = evaluate(config).to_dict(), evaluate(config).to_dict()
 
     def timeless(cells: list[dict]) -> str:  # wall-clock seconds are the only expected change
         assert all("seconds" in c for c in cells)
@@ -282,7 +282,7 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
         "detectors": ["pca"],
         "detector_holdout": 100,
     }
-    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole")))
+    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
 
     real_group = harness._craft_and_score_group
     calls: list[tuple[str, object]] = []

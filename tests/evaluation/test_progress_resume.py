@@ -90,7 +90,7 @@ def test_resume_refuses_changed_images_and_accepts_a_moved_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, classifier: str
 ) -> None:
     data = _folder(tmp_path / "imagenet")
-    reference = evaluate(_config(classifier, data, tmp_path / "whole"))
+    reference = evaluate(_config(classifier, data, tmp_path / "whole")).to_dict()
     out = tmp_path / "cut"
     _interrupted(monkeypatch, classifier, data, out)
 
@@ -111,7 +111,7 @@ def test_resume_refuses_changed_images_and_accepts_a_moved_folder(
     # the same images in a renamed folder: the run continues
     moved = tmp_path / "renamed"
     shutil.move(data, moved)
-    resumed = evaluate(_config(classifier, moved, out, resume=True))
+    resumed = evaluate(_config(classifier, moved, out, resume=True)).to_dict()
     assert resumed["resumed_groups"] == 1
     assert _numbers(resumed) == _numbers(json.loads(json.dumps(reference, default=str)))
     assert not (out / PROGRESS_FILE).exists()

@@ -55,7 +55,7 @@ def _same_parts(results: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("one") / "report"
-    return evaluate(EvaluationConfig(**SETTINGS, out=str(out)))
+    return evaluate(EvaluationConfig(**SETTINGS, out=str(out))).to_dict()
 
 
 @pytest.mark.slow

@@ -166,7 +166,9 @@ def test_classifier_command(
     name = DATASETS.canonical(dataset or model.config.dataset)
     # another dataset of the same shape is a legitimate test (distribution shift)
     check_classifier_fits(model, name, label=classifier, check_trained_on=False)
-    data = load_dataset(name, split, data_dir, image_size=image_size).head(n)
+    # only the first n images are read (an ImageNet folder decodes no others); head(n) for
+    # the embedded sample, which is read whole
+    data = load_dataset(name, split, data_dir, image_size=image_size, max_images=n).head(n)
     result = evaluate_accuracy(model, data, batch_size=batch_size, progress=not as_json)
     report = {
         "classifier": str(classifier),

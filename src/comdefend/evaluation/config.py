@@ -39,10 +39,13 @@ class EvaluationConfig:
     """Everything one evaluation run needs; serialised verbatim into ``results.json``.
 
     Attributes:
-        dataset: ``fashion-mnist``, ``cifar10`` or ``cifar100``.
+        dataset: ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``imagenet``.
         split: ``test`` (the test set) or ``sample`` (the 1,000 class-balanced test images
             embedded in the package; Fashion-MNIST and CIFAR-10).
-        classifier: classifier checkpoint path or zoo name (e.g. ``resnet20-cifar10``).
+        classifier: classifier checkpoint path or zoo name (e.g. ``resnet20-cifar10``), or
+            ``package.module:factory``: a callable without required arguments that builds the
+            user's ``nn.Module`` (:mod:`comdefend.evaluation.inputs`); for a model passed to
+            :func:`comdefend.evaluation.evaluate`, the name of its class.
         defenses: defense specs (see :func:`comdefend.defenses.parse_defense`).
         attacks: attack names (see :data:`comdefend.attacks.ATTACKS`).
         eps: L-inf budgets in units of 1/255, each in [0, 255].

@@ -48,23 +48,30 @@ How a run is organised (each unit is a module of :mod:`comdefend.evaluation`):
 * ``progress``: the finished groups saved for ``--resume``; ``distributed``: torchrun;
 * this module: loads the models and images and runs the plan; ``report`` writes the files.
 
+The classifier is a checkpoint path or zoo name, or ``package.module:factory`` (the user's own
+model); :func:`comdefend.evaluation.evaluate` also takes ``nn.Module`` classifiers and defenses
+(:mod:`comdefend.evaluation.inputs`). The result is an
+:class:`~comdefend.evaluation.results.EvaluationResult`.
+
 Example:
     >>> config = EvaluationConfig(dataset="fashion-mnist", classifier="cls.safetensors",
     ...     defenses=["none", "jpeg:75"], attacks=["fgsm"], eps=[0, 8], n=100)  # doctest: +SKIP
-    >>> results = evaluate(config)  # doctest: +SKIP
+    >>> result = evaluate(config)  # doctest: +SKIP
+    >>> result.cell("fgsm", 8, "jpeg:75").robust_accuracy  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from comdefend.data.datasets import ImageSet
+from comdefend.data.datasets import DATASETS, ImageSet
 from comdefend.defenses import (
     ComDefendDefense,
     Defense,
@@ -92,6 +99,14 @@ from comdefend.evaluation.detection import (
     fit_detectors,
 )
 from comdefend.evaluation.distributed import ProcessGroup
+from comdefend.evaluation.inputs import (
+    PROBE_IMAGES,
+    ResolvedClassifier,
+    as_defense,
+    check_defense_outputs,
+    module_sha256,
+    resolve_classifier,
+)
 from comdefend.evaluation.planning import PlannedCell, eps_plan, plan_cells
 from comdefend.evaluation.progress import (
     PROGRESS_FILE,
@@ -100,7 +115,14 @@ from comdefend.evaluation.progress import (
     group_key,
 )
 from comdefend.evaluation.records import CellRecord, CleanRecord, GroupRecord
-from comdefend.evaluation.report import finite_json
+from comdefend.evaluation.results import (
+    CellResult,
+    CleanResult,
+    DatasetInfo,
+    DefenseInfo,
+    EvaluationResult,
+    Provenance,
+)
 from comdefend.evaluation.scoring import (
     Scorer,
     accuracy_stats,
@@ -120,6 +142,7 @@ __all__ = [
     "DETECTOR_FPR",
     "DETECTOR_TRAIN_IMAGES",
     "MIN_NORM",
+    "EvaluationResult",
     "is_min_norm",
     "PROGRESS_FILE",
     "THREAT_MODEL_MEANINGS",
@@ -132,12 +155,6 @@ __all__ = [
 ]
 
 GRID_IMAGES = 8
-
-
-def _check_classifier_fits(classifier: nn.Module, path: str, dataset: str) -> None:
-    from comdefend.models.classifiers import check_classifier_fits
-
-    check_classifier_fits(classifier, dataset, label=path)
 
 
 def _comdefend_parts(defense: nn.Module) -> list[ComDefendDefense]:
@@ -170,18 +187,41 @@ def _apply_precision(
 
 
 class _Evaluator:
-    """The run's models and images (loaded by every process)."""
+    """The run's models and images (loaded by every process).
 
-    def __init__(self, config: EvaluationConfig, device: torch.device) -> None:
+    ``classifier`` and ``defense_modules`` (by spec) are models passed from Python; the others
+    are loaded from ``config``."""
+
+    def __init__(
+        self,
+        config: EvaluationConfig,
+        device: torch.device,
+        classifier: nn.Module | None = None,
+        defense_modules: Mapping[str, nn.Module] | None = None,
+    ) -> None:
         from comdefend.data.datasets import load_dataset
-        from comdefend.models.classifiers import load_classifier
+        from comdefend.models.classifiers import check_classifier_fits
 
         self.config = config
         self.device = device
-        self.classifier = load_classifier(config.classifier, self.device).eval()
-        _check_classifier_fits(self.classifier, config.classifier, config.dataset)
+        modules = dict(defense_modules or {})
+        unknown = sorted(set(modules) - set(config.defenses))
+        if unknown:
+            raise UsageError(f"defense modules {unknown} are not among the defenses")
+        self.resolved: ResolvedClassifier = resolve_classifier(
+            config.classifier, device, classifier
+        )
+        self.classifier = self.resolved.model
+        if self.resolved.from_checkpoint:
+            check_classifier_fits(self.classifier, config.dataset, label=config.classifier)
         self.classifier.requires_grad_(False)
-        self.defenses: list[Defense] = [parse_defense(s, self.device) for s in config.defenses]
+        self.user_defenses = {
+            spec: as_defense(modules[spec], spec).to(device).eval() for spec in modules
+        }
+        self.defenses: list[Defense] = [
+            self.user_defenses[s] if s in self.user_defenses else parse_defense(s, self.device)
+            for s in config.defenses
+        ]
         if config.split not in ("test", "sample"):
             raise UsageError(f"unknown split {config.split!r}; valid: test, sample")
         # only the images the run uses are read (ImageNet decodes JPEGs one by one)
@@ -204,8 +244,25 @@ class _Evaluator:
         self.y = data.labels.long()
         self.n = len(data)
         self.data_source = data.source
-        num_classes = getattr(getattr(self.classifier, "config", None), "num_classes", None)
-        self.num_classes: int | None = num_classes
+        self.dataset_classes = DATASETS.get(config.dataset).num_classes
+        self.num_classes: int = self.resolved.num_classes or self.dataset_classes
+        self._check_contracts()
+
+    def _check_contracts(self) -> None:
+        """The classifier (and each defense passed as a module) on the first images: NCHW
+        float in [0, 1] in, finite logits with one column per class out."""
+        from comdefend.models.classifiers import check_classifier_outputs
+
+        probe = self.x[:PROBE_IMAGES].to(self.device)
+        for spec, defense in self.user_defenses.items():
+            check_defense_outputs(defense, probe, spec)
+        check_classifier_outputs(
+            self.classifier,
+            probe,
+            self.dataset_classes,
+            label=self.config.classifier,
+            dataset=self.config.dataset,
+        )
 
     def craft(
         self,
@@ -239,7 +296,14 @@ def _detector_train_set(ev: _Evaluator) -> ImageSet | None:
     config = ev.config
     if not config.detectors:
         return None
-    return load_dataset(config.dataset, "train", config.data_dir).head(DETECTOR_TRAIN_IMAGES)
+    # the run's crop (ImageNet): the detectors see images of the size they will score
+    return load_dataset(
+        config.dataset,
+        "train",
+        config.data_dir,
+        config.image_size,
+        max_images=DETECTOR_TRAIN_IMAGES,
+    )
 
 
 def _data_identity(ev: _Evaluator, detector_train: ImageSet | None) -> dict[str, Any]:
@@ -374,45 +438,52 @@ def _group_results(
     record: GroupRecord,
     clean: CleanRecord,
     eps_value: float | None,
-) -> tuple[list[dict[str, Any]], dict[tuple[int, str], torch.Tensor]]:
-    """The cells (``results.json``) of one (attack, eps) from its merged record, and the
-    per-image correctness of each computed cell by (defense index, threat model)."""
-    cells: list[dict[str, Any]] = []
+) -> tuple[list[CellResult], dict[tuple[int, str], torch.Tensor]]:
+    """The cells of one (attack, eps) from its merged record, and the per-image correctness of
+    each computed cell by (defense index, threat model)."""
+    cells: list[CellResult] = []
     correctness: dict[tuple[int, str], torch.Tensor] = {}
     seen: set[tuple[int, str]] = set()
     for planned in plan:
-        cell: dict[str, Any] = {
+        identity: dict[str, Any] = {
             "attack": record.attack,
             "eps": record.eps,
             "eps_value": eps_value,
             "defense": planned.spec,
             "threat_model": planned.threat_model,
-            "effective_threat_model": None if planned.effective == "skip" else planned.effective,
-            "status": "ok",
-            "note": planned.note,
         }
         if planned.effective == "skip":
-            cell.update(status="skipped", note=planned.reason)
-            cells.append(cell)
+            cells.append(
+                CellResult(
+                    **identity,
+                    effective_threat_model=None,
+                    status="skipped",
+                    note=planned.reason,
+                )
+            )
             continue
         key = (planned.defense_index, planned.effective)
         reused = key in seen
         seen.add(key)
         computed = record.cell(*key)
         assert computed is not None
-        if reused and planned.threat_model != planned.effective:
-            cell["status"] = "reused"
-        cell.update(
-            cell_metrics(
-                clean.defenses[planned.defense_index], computed.scores, computed.l2, computed.linf
+        metrics = cell_metrics(
+            clean.defenses[planned.defense_index], computed.scores, computed.l2, computed.linf
+        )
+        cells.append(
+            CellResult(
+                **identity,
+                effective_threat_model=planned.effective,
+                status="reused" if reused and planned.threat_model != planned.effective else "ok",
+                note=planned.note,
+                **metrics,
+                attacker_model=computed.attacker_model,
+                attack_settings=computed.attack_settings,
+                # attack (shared oblivious adversarials: counted in their first cell) + defense
+                seconds=0.0 if reused else computed.seconds,
             )
         )
-        cell["attacker_model"] = computed.attacker_model
-        cell["attack_settings"] = computed.attack_settings
-        # attack (shared oblivious adversarials: counted in their first cell) + defense
-        cell["seconds"] = 0.0 if reused else computed.seconds
         correctness[(planned.defense_index, planned.threat_model)] = computed.scores.correct
-        cells.append(cell)
     return cells, correctness
 
 
@@ -441,38 +512,58 @@ def _fill_grid(
                 grid.setdefault("purified", {})[planned.spec] = purified
 
 
-def evaluate(config: EvaluationConfig) -> dict[str, Any]:
-    """Run the evaluation grid; return the results (``results.json``'s content).
+def evaluate(
+    config: EvaluationConfig,
+    *,
+    classifier: nn.Module | None = None,
+    defense_modules: Mapping[str, nn.Module] | None = None,
+) -> EvaluationResult:
+    """Run the evaluation grid that ``config`` describes.
 
-    If ``config.out`` is set, also write ``results.json``, ``results.csv``, ``report.md`` and
-    (with the ``report`` extra) ``report.html`` and PNG figures there with
-    :func:`comdefend.evaluation.report.write_report`.
+    If ``config.out`` is set, also write ``results.json`` (:meth:`EvaluationResult.to_dict`),
+    ``results.csv``, ``report.md`` and (with the ``report`` extra) ``report.html`` and PNG
+    figures there with :func:`comdefend.evaluation.report.write_report`.
 
     Under ``torchrun`` the images are shared among the processes
     (:mod:`comdefend.evaluation.distributed`); rank 0 writes the report and every process
-    returns the same results.
+    returns the same result.
+
+    Args:
+        config: the run's settings; ``config.classifier`` is a checkpoint path, a zoo name or
+            ``package.module:factory``.
+        classifier: a model passed from Python instead (``config.classifier`` then names it).
+        defense_modules: defenses passed from Python, by their name in ``config.defenses``.
+
+    Returns:
+        The typed result; :func:`comdefend.evaluation.evaluate` is the keyword front end.
 
     Raises:
         UsageError: see :func:`validate_config`; a classifier or ComDefend checkpoint that does
-            not fit the dataset; an unknown defense spec.
+            not fit the dataset; a classifier that breaks the input contract
+            (:func:`~comdefend.models.classifiers.check_classifier_outputs`); a factory that
+            cannot be imported or called; an unknown defense spec.
         CheckpointError, DatasetNotFoundError: unreadable checkpoint, missing dataset.
     """
     config = validate_config(config)
     group = ProcessGroup.from_environment(_resolve_device(config.device))
     try:
-        return _evaluate(config, group)
+        return _evaluate(config, group, classifier, defense_modules)
     finally:
         group.close()
 
 
-def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
+def _evaluate(
+    config: EvaluationConfig,
+    group: ProcessGroup,
+    classifier: nn.Module | None = None,
+    defense_modules: Mapping[str, nn.Module] | None = None,
+) -> EvaluationResult:
     from comdefend.console import progress_bar
     from comdefend.training.run import environment
 
     started = time.time()
-    ev = _Evaluator(config, group.device)
+    ev = _Evaluator(config, group.device, classifier, defense_modules)
     # before any expensive work: a resume with other settings is refused at once
-    checkpoints = _checkpoint_hashes(config, ev)
     detector_train = _detector_train_set(ev)
     progress: EvaluationProgress | None = None
     failure: ComDefendError | None = None
@@ -480,7 +571,14 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
         try:
             data = _data_identity(ev, detector_train) if config.out is not None else None
             progress = EvaluationProgress(
-                config.out, fingerprint(asdict(config), checkpoints, data), config.resume
+                config.out,
+                fingerprint(
+                    asdict(config),
+                    _fingerprint_checkpoints(ev),
+                    data,
+                    classifier=ev.resolved.info.sha256,
+                ),
+                config.resume,
             )
         except ComDefendError as error:
             failure = error
@@ -516,14 +614,14 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     for spec, defense, scores in zip(config.defenses, ev.defenses, all_clean.defenses, strict=True):
         accuracy, std = accuracy_stats(scores.correct)
         clean_rows.append(
-            {
-                "defense": spec,
-                "accuracy": accuracy,
-                "accuracy_std": std,
-                "draws": int(scores.correct.shape[0]),
-                "psnr_purified_db": finite_or_none(psnr_from_mse(float(scores.mse.mean()))),
-                "randomized": bool(defense.randomized),
-            }
+            CleanResult(
+                defense=spec,
+                accuracy=accuracy,
+                accuracy_std=std,
+                draws=int(scores.correct.shape[0]),
+                psnr_purified_db=finite_or_none(psnr_from_mse(float(scores.mse.mean()))),
+                randomized=bool(defense.randomized),
+            )
         )
 
     plan = plan_cells(config, ev.defenses)
@@ -532,7 +630,7 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
         for attack in config.attacks
         for eps_label, eps_value in eps_plan(config, attack)
     ]
-    cells: list[dict[str, Any]] = []
+    cells: list[CellResult] = []
     correctness: dict[tuple[Any, ...], torch.Tensor] = {}
     detection: list[dict[str, Any]] = []
     grid_attack = config.attacks[0]
@@ -545,8 +643,17 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
         enabled=config.progress and group.is_main,
     )
     for attack, eps_label, eps_value in groups:
+        finished: tuple[list[CellResult], dict[tuple[int, str], torch.Tensor], Any] | None
         if group_key(attack, eps_label) in restored:
-            finished = progress.finished(attack, eps_label) if progress else None
+            saved = progress.finished(attack, eps_label) if progress else None
+            finished = None
+            if saved is not None:
+                saved_cells, saved_correct, saved_row = saved
+                finished = (
+                    [CellResult.from_dict(c) for c in saved_cells],
+                    saved_correct,
+                    saved_row,
+                )
         else:
             want_grid = attack == grid_attack and eps_label == grid_eps
             own = _craft_and_score_group(
@@ -576,7 +683,15 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
                 finished = (group_cells, group_correct, row)
                 assert progress is not None
                 elapsed = progress.elapsed_s + time.time() - started
-                progress.save_group(attack, eps_label, *finished, grid, elapsed)
+                progress.save_group(
+                    attack,
+                    eps_label,
+                    [cell.to_dict() for cell in group_cells],
+                    group_correct,
+                    row,
+                    grid,
+                    elapsed,
+                )
         bar.update(len(plan))
         if finished is not None:
             group_cells, group_correct, detection_row = finished
@@ -589,50 +704,46 @@ def _evaluate(config: EvaluationConfig, group: ProcessGroup) -> dict[str, Any]:
     counts = [scorer.purified_images, scorer.reused_images]
     work = [json.loads(b) for b in group.gather_bytes(json.dumps(counts).encode())]
 
-    results: dict[str, Any] = {}
+    text, result = b"", None
     if group.is_main:
         assert progress is not None
-        results = {
-            "format": "comdefend-evaluation/1",
-            "config": asdict(config),
-            "eps_unit": "1/255 (an eps of 8 is an L-inf budget of 8/255 on images in [0, 1])",
-            "environment": _environment(environment),
-            "checkpoints": checkpoints,
-            "classifier": _classifier_info(ev),
-            "dataset": {
-                "name": config.dataset,
-                "split": config.split,
-                "n": ev.n,
-                "source": ev.data_source,
-            },
-            "defenses": [
-                {"spec": s, "name": d.name, "settings": d.settings()}
+        result = EvaluationResult(
+            settings=config,
+            provenance=Provenance(
+                classifier=ev.resolved.info,
+                checkpoints=_checkpoint_hashes(config, ev),
+                environment=_environment(environment),
+            ),
+            dataset=DatasetInfo(config.dataset, config.split, ev.n, ev.data_source),
+            defenses=[
+                DefenseInfo(s, d.name, d.settings())
                 for s, d in zip(config.defenses, ev.defenses, strict=True)
             ],
-            "threat_models": {tm: THREAT_MODEL_MEANINGS[tm] for tm in config.threat_models},
-            "clean": clean_rows,
-            "cells": cells,
-            "worst_case": worst_case(config.defenses, cells, correctness),
-            "detectors": (
-                {"info": detectors.info, "results": detection} if config.detectors else {}
-            ),
-            "elapsed_s": round(progress.elapsed_s + time.time() - started, 3),
-            "resumed_groups": progress.restored,
-            "processes": group.world_size,
-            "work": {  # this run's images (a resume counts only what it computed)
+            threat_models={tm: THREAT_MODEL_MEANINGS[tm] for tm in config.threat_models},
+            clean=clean_rows,
+            cells=cells,
+            worst_case=worst_case(config.defenses, cells, correctness),
+            detectors={"info": detectors.info, "results": detection} if config.detectors else {},
+            elapsed_s=round(progress.elapsed_s + time.time() - started, 3),
+            resumed_groups=progress.restored,
+            processes=group.world_size,
+            work={  # this run's images (a resume counts only what it computed)
                 "images_purified": sum(purified for purified, _ in work),
                 "adversarial_images_unchanged_not_purified_again": sum(r for _, r in work),
             },
-            "skipped": [ROC_SKIPPED] if detectors.roc_skipped else [],
-        }
+            skipped=[ROC_SKIPPED] if detectors.roc_skipped else [],
+        )
+        # what results.json holds is what every caller gets (JSON types, no NaN)
+        result = EvaluationResult.from_dict(result.to_dict())
         if config.out is not None:
             from comdefend.evaluation.report import write_report
 
-            write_report(results, config.out, grid=grid)
+            result = write_report(result, config.out, grid=grid)
             progress.clear()
-    # every process returns rank 0's results
-    text = group.broadcast_bytes(json.dumps(finite_json(results)).encode())
-    return results if group.is_main else json.loads(text)
+        text = json.dumps(result.to_dict()).encode()
+    # every process returns rank 0's result
+    text = group.broadcast_bytes(text)
+    return result if result is not None else EvaluationResult.from_dict(json.loads(text))
 
 
 def _environment(environment: Any) -> dict[str, Any]:
@@ -641,21 +752,34 @@ def _environment(environment: Any) -> dict[str, Any]:
     return info
 
 
+def _user_defense_hashes(ev: _Evaluator) -> dict[str, str]:
+    """sha256 of the weights of every defense passed as a module that has any, by name."""
+    return {
+        spec: module_sha256(defense)
+        for spec, defense in ev.user_defenses.items()
+        if any(True for _ in defense.state_dict())
+    }
+
+
+def _defense_checkpoints(ev: _Evaluator) -> dict[str, str]:
+    refs = [r for d in ev.defenses for r in _checkpoint_refs(d)]
+    # keyed as before WeightsRef: a file as written, a zoo model by its path
+    return {(ref.source if ref.kind == "file" else str(ref.path)): ref.sha256 for ref in refs}
+
+
 def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
-    refs = [ev.classifier.weights] + [r for d in ev.defenses for r in _checkpoint_refs(d)]
-    # keyed as before WeightsRef: a file as written, a zoo model by its path (resume fingerprints)
-    return {
-        (ref.source if ref.kind == "file" else str(ref.path)): ref.sha256
-        for ref in refs
-        if ref is not None
-    }
+    """results.json's ``checkpoints``: the sha256 of every model, by its reference (the
+    classifier's file as written or its zoo path; a factory or module by its name)."""
+    info, weights = ev.resolved.info, ev.resolved.weights
+    hashes: dict[str, str] = {}
+    if weights is not None:
+        hashes[weights.source if weights.kind == "file" else str(weights.path)] = weights.sha256
+    elif info.sha256 is not None:
+        hashes[config.classifier] = info.sha256
+    return {**hashes, **_defense_checkpoints(ev), **_user_defense_hashes(ev)}
 
 
-def _classifier_info(ev: _Evaluator) -> dict[str, Any]:
-    config = getattr(ev.classifier, "config", None)
-    return {
-        "path": ev.config.classifier,
-        "weights": ev.classifier.weights.to_dict() if ev.classifier.weights else None,
-        "config": config.to_dict() if config is not None else None,
-        "recorded_metrics": (ev.classifier.checkpoint_metadata or {}).get("metrics", {}),
-    }
+def _fingerprint_checkpoints(ev: _Evaluator) -> dict[str, str]:
+    """The resume fingerprint's models besides the classifier (whose sha256 is its own part:
+    a moved classifier file resumes, a changed model does not)."""
+    return {**_defense_checkpoints(ev), **_user_defense_hashes(ev)}

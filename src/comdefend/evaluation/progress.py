@@ -7,10 +7,13 @@ tensors, the cells and settings as JSON metadata). ``evaluate --resume`` reads t
 groups back instead of recomputing them; the file is removed once the report is written.
 
 A run resumes only with the settings it started with: the progress file records a fingerprint
-(every setting that changes a number, the sha256 of every checkpoint, and the identity of the
-images the run uses: their count, shape and the sha256 of their pixels and labels) and a resume
-with a different one is refused, saying what differs. The images count, not the folder they lie
-in: the same images in a moved or renamed folder resume, a changed image does not. Every random
+(every setting that changes a number, the sha256 of the classifier's weights and of every other
+checkpoint, and the identity of the images the run uses: their count, shape and the sha256 of
+their pixels and labels) and a resume with a different one is refused, saying what differs. The
+images and the classifier count, not where they lie: the same images in a moved or renamed
+folder resume, and so does the same classifier file moved or named another way (a zoo name for
+its path), while a changed image or a changed model (a retrained checkpoint, a factory that
+builds other weights) does not. Every random
 choice of the harness is seeded per group, so a resumed run gives the same numbers as an
 uninterrupted one.
 
@@ -37,26 +40,39 @@ from comdefend.evaluation.scoring import accuracy_stats
 PROGRESS_FILE = "progress.safetensors"
 PROGRESS_KIND = "evaluation-progress"
 #: Settings that do not change any number: left out of the fingerprint. ``data_dir`` only says
-#: where the images lie; what they are is the fingerprint's ``data`` part.
-UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir")
+#: where the images lie; what they are is the fingerprint's ``data`` part. ``classifier`` only
+#: says where the model lies; what it is is the fingerprint's ``classifier`` part (its sha256).
+UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir", "classifier")
 #: Metadata keys not covered by the metadata checksum (itself, and what save_checkpoint adds).
 _UNCHECKSUMMED = ("metadata_sha256", "format_version")
 
 
-def fingerprint(config: dict[str, Any], checkpoints: dict[str, str], data: Any) -> dict:
+def fingerprint(
+    config: dict[str, Any],
+    checkpoints: dict[str, str],
+    data: Any,
+    classifier: str | None = None,
+) -> dict:
     """What must match between an interrupted run and its resume.
 
     Args:
         config: the run's settings (those in :data:`UNFINGERPRINTED` are left out).
-        checkpoints: sha256 of every checkpoint, by name.
+        checkpoints: sha256 of every other checkpoint (the defenses'), by name.
         data: the identity of the images the run uses, by role, e.g.
             ``{"test": ImageSet.identity()}`` (:meth:`comdefend.data.datasets.ImageSet.identity`).
+        classifier: the sha256 of the classifier: of its checkpoint file, or of the
+            ``state_dict`` tensors of a model built by a factory or passed from Python.
     """
     settings = {k: v for k, v in config.items() if k not in UNFINGERPRINTED}
     # JSON round trip: tuples become lists, as they will be when read back
     return json.loads(
         json.dumps(
-            {"config": settings, "checkpoints": checkpoints, "data": data},
+            {
+                "config": settings,
+                "classifier": classifier,
+                "checkpoints": checkpoints,
+                "data": data,
+            },
             sort_keys=True,
             default=str,
         )
@@ -294,13 +310,13 @@ def _differences(saved: Any, current: dict) -> list[str]:
     if not isinstance(saved, dict):
         return []
     names = []
-    for part in ("config", "checkpoints"):
+    for part in ("config", "classifier", "checkpoints"):
         old, new = saved.get(part), current.get(part)
         if isinstance(old, dict) and isinstance(new, dict):
             names += [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
             names.append(part)
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _image_changes(saved: Any, current: dict) -> list[str]:

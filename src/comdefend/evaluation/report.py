@@ -4,7 +4,11 @@ Every file is written atomically. ``results.json``, ``results.csv``, ``report.md
 ``report.html`` and the image grid need nothing beyond the package's requirements; the plots
 (accuracy and ROC curves, PNG, also embedded in the HTML as base64) need matplotlib, imported
 lazily with the Agg backend (``pip install comdefend[report]``). Without it the plots are
-skipped and the reports say so (``results["skipped"]``).
+skipped and the reports say so (:attr:`EvaluationResult.skipped`).
+
+Every function reads the typed :class:`~comdefend.evaluation.results.EvaluationResult` (a
+``results.json`` dict is accepted too and read with
+:meth:`~comdefend.evaluation.results.EvaluationResult.from_dict`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import csv
 import html
 import io
 import json
-import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,10 @@ import torch
 
 from comdefend.checkpoint import atomic_write, atomic_write_text
 from comdefend.defenses.detectors import MissingDependencyError
+from comdefend.evaluation.results import CellResult, EvaluationResult, finite_json
+
+#: A result, or ``results.json``'s content.
+Results = EvaluationResult | Mapping[str, Any]
 
 CSV_FIELDS: tuple[str, ...] = (
     "attack",
@@ -61,7 +69,7 @@ def import_pyplot() -> Any:
     return plt
 
 
-#: Recorded in ``results["skipped"]`` when matplotlib is missing.
+#: Recorded in :attr:`EvaluationResult.skipped` when matplotlib is missing.
 PLOTS_SKIPPED = (
     "plots skipped (accuracy.png{roc}): matplotlib is missing; pip install comdefend[report] "
     "and rerun to get them"
@@ -90,31 +98,32 @@ def _eps_text(eps: Any) -> str:
     return eps if isinstance(eps, str) else f"{eps:g}"
 
 
-def _table_rows(results: dict[str, Any], tm: str) -> tuple[list[str], list[list[str]]]:
+def as_result(results: Results) -> EvaluationResult:
+    """``results`` as an :class:`EvaluationResult` (a ``results.json`` dict is read)."""
+    if isinstance(results, EvaluationResult):
+        return results
+    return EvaluationResult.from_dict(dict(results))
+
+
+def _table_rows(result: EvaluationResult, tm: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one threat model's table (robust accuracy %, defenses as columns)."""
-    defenses = [d["spec"] for d in results["defenses"]]
+    defenses = [d.spec for d in result.defenses]
     header = ["attack", "eps (/255)", *defenses]
-    rows = [["clean", "—", *(_percent(c["accuracy"], c["accuracy_std"]) for c in results["clean"])]]
+    rows = [["clean", "—", *(_percent(c.accuracy, c.accuracy_std) for c in result.clean)]]
     by_key = {
-        (c["attack"], _eps_text(c["eps"]), c["defense"]): c
-        for c in results["cells"]
-        if c["threat_model"] == tm
+        (c.attack, _eps_text(c.eps), c.defense): c for c in result.cells if c.threat_model == tm
     }
-    order = list(dict.fromkeys((c["attack"], _eps_text(c["eps"])) for c in results["cells"]))
+    order = list(dict.fromkeys((c.attack, _eps_text(c.eps)) for c in result.cells))
     for attack, eps in order:
         row = [attack, eps]
         for defense in defenses:
             cell = by_key.get((attack, eps, defense))
-            if cell is None or cell["status"] == "skipped":
+            if cell is None or cell.skipped:
                 row.append("n/a")
             else:
-                row.append(_percent(cell["robust_accuracy"], cell["robust_accuracy_std"]))
+                row.append(_percent(cell.robust_accuracy, cell.robust_accuracy_std))
         rows.append(row)
-    worst = {
-        (w["eps"] if isinstance(w["eps"], str) else f"{w['eps']:g}", w["defense"]): w
-        for w in results["worst_case"]
-        if w["threat_model"] == tm
-    }
+    worst = {(_eps_text(w.eps), w.defense): w for w in result.worst_case if w.threat_model == tm}
     for eps in dict.fromkeys(eps for _, eps in order):
         row = ["worst case", eps]
         for defense in defenses:
@@ -122,38 +131,49 @@ def _table_rows(results: dict[str, Any], tm: str) -> tuple[list[str], list[list[
             row.append(
                 "n/a"
                 if w is None
-                else _percent(w["worst_case_robust_accuracy"], w["worst_case_robust_accuracy_std"])
+                else _percent(w.worst_case_robust_accuracy, w.worst_case_robust_accuracy_std)
             )
         rows.append(row)
     return header, rows
 
 
-def _settings_lines(results: dict[str, Any]) -> list[str]:
-    config = results["config"]
+def _classifier_line(result: EvaluationResult) -> str:
+    info = result.classifier
+    if info.kind == "checkpoint":
+        return f"classifier: {result.settings.classifier}"
+    what = "imported factory" if info.kind == "factory" else "module passed from Python"
+    return (
+        f"classifier: {info.reference} ({what}, {info.module}; sha256 of its state_dict "
+        f"{(info.sha256 or '')[:16]}…)"
+    )
+
+
+def _settings_lines(result: EvaluationResult) -> list[str]:
+    config = result.settings
     lines = [
-        f"dataset: {config['dataset']} "
+        f"dataset: {config.dataset} "
         + (
             "embedded sample (class-balanced test images)"
-            if config.get("split") == "sample"
+            if config.split == "sample"
             else "test set"
         )
-        + f", first {results['dataset']['n']} images",
-        f"classifier: {config['classifier']}",
-        f"defenses: {', '.join(config['defenses'])}",
-        f"attacks: {', '.join(config['attacks'])}",
-        f"eps: {', '.join(f'{e:g}' for e in config['eps'])} (units of 1/255; L-inf); "
+        + f", first {result.dataset.n} images",
+        _classifier_line(result),
+        f"defenses: {', '.join(config.defenses)}",
+        f"attacks: {', '.join(config.attacks)}",
+        f"eps: {', '.join(f'{e:g}' for e in config.eps)} (units of 1/255; L-inf); "
         "deepfool and cw are minimum-norm L2 attacks reported as 'min-norm'",
-        f"threat models: {', '.join(config['threat_models'])}",
-        f"seed {config['seed']}, batch size {config['batch_size']}, EOT samples "
-        f"{config['eot_samples']}, evaluation draws of randomized defenses {config['eot_draws']}",
+        f"threat models: {', '.join(config.threat_models)}",
+        f"seed {config.seed}, batch size {config.batch_size}, EOT samples "
+        f"{config.eot_samples}, evaluation draws of randomized defenses {config.eot_draws}",
     ]
     # Settings that are the same at every eps are listed once; those that vary with eps (the
     # default step size is a multiple of eps) are listed per eps.
     per_attack: dict[str, dict[str, dict[str, Any]]] = {}
-    for cell in results["cells"]:
-        if "attack_settings" in cell:
-            settings = {k: v for k, v in cell["attack_settings"].items() if k != "eps"}
-            per_attack.setdefault(cell["attack"], {})[str(cell["eps"])] = settings
+    for cell in result.cells:
+        if cell.attack_settings is not None:
+            settings = {k: v for k, v in cell.attack_settings.items() if k != "eps"}
+            per_attack.setdefault(cell.attack, {})[str(cell.eps)] = settings
     for name, by_eps in per_attack.items():
         keys = set().union(*(s.keys() for s in by_eps.values()))
         common = {
@@ -173,35 +193,36 @@ def _settings_lines(results: dict[str, Any]) -> list[str]:
                 for eps, s in by_eps.items()
             )
         lines.append(f"attack {name}: {text}")
-    env = results["environment"]
+    env = result.provenance.environment
     lines.append(f"comdefend {env.get('comdefend')}, torch {env.get('torch')}")
-    for path, digest in results["checkpoints"].items():
+    for path, digest in result.provenance.checkpoints.items():
         lines.append(f"sha256 {digest[:16]}… {path}")
     return lines
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def _notes(result: EvaluationResult, tm: str) -> list[str]:
+    return sorted(
+        {f"{c.defense}: {c.note}" for c in result.cells if c.threat_model == tm and c.note}
+    )
+
+
+def render_markdown(results: Results) -> str:
     """The paper-style tables: one per threat model, rows attack × eps, columns defenses."""
+    result = as_result(results)
     out = ["# Adversarial robustness evaluation", "", "## Settings", ""]
-    out += [f"- {line}" for line in _settings_lines(results)]
+    out += [f"- {line}" for line in _settings_lines(result)]
     out += ["", "Values: accuracy in % (± std over evaluation draws for randomized defenses).", ""]
-    for tm, meaning in results["threat_models"].items():
-        header, rows = _table_rows(results, tm)
+    for tm, meaning in result.threat_models.items():
+        header, rows = _table_rows(result, tm)
         out += [f"## Threat model: {tm}", "", f"{meaning}.", ""]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join("---" for _ in header) + "|")
         out += ["| " + " | ".join(row) + " |" for row in rows]
-        notes = sorted(
-            {
-                f"{c['defense']}: {c['note']}"
-                for c in results["cells"]
-                if c["threat_model"] == tm and c.get("note")
-            }
-        )
+        notes = _notes(result, tm)
         if notes:
             out += ["", "Notes:", ""] + [f"- {note}" for note in notes]
         out.append("")
-    detectors = results.get("detectors") or {}
+    detectors = result.detectors
     if detectors.get("results"):
         out += ["## Detectors (oblivious adversarials of the undefended classifier)", ""]
         names = [k for k in detectors["info"] if k != "skipped"]
@@ -216,18 +237,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append("")
     elif detectors.get("info", {}).get("skipped"):
         out += ["## Detectors", "", f"Skipped: {detectors['info']['skipped']}", ""]
-    if results.get("skipped"):
-        out += ["## Not in this report", ""] + [f"- {line}" for line in results["skipped"]]
+    if result.skipped:
+        out += ["## Not in this report", ""] + [f"- {line}" for line in result.skipped]
         out.append("")
     return "\n".join(out)
 
 
-def write_csv(path: str | os.PathLike, cells: list[dict[str, Any]]) -> Path:
+def write_csv(path: str | os.PathLike, cells: list[CellResult] | list[dict[str, Any]]) -> Path:
     """One row per cell (:data:`CSV_FIELDS`)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    for cell in cells:
+    for row in cells:
+        cell = row.to_dict() if isinstance(row, CellResult) else row
         writer.writerow({k: ("" if cell.get(k) is None else cell.get(k)) for k in CSV_FIELDS})
     return atomic_write_text(path, buffer.getvalue())
 
@@ -239,20 +261,21 @@ def _save_figure(figure: Any, path: Path) -> Path:
     return path
 
 
-def accuracy_figure(results: dict[str, Any], path: Path) -> Path | None:
+def accuracy_figure(results: Results, path: Path) -> Path | None:
     """Worst-case robust accuracy vs eps per defense, one subplot per threat model."""
-    rows = [w for w in results["worst_case"] if not isinstance(w["eps"], str)]
+    result = as_result(results)
+    rows = [w for w in result.worst_case if not isinstance(w.eps, str)]
     if not rows:
         return None
     plt = import_pyplot()
-    tms = list(results["threat_models"])
+    tms = list(result.threat_models)
     figure, axes = plt.subplots(1, len(tms), figsize=(4.5 * len(tms), 3.6), squeeze=False)
     for ax, tm in zip(axes[0], tms, strict=True):
-        for number, defense in enumerate(d["spec"] for d in results["defenses"]):
+        for number, defense in enumerate(d.spec for d in result.defenses):
             points = sorted(
-                (w["eps"], 100 * w["worst_case_robust_accuracy"])
+                (float(w.eps), 100 * w.worst_case_robust_accuracy)
                 for w in rows
-                if w["threat_model"] == tm and w["defense"] == defense
+                if w.threat_model == tm and w.defense == defense
             )
             if points:
                 xs, ys = zip(*points, strict=True)
@@ -267,9 +290,9 @@ def accuracy_figure(results: dict[str, Any], path: Path) -> Path | None:
     return _save_figure(figure, path)
 
 
-def roc_figure(results: dict[str, Any], path: Path) -> Path | None:
+def roc_figure(results: Results, path: Path) -> Path | None:
     """Detector ROC curves, one subplot per detector, one curve per (attack, eps)."""
-    detectors = results.get("detectors") or {}
+    detectors = as_result(results).detectors
     if not detectors.get("results"):
         return None
     plt = import_pyplot()
@@ -319,29 +342,25 @@ def _embedded(path: Path, alt: str) -> str:
     )
 
 
-def tables_html(results: dict[str, Any], level: int = 2) -> str:
+def tables_html(results: Results, level: int = 2) -> str:
     """One HTML table per threat model (robust accuracy %), with its meaning and notes."""
+    result = as_result(results)
     parts = []
-    for tm, meaning in results["threat_models"].items():
-        header, rows = _table_rows(results, tm)
+    for tm, meaning in result.threat_models.items():
+        header, rows = _table_rows(result, tm)
         parts.append(
             f"<h{level}>Threat model: {html.escape(tm)}</h{level}><p>{html.escape(meaning)}.</p>"
         )
         parts.append(_html_table(header, rows))
-        notes = sorted(
-            {
-                f"{c['defense']}: {c['note']}"
-                for c in results["cells"]
-                if c["threat_model"] == tm and c.get("note")
-            }
-        )
+        notes = _notes(result, tm)
         if notes:
             parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     return "\n".join(parts)
 
 
-def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
+def render_html(results: Results, figures: dict[str, Path]) -> str:
     """The Markdown report's tables as HTML, with the figures embedded as base64 PNG."""
+    result = as_result(results)
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         "<title>Adversarial robustness evaluation</title>",
@@ -349,11 +368,11 @@ def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
         "padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
         "<h1>Adversarial robustness evaluation</h1><h2>Settings</h2><ul>",
-        *(f"<li>{html.escape(line)}</li>" for line in _settings_lines(results)),
+        *(f"<li>{html.escape(line)}</li>" for line in _settings_lines(result)),
         "</ul><p>Values: accuracy in % (± std over evaluation draws for randomized defenses).</p>",
     ]
-    parts.append(tables_html(results))
-    detectors = results.get("detectors") or {}
+    parts.append(tables_html(result))
+    detectors = result.detectors
     if detectors.get("results"):
         names = [k for k in detectors["info"] if k != "skipped"]
         header = ["attack", "eps"] + [f"{n} {m}" for n in names for m in ("AUC", "TPR@5%FPR")]
@@ -369,9 +388,9 @@ def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
         "grid": "Clean / adversarial / amplified difference / purified",
         "roc": "Detector ROC curves",
     }
-    if results.get("skipped"):
+    if result.skipped:
         parts.append("<h2>Not in this report</h2><ul>")
-        parts += [f"<li>{html.escape(line)}</li>" for line in results["skipped"]]
+        parts += [f"<li>{html.escape(line)}</li>" for line in result.skipped]
         parts.append("</ul>")
     if figures:
         parts.append("<h2>Figures</h2>")
@@ -380,49 +399,54 @@ def render_html(results: dict[str, Any], figures: dict[str, Path]) -> str:
     return "\n".join(parts)
 
 
-def finite_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(item) for item in value]
-    return value
-
-
 def write_report(
-    results: dict[str, Any], out: str | os.PathLike, grid: dict[str, Any] | None = None
-) -> list[str]:
-    """Write every output of an evaluation run into ``out``; returns the file names.
+    results: Results, out: str | os.PathLike, grid: dict[str, Any] | None = None
+) -> EvaluationResult:
+    """Write every output of an evaluation run into ``out``; returns the result as written
+    (its :attr:`~EvaluationResult.files` listing the files).
 
     Without matplotlib (the ``report`` extra) the plots are skipped and a line saying so (and how
-    to get them) is added to ``results["skipped"]``; everything else is written.
+    to get them) is added to :attr:`~EvaluationResult.skipped`; everything else is written.
     """
+    result = as_result(results)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
-    skipped = [line for line in results.get("skipped", []) if not line.startswith("plots ")]
+    skipped = [line for line in result.skipped if not line.startswith("plots ")]
     if plotting_available():
         for name, maker in (("accuracy", accuracy_figure), ("roc", roc_figure)):
-            path = maker(results, folder / f"{name}.png")
+            path = maker(result, folder / f"{name}.png")
             if path is not None:
                 figures[name] = path
     else:
-        has_roc = bool((results.get("detectors") or {}).get("results"))
+        has_roc = bool(result.detectors.get("results"))
         skipped.append(PLOTS_SKIPPED.format(roc=", roc.png" if has_roc else ""))
-    results["skipped"] = skipped
     grid_path = grid_figure(grid or {}, folder / "grid.png")
     if grid_path is not None:
         figures["grid"] = grid_path
     files = ["results.json", "results.csv", "report.md", "report.html"]
     files += [p.name for p in figures.values()]
-    results["files"] = files
-    atomic_write_text(
-        folder / "results.json",
-        json.dumps(finite_json(results), indent=2, default=str, allow_nan=False),
-    )
-    write_csv(folder / "results.csv", results["cells"])
-    atomic_write_text(folder / "report.md", render_markdown(results))
-    atomic_write_text(folder / "report.html", render_html(results, figures))
-    return files
+    result = result.with_files(files, skipped)
+    result.save(folder / "results.json")
+    write_csv(folder / "results.csv", result.cells)
+    atomic_write_text(folder / "report.md", render_markdown(result))
+    atomic_write_text(folder / "report.html", render_html(result, figures))
+    return result
+
+
+__all__ = [
+    "CSV_FIELDS",
+    "PLOTS_SKIPPED",
+    "accuracy_figure",
+    "as_result",
+    "finite_json",
+    "grid_figure",
+    "import_pyplot",
+    "plotting_available",
+    "render_html",
+    "render_markdown",
+    "roc_figure",
+    "tables_html",
+    "write_csv",
+    "write_report",
+]

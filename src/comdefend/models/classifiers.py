@@ -25,8 +25,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -704,6 +709,208 @@ def load_torchvision_classifier(
     return model.to(map_location).eval()
 
 
+# -- the user's own classifier: ``package.module:factory`` -------------------------------------
+
+#: ``package.module:factory``; the attribute may be dotted (``package.module:Class.create``).
+_FACTORY_REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+#: Prefixes that name models, not Python modules.
+_MODEL_PREFIXES = ("zoo", "torchvision")
+
+
+def is_factory_reference(reference: str) -> bool:
+    """Whether ``reference`` names a factory ``package.module:callable`` rather than a checkpoint
+    (a file that exists, ``zoo:NAME`` or ``torchvision:NAME``).
+
+    Example:
+        >>> is_factory_reference("mypackage.models:build"), is_factory_reference("zoo:fashion-cnn")
+        (True, False)
+        >>> is_factory_reference("runs/a/classifier.safetensors")
+        False
+    """
+    text = reference.strip()
+    if not _FACTORY_REFERENCE.match(text) or text.split(":", 1)[0] in _MODEL_PREFIXES:
+        return False
+    return not Path(text).exists()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+@contextmanager
+def _current_folder_importable() -> Iterator[None]:
+    """The current folder on ``sys.path`` while the user's module is imported and its factory
+    runs (``comdefend`` started as a console script does not have it there, ``python -m`` does)."""
+    folder = os.getcwd()
+    added = folder not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def import_classifier_factory(reference: str) -> nn.Module:
+    """Import ``package.module:factory``, call the factory with no arguments and return the
+    ``nn.Module`` it builds: the user's own classifier (``comdefend evaluate --classifier``).
+
+    The module is imported as Python would import it, with the current folder on ``sys.path``
+    (so ``mymodels:build`` finds ``./mymodels.py``). The factory is any callable without
+    required arguments (a function, a class, ``Class.classmethod``). The model must take NCHW
+    float images in [0, 1] and return logits (normalization inside the model); check that with
+    :func:`check_classifier_outputs`.
+
+    Args:
+        reference: ``package.module:factory``.
+
+    Returns:
+        The factory's model, as built (mode and device untouched).
+
+    Raises:
+        UsageError: a reference of another form, a module that cannot be imported, a missing
+            attribute, a factory that needs arguments or raises, a result that is not an
+            ``nn.Module``; each a one-line message naming ``reference``.
+
+    Example:
+        >>> model = import_classifier_factory("mypackage.models:build")  # doctest: +SKIP
+    """
+    text = reference.strip()
+    if not _FACTORY_REFERENCE.match(text):
+        raise UsageError(
+            f"classifier {reference!r} is not of the form package.module:factory "
+            "(e.g. mypackage.models:build)"
+        )
+    module_name, attribute = text.split(":", 1)
+    with _current_folder_importable():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            missing = error.name or module_name
+            where = (
+                "; is it installed, or a .py file in the current folder?"
+                if module_name == missing or module_name.startswith(f"{missing}.")
+                else f" (imported by {module_name})"
+            )
+            raise UsageError(
+                f"classifier {text}: cannot import {module_name}: no module named "
+                f"{missing!r}{where}"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - the user's module may raise anything
+            raise UsageError(
+                f"classifier {text}: importing {module_name} failed: {_first_line(error)}"
+            ) from error
+        factory: Any = module
+        for part in attribute.split("."):
+            if not hasattr(factory, part):
+                raise UsageError(f"classifier {text}: {module_name} has no attribute {attribute!r}")
+            factory = getattr(factory, part)
+        if not callable(factory):
+            raise UsageError(
+                f"classifier {text}: {attribute} is a {type(factory).__name__}, not a callable "
+                "that builds the model"
+            )
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None:
+            required = [
+                name
+                for name, parameter in signature.parameters.items()
+                if parameter.default is inspect.Parameter.empty
+                and parameter.kind
+                not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ]
+            if required:
+                raise UsageError(
+                    f"classifier {text}: {attribute} needs the argument(s) {', '.join(required)}; "
+                    "give a factory that builds the model with no arguments"
+                )
+        try:
+            model = factory()
+        except Exception as error:  # noqa: BLE001
+            raise UsageError(
+                f"classifier {text}: {attribute}() raised {_first_line(error)}"
+            ) from error
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"classifier {text}: {attribute}() returned a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model
+
+
+def check_classifier_outputs(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    num_classes: int,
+    *,
+    label: str,
+    dataset: str,
+) -> None:
+    """The input contract of every evaluated classifier, checked on a small probe batch: NCHW
+    float images in [0, 1] in, a 2-D tensor of finite floating-point logits with one column per
+    class of the dataset out.
+
+    Args:
+        classifier: the model, in eval mode on the images' device.
+        images: the probe batch ``(N, C, H, W)``, float in [0, 1] (the dataset's first images).
+        num_classes: the dataset's number of classes.
+        label: how to name the classifier in messages (``package.module:factory``).
+        dataset: the dataset's name, for messages.
+
+    Raises:
+        UsageError: one line saying what the model did instead (raised, wrong shape or class
+            count, not floating point, NaN or infinite logits).
+
+    Example:
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+        >>> check_classifier_outputs(model, torch.rand(2, 1, 28, 28), 10,
+        ...                          label="demo", dataset="fashion-mnist")
+        >>> try:
+        ...     check_classifier_outputs(model, torch.rand(2, 1, 28, 28), 100,
+        ...                              label="demo", dataset="cifar100")
+        ... except UsageError as error:
+        ...     print(error)
+        classifier demo returns 10 logits per image but cifar100 has 100 classes
+    """
+    count, shape = int(images.shape[0]), tuple(images.shape)
+    try:
+        with torch.no_grad():
+            logits = classifier(images)
+    except Exception as error:  # noqa: BLE001 - the user's model may raise anything
+        raise UsageError(
+            f"classifier {label} failed on {count} {dataset} images of shape {shape} (NCHW "
+            f"float in [0, 1]): {_first_line(error)}"
+        ) from error
+    if not isinstance(logits, torch.Tensor):
+        raise UsageError(
+            f"classifier {label} returned a {type(logits).__name__}, not a tensor of logits; "
+            f"it must return ({count}, {num_classes}) logits for {shape} images"
+        )
+    if logits.dim() != 2 or logits.shape[0] != count:
+        raise UsageError(
+            f"classifier {label} returned shape {tuple(logits.shape)} for {count} images of "
+            f"shape {shape}; expected ({count}, {num_classes}) logits"
+        )
+    if logits.shape[1] != num_classes:
+        raise UsageError(
+            f"classifier {label} returns {logits.shape[1]} logits per image but {dataset} has "
+            f"{num_classes} classes"
+        )
+    if not logits.is_floating_point():
+        raise UsageError(
+            f"classifier {label} returned {logits.dtype} outputs; logits must be floating point"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise UsageError(
+            f"classifier {label} returned NaN or infinite logits on {count} {dataset} images"
+        )
+
+
 __all__ = [
     "CLASSIFIERS",
     "CLASSIFIER_KIND",
@@ -719,10 +926,13 @@ __all__ = [
     "TorchvisionClassifier",
     "build_classifier",
     "check_classifier_fits",
+    "check_classifier_outputs",
     "check_dataset_fits",
     "classifier_from_config",
     "count_parameters",
     "get_classifier_spec",
+    "import_classifier_factory",
+    "is_factory_reference",
     "list_classifiers",
     "load_classifier",
     "register_classifier",
