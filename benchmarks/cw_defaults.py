@@ -6,7 +6,7 @@ median L2 norm of its perturbations, next to DeepFool's on the same images. Run:
     python benchmarks/cw_defaults.py --images 100 --threads 1
 
 Each setting is ``lr:steps:binary_search_steps``; ``--settings`` takes several. The numbers in
-docs/RESULTS.md ("C&W-L2 defaults") come from this script.
+docs/notes/attack-checks.md come from this script.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CIFAR-10 paper table of docs/RESULTS.md on the full test set, the precision benchmark and
+# The CIFAR-10 paper table of docs/notes/paper-comparison.md on the full test set, the precision benchmark and
 # the ImageNet Table 8 setting on all 1,000 sample images, on one GPU, with logs.
 #
 # Usage (from the repository root, the venv active, the authors' checkpoints and CIFAR-10 present):
@@ -57,7 +57,7 @@ if [ ! -f runs/official-rgb.safetensors ]; then
   fi
 fi
 
-# The command of docs/RESULTS.md (CIFAR-10 table), on the test split, with --resume so that a
+# The command of docs/notes/paper-comparison.md (CIFAR-10 table), on the test split, with --resume so that a
 # rerun after a timeout continues where this one stopped.
 run_evaluation() {  # LABEL LOGNAME ARGS...: runs evaluate under the timeout, sets status/seconds
   local label=$1 logname=$2; shift 2
@@ -95,7 +95,7 @@ if has_part precision; then
   tail -n 6 "$LOGS/precision.log" | tee -a "$LOGS/gpu_check.log"
 fi
 
-# The paper's Table 8 setting on the ImageNet sample (docs/RESULTS.md, ImageNet), oblivious and
+# The paper's Table 8 setting on the ImageNet sample (docs/notes/imagenet.md), oblivious and
 # bpda, with C&W: EfficientNet-Lite0, the authors' RGB model in patch mode, our CIFAR-10 models.
 IMAGENET_REPORT="$OUT/imagenet-$IMAGENET_N"
 if has_part imagenet; then

@@ -1,7 +1,7 @@
 """Compare ComDefend presets from their training logs: a markdown table and a PSNR-curve chart.
 
-    python scripts/preset_table.py docs/runs-h100/*.jsonl \
-        --speed docs/runs-h100/probe-ms-per-iteration.json --out docs/presets
+    python scripts/preset_table.py docs/notes/gpu-runs/runs-h100/*.jsonl \
+        --speed docs/notes/gpu-runs/runs-h100/probe-ms-per-iteration.json --out docs/presets
 
 Each input is a run's ``log.jsonl`` (or a run folder holding one). The table gives, per run:
 preset, parameters, the iterations it reached, held-out PSNR at a common iteration (the largest

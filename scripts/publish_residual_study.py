@@ -231,7 +231,7 @@ def readme(results: dict[str, Any], provenance: dict[str, Any], notes: str | Non
         f"- Hardware: {provenance['hardware']}.",
         f"- Software: comdefend {provenance['comdefend']}, torch {provenance['torch']}, "
         f"Python {provenance['python']}.",
-        f"- Training time so far (all sessions): {_hours(provenance['training_seconds'])}; "
+        f"- Training time so far: {_hours(provenance['training_seconds'])}; "
         f"measuring time: {_hours(provenance['measuring_seconds'])}.",
         f"- Published {provenance['published']}.",
         "",

@@ -1,7 +1,8 @@
 """Training runs with and without a stabilizer side by side: a markdown table and a chart.
 
-    python scripts/stabilizer_curves.py docs/runs-cpu/comdefend-fashion-mnist.jsonl \
-        docs/runs-cpu/fashion-mnist-amsgrad.jsonl --out docs/stabilizers
+    cd docs/notes/zoo-trainings/runs-cpu
+    python ../../../../scripts/stabilizer_curves.py comdefend-fashion-mnist.jsonl \
+        comdefend-fashion-mnist-stabilized.jsonl --out stabilizers
 
 Each input is a run's ``log.jsonl`` (or a run folder holding one; a file's name, without
 ``.jsonl``, names the run). The table gives, per run: dataset, stabilizers, seed, learning rate,

@@ -160,8 +160,8 @@ def main() -> None:
         if args.smoke:
             continue
         recorded = f"comdefend {arguments} --out runs/zoo/{name}"
-        # The seed recipe can diverge late (docs/RESULTS.md): "auto" ships a collapsed run's
-        # best evaluated weights and says so in the notes.
+        # The seed recipe can diverge late (docs/notes/training-collapse.md): "auto" ships a
+        # collapsed run's best evaluated weights and says so in the notes.
         subprocess.run(
             [
                 sys.executable,

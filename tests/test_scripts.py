@@ -1,4 +1,4 @@
-"""The repository's scripts that docs/RESULTS.md relies on, run as a user runs them."""
+"""The repository's scripts that the docs and notes rely on, run as a user runs them."""
 
 from __future__ import annotations
 

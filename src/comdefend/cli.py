@@ -306,7 +306,7 @@ def train_command(
         help="Measures against collapse, NAME[=VALUE][,NAME...]: rollback, logit-penalty, "
         "clip-grad, code-bound, adam-eps, amsgrad, warmup, cosine-decay (none in any recipe; "
         "'none' turns them off). The measured choice against the collapse: rollback "
-        "(docs/RESULTS.md).",
+        "(docs/notes/training-collapse.md).",
     ),
     patch_size: int | None = typer.Option(
         None,

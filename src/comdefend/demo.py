@@ -85,7 +85,7 @@ DEMO_THREAT_MODELS: tuple[str, ...] = ("oblivious", "bpda")
 #: Reduced attack budgets that keep the demo within minutes (recorded in every results.json).
 #: Under bpda every attack step differentiates through ComDefend (about 5 GMAC per image), so
 #: DeepFool looks at the 2 most likely wrong classes for at most 10 steps and C&W runs one
-#: constant for 20 Adam steps (docs/RESULTS.md has the full-strength settings).
+#: constant for 20 Adam steps (docs/notes/adaptive-attacks.md has the full-strength settings).
 DEMO_ATTACK_PARAMS: dict[str, dict[str, Any]] = {
     "bim": {"steps": 10},
     "pgd": {"steps": 10},

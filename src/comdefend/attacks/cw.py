@@ -44,7 +44,7 @@ class CW(Attack):
             no effect on the image: with the former default 0.01, 100 steps could not bring such
             pixels into play (93 of 97 shipped Fashion-MNIST images fooled, median L2 1.3x
             DeepFool's). The default 0.1 fools all 97 with a smaller median L2 than
-            DeepFool (``docs/RESULTS.md``, "C&W-L2 defaults").
+            DeepFool (``docs/notes/attack-checks.md``).
         binary_search_steps: number of rounds (>= 1).
         eps: optional L2 budget (>= 0).
         seed: unused (C&W starts from the clean image); kept for a uniform API.

@@ -19,8 +19,8 @@ recipe's name and every resolved field, and so does every checkpoint the run wri
   pixels' padding value (0 vs 0.5 in image units). The authors trained it on SVHN; here the
   dataset is whatever ``--dataset`` says (CIFAR-10 by default). With this optimizer the plain
   model was dead (output saturated, every gradient 0) within 20 iterations on the collapse
-  proxy of docs/RESULTS.md (Fashion-MNIST crops, batch 20); no stabilizer measured there fixed
-  it.
+  proxy of docs/notes/training-collapse.md (Fashion-MNIST crops, batch 20); no stabilizer
+  measured there fixed it.
 
 No recipe turns on a stabilizer: they are faithful to their sources. ``--stabilize`` adds one.
 

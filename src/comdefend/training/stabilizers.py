@@ -2,9 +2,10 @@
 
 The plain ComDefend recipe (Adam, constant learning rate, noise of std 20 before the code's
 sigmoid) can collapse: the code logits grow without bound and the decoder's output sigmoid
-saturates, after which every gradient is exactly zero (docs/RESULTS.md). None of the measures
-here changes what the model *is*: the architecture, the loss and the inference path (the sign
-of the code logits decides each bit) stay the same; they only change how it is trained.
+saturates, after which every gradient is exactly zero (docs/notes/training-collapse.md). None
+of the measures here changes what the model *is*: the architecture, the loss and the inference
+path (the sign of the code logits decides each bit) stay the same; they only change how it is
+trained.
 
 Each measure is a registered :class:`Stabilizer`; ``NAME=VALUE`` overrides its default
 strength. The resolved measures are a :class:`Stabilization`, recorded in the run's config and

@@ -202,7 +202,8 @@ EvaluationHook = Callable[[int, ComDefend], dict[str, Any]]
 
 # A held-out PSNR this many dB below the best of the run is reported as a collapse. The study's
 # recipe (Adam 1e-3, constant) can diverge late: on a GPU the plain CIFAR-10 model fell from
-# 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered (docs/RESULTS.md).
+# 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered
+# (docs/notes/training-collapse.md).
 COLLAPSE_DB = 6.0
 # Every gradient exactly zero for this many iterations in a row (each with its own batch and
 # noise) ends the run early: it can no longer learn. This is how the plain recipe collapses:
