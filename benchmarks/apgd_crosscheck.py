@@ -57,8 +57,10 @@ def main() -> None:
             x_adv = attack(x, y)
             seconds = time.perf_counter() - start
             linf = (x_adv - x).abs().max().item() * 255
-            print(f"eps {eps255:g}/255  {label:<28} robust accuracy {accuracy(x_adv):.3f}  "
-                  f"max |delta| {linf:.3f}/255  ({seconds:.0f} s)")
+            print(
+                f"eps {eps255:g}/255  {label:<28} robust accuracy {accuracy(x_adv):.3f}  "
+                f"max |delta| {linf:.3f}/255  ({seconds:.0f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -45,16 +45,20 @@ def main() -> None:
         correct = classifier(x).argmax(1) == y
     x, y = x[correct], y[correct]
     saturated = ((x == 0) | (x == 1)).float().mean().item()
-    print(f"{len(x)} of {args.images} sample images correctly classified; "
-          f"{100 * saturated:.1f}% of their pixels are exactly 0 or 1")
+    print(
+        f"{len(x)} of {args.images} sample images correctly classified; "
+        f"{100 * saturated:.1f}% of their pixels are exactly 0 or 1"
+    )
 
     def report(label: str, x_adv: torch.Tensor, seconds: float) -> torch.Tensor:
         with torch.no_grad():
             fooled = classifier(x_adv).argmax(1) != y
         norms = l2_norms(x, x_adv)[fooled]
         median = norms.median().item() if len(norms) else float("nan")
-        print(f"{label:<34} fooled {int(fooled.sum()):>3}/{len(x)}  "
-              f"median L2 {median:.3f}  ({seconds:.0f} s)")
+        print(
+            f"{label:<34} fooled {int(fooled.sum()):>3}/{len(x)}  "
+            f"median L2 {median:.3f}  ({seconds:.0f} s)"
+        )
         return fooled
 
     start = time.perf_counter()
@@ -66,12 +70,15 @@ def main() -> None:
         attack = CW(classifier, lr=float(lr), steps=int(steps), binary_search_steps=int(rounds))
         start = time.perf_counter()
         x_cw = attack(x, y)
-        fooled = report(f"cw lr={lr} steps={steps} rounds={rounds}", x_cw,
-                        time.perf_counter() - start)
+        fooled = report(
+            f"cw lr={lr} steps={steps} rounds={rounds}", x_cw, time.perf_counter() - start
+        )
         both = fooled & fooled_df
         ratio = (l2_norms(x, x_cw)[both] / df_norms[both]).median().item()
-        print(f"{'':<34} median per-image L2 ratio cw/deepfool {ratio:.3f} "
-              f"on the {int(both.sum())} images both fool")
+        print(
+            f"{'':<34} median per-image L2 ratio cw/deepfool {ratio:.3f} "
+            f"on the {int(both.sum())} images both fool"
+        )
 
 
 if __name__ == "__main__":

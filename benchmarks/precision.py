@@ -118,11 +118,15 @@ def main() -> None:
         }
         rows.append(row)
     base = rows[0]["images_per_second"]
-    print(f"model {args.model}, classifier {args.classifier}, {len(x)} images, "
-          f"PGD {args.eps:g}/255 oblivious, {args.threads} threads, device {device}")
-    print("| precision | images/s | speed vs fp32 | code bits != fp32 | PSNR vs fp32 (dB) "
-          "| pixels > 1/255 from fp32 | PSNR vs clean (dB) | clean acc. | robust acc. (PGD) "
-          "| adv. predictions changed |")
+    print(
+        f"model {args.model}, classifier {args.classifier}, {len(x)} images, "
+        f"PGD {args.eps:g}/255 oblivious, {args.threads} threads, device {device}"
+    )
+    print(
+        "| precision | images/s | speed vs fp32 | code bits != fp32 | PSNR vs fp32 (dB) "
+        "| pixels > 1/255 from fp32 | PSNR vs clean (dB) | clean acc. | robust acc. (PGD) "
+        "| adv. predictions changed |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         psnr_fp32 = "=" if r["precision"] == "fp32" else f"{r['psnr_vs_fp32_db']:.1f}"
