@@ -100,3 +100,65 @@ def test_two_processes_resume_a_single_process_run(
     results = json.loads((out / "results.json").read_text())
     assert results["resumed_groups"] == 1
     assert _same_parts(results) == _same_parts(reference)
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in found.stdout.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["rank", "launcher"])
+def test_a_killed_rank_or_launcher_resumes_to_the_single_process_report(
+    reference: dict[str, Any], tmp_path: Path, victim: str
+) -> None:
+    """SIGKILL of one worker, or of torchrun itself, once a group is saved: the same command
+    with --resume (here in one process) gives the uninterrupted single-process cells."""
+    import signal
+    import time
+
+    from comdefend.evaluation.progress import PROGRESS_FILE
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "comdefend",
+        "evaluate",
+        *ARGS,
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / PROGRESS_FILE).exists() and launcher.poll() is None:
+            assert time.monotonic() < deadline, "no group was saved"
+            time.sleep(0.05)
+        killed = launcher.poll() is None
+        if killed:  # still running: kill it mid-run
+            workers = _children(launcher.pid)
+            os.kill(workers[-1] if victim == "rank" and workers else launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=120)
+    finally:
+        try:  # the launcher's process group: a worker orphaned by a killed launcher too
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    if killed:
+        assert not (out / "results.json").exists()  # it was stopped before the end
+    resumed = evaluate(EvaluationConfig(**SETTINGS, out=str(out), resume=True)).to_dict()
+    assert resumed["resumed_groups"] >= 1
+    assert _same_parts(resumed) == _same_parts(reference)

@@ -573,7 +573,8 @@ def _evaluate(
             progress = EvaluationProgress(
                 config.out,
                 fingerprint(
-                    asdict(config),
+                    # the device the numbers come from, not how it was asked for ("auto")
+                    {**asdict(config), "device": group.device.type},
                     _fingerprint_checkpoints(ev),
                     data,
                     classifier=ev.resolved.info.sha256,
