@@ -70,7 +70,10 @@ def images(tmp_path: Path) -> Path:
         (["train-classifier", "--threads", "0"], "--threads must be an integer >= 1"),
         (["residual-study", "-c", "x", "--lr", "inf"], "--lr must be a finite number > 0"),
         (["residual-study", "-c", "x", "--threads", "0"], "--threads must be an integer >= 1"),
-        (["evaluate", "--dataset", "cifar10", "-c", "x", "--n", "0"], "--n must be an integer"),
+        (
+            ["evaluate", "--dataset", "cifar10", "-c", "x", "--n", "0"],
+            "--images must be an integer",
+        ),
         (["evaluate", "--dataset", "cifar10", "-c", "x", "--seed", "-1"], "--seed must be"),
         (["evaluate", "--dataset", "cifar10", "-c", "x", "--device", "tpu"], "unknown --device"),
         (["demo", "--threads", "0"], "--threads must be an integer >= 1"),
@@ -92,7 +95,7 @@ def test_reconstruct_and_purify_flags(
     assert_one_error_line(
         run(capsys, "reconstruct", *model, "--batch-size", "0"), "--batch-size must be"
     )
-    assert_one_error_line(run(capsys, "reconstruct", *model, "--n", "-3"), "--n must be")
+    assert_one_error_line(run(capsys, "reconstruct", *model, "--n", "-3"), "--images must be")
     out = ["-o", str(tmp_path / "out")]
     for flag, value in [("--noise-std", "-1"), ("--noise-std", "nan"), ("--seed", str(2**67))]:
         assert_one_error_line(run(capsys, "purify", str(images), *model, *out, flag, value), flag)
@@ -274,7 +277,7 @@ def test_interrupt_of_evaluate_and_of_a_plain_command(
 
     out = tmp_path / "report"
     monkeypatch.setattr(harness, "evaluate", _interrupting(out / "progress.safetensors"))
-    code, _, err = run(capsys, "evaluate", "--dataset", "cifar10", "-c", "x", "-o", str(out))
+    code, _, err = run(capsys, "evaluate", "--dataset", "cifar10", "-c", "x.pt", "-o", str(out))
     assert code == 130 and "every finished (attack, eps) group is saved" in err
 
     monkeypatch.setattr(comdefend_module.ComDefend, "from_checkpoint", _interrupting())

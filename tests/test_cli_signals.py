@@ -80,7 +80,7 @@ def test_sigterm_during_evaluate_prints_the_resume_hint(tmp_path: Path) -> None:
     code, err = _terminated(
         tmp_path,
         "comdefend.evaluation.harness.evaluate",
-        ["evaluate", "--dataset", "fashion-mnist", "-c", "x", "-o", str(out)],
+        ["evaluate", "--dataset", "fashion-mnist", "-c", "x.pt", "-o", str(out)],
         saved=out / "progress.safetensors",
     )
     assert code == 130, err
@@ -98,7 +98,7 @@ def test_sigterm_before_a_residual_study_trains(tmp_path: Path) -> None:
     code, err = _terminated(
         tmp_path,
         "comdefend.evaluation.residual_study.run_residual_study",
-        ["residual-study", "-c", "x", "-o", str(out)],
+        ["residual-study", "-c", "x.pt", "-o", str(out)],
     )
     assert code == 130, err
     assert "Traceback" not in err

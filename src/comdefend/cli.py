@@ -10,10 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from comdefend.commands.options import (
-    device_option,
+    check_model_reference,
+    device_choice,
+    images_option,
+    names_of,
     non_negative_float_option,
     non_negative_int_option,
     output_file_option,
@@ -23,6 +26,7 @@ from comdefend.commands.options import (
     precision_option,
     seed_option,
     status,
+    threads_choice,
 )
 from comdefend.errors import ComDefendError, InputError, UsageError
 
@@ -37,6 +41,17 @@ INTERRUPTED_EXIT = 130
 
 class CommandInterrupted(Exception):  # noqa: N818 - a message carrier, not an error
     """Ctrl-C/SIGTERM stopped a command; the message says what was kept and how to go on."""
+
+
+def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """No ``<bool>`` after an on/off flag in ``--help``: a flag takes no value."""
+    if self.is_flag:
+        return None
+    return _typer_display_type(self, ctx)
+
+
+_typer_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign, assignment]
 
 
 class _Group(TyperGroup):
@@ -169,7 +184,8 @@ def purify(
     ),
     seed: int = typer.Option(0, help="Seed of the test-time noise.", callback=seed_option),
     force: bool = typer.Option(False, "--force", help="Overwrite earlier outputs (not inputs)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     precision: str = typer.Option(
         "fp32",
         help="fp32, tf32 (CUDA GPUs) or bf16: the purification's arithmetic (docs/PERFORMANCE.md "
@@ -185,9 +201,11 @@ def purify(
     from comdefend.models.comdefend import ComDefend
     from comdefend.models.precision import check_precision
     from comdefend.training.run import resolve_device
-    from comdefend.validation import outputs_spare_inputs
+    from comdefend.validation import outputs_spare_inputs, set_threads
     from comdefend.zoo import resolve_weights
 
+    check_model_reference(model_path, "--model")
+    set_threads(threads, "--threads")
     overrides: dict = {}
     if mode is not None:
         if mode not in ("patch", "full"):
@@ -236,24 +254,28 @@ def reconstruct(
     model_path: str = typer.Option(
         ..., "--model", "-m", help="Purifier checkpoint path or zoo name (comdefend zoo list)."
     ),
-    dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10 or cifar100."),
-    split: str = typer.Option("test", help="train or test."),
-    n: int | None = typer.Option(
-        None, help="Use the first N images (default: all).", callback=positive_int_option
-    ),
+    dataset: str = typer.Option("fashion-mnist", help=f"Dataset: {names_of('datasets')}."),
+    split: str = typer.Option("test", help="train, test, or sample (the embedded test images)."),
+    n: int | None = images_option(None, "Use the first N images (default: all)."),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
     batch_size: int = typer.Option(
         250, help="Images per forward pass.", callback=positive_int_option
     ),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Reconstruction quality of a purifier on a dataset: PSNR, bits/pixel, bit density."""
     from comdefend.evaluation.reconstruction import reconstruction_report
     from comdefend.models.comdefend import ComDefend
+    from comdefend.training.run import resolve_device
+    from comdefend.validation import set_threads
     from comdefend.zoo import resolve_weights
 
+    check_model_reference(model_path, "--model")
+    set_threads(threads, "--threads")
     weights = resolve_weights(model_path)
-    model = ComDefend.from_checkpoint(weights)
+    model = ComDefend.from_checkpoint(weights, resolve_device(device))
     report = reconstruction_report(model, dataset, split, n, data_dir, batch_size, progress=True)
     report["model"] = weights.to_dict()
     if as_json:
@@ -277,10 +299,12 @@ def train_command(
         help="Named settings (residual-study, authors, authors-torch); flags override them.",
     ),
     dataset: str | None = typer.Option(
-        None, help="fashion-mnist, cifar10, cifar100 or folder (recipe: cifar10)."
+        None, help=f"Dataset: {names_of('datasets')} or folder (recipe: cifar10)."
     ),
     preset: str | None = typer.Option(
-        None, help="Architecture preset (see 'comdefend presets'; recipe: plain)."
+        None,
+        help=f"Architecture preset: {names_of('presets')} (see 'comdefend presets'; recipe: "
+        "plain).",
     ),
     iterations: int | None = typer.Option(
         None, help="Training iterations (recipe's).", callback=positive_int_option
@@ -334,10 +358,8 @@ def train_command(
         "measure the run along its training later.",
         callback=positive_int_option,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
-    threads: int | None = typer.Option(
-        None, help="CPU threads for torch.", callback=positive_int_option
-    ),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     precision: str = typer.Option(
         "fp32",
         help="fp32, bf16, fp16 or tf32 (CUDA): the forward pass's arithmetic (autocast, fp32 "
@@ -421,14 +443,23 @@ def quickstart(
         100, help="Training iterations (batch 20).", callback=positive_int_option
     ),
     eval_images: int = typer.Option(
-        1000, help="Test images for the reconstruction report.", callback=positive_int_option
+        1000,
+        "--images",
+        "-n",
+        "--eval-images",
+        help="Test images for the reconstruction report.",
+        callback=positive_int_option,
     ),
     data_dir: Path | None = typer.Option(None, help="Fashion-MNIST folder."),
     seed: int = typer.Option(0, help="Random seed.", callback=seed_option),
+    threads: int | None = threads_choice(),
     force: bool = typer.Option(False, "--force", help="Replace an earlier quick-start run."),
 ) -> None:
     """Offline quick start: train a small ComDefend on Fashion-MNIST and write a report."""
     from comdefend.quickstart import run_quickstart
+    from comdefend.validation import set_threads
+
+    set_threads(threads, "--threads")
 
     result = run_quickstart(
         out, iterations, eval_images, str(data_dir) if data_dir else None, seed, force
@@ -458,16 +489,16 @@ def demo(
         ["fashion-mnist", "cifar10"], "--dataset", help="fashion-mnist and/or cifar10."
     ),
     attack: list[str] = typer.Option(
-        None, "--attack", help="Attacks (default: fgsm, bim, deepfool, cw, pgd)."
+        None,
+        "--attack",
+        help=f"Attacks: {names_of('attacks')} (default: fgsm, bim, deepfool, cw, pgd).",
     ),
     threat_model: list[str] = typer.Option(
         None, "--threat-model", help="Threat models (default: oblivious, bpda)."
     ),
     seed: int = typer.Option(0, help="Master seed.", callback=seed_option),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
-    threads: int | None = typer.Option(
-        None, help="torch CPU threads (default: torch's).", callback=positive_int_option
-    ),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo report."),
 ) -> None:
     """Offline demo: the shipped models against the paper's attacks, oblivious and BPDA."""

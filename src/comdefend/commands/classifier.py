@@ -8,14 +8,18 @@ from pathlib import Path
 import typer
 
 from comdefend.commands.options import (
-    device_option,
+    check_model_reference,
+    device_choice,
     image_size_option,
+    images_option,
+    names_of,
     non_negative_float_option,
     non_negative_int_option,
     output_folder_option,
     positive_float_option,
     positive_int_option,
     seed_option,
+    threads_choice,
 )
 from comdefend.errors import UsageError
 
@@ -25,7 +29,7 @@ def _echo_json(data: object) -> None:
 
 
 def train_classifier_command(
-    dataset: str = typer.Option("cifar10", help="fashion-mnist, cifar10 or cifar100."),
+    dataset: str = typer.Option("cifar10", help=f"Dataset: {names_of('datasets')}."),
     arch: str | None = typer.Option(
         None, help="Architecture (see 'comdefend classifiers'; default by dataset)."
     ),
@@ -66,10 +70,8 @@ def train_classifier_command(
     checkpoint_every: int = typer.Option(
         500, help="Checkpoint interval (iterations).", callback=positive_int_option
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
-    threads: int | None = typer.Option(
-        None, help="CPU threads for torch.", callback=positive_int_option
-    ),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -136,17 +138,22 @@ def test_classifier_command(
     classifier: str = typer.Option(
         ..., "--classifier", "-c", help="Classifier checkpoint path or zoo name."
     ),
-    dataset: str | None = typer.Option(None, help="Dataset (default: the checkpoint's)."),
-    split: str = typer.Option("test", help="train or test."),
-    n: int | None = typer.Option(
-        None, help="Use the first N images (default: all).", callback=positive_int_option
+    dataset: str | None = typer.Option(
+        None, help=f"Dataset: {names_of('datasets')} (default: the checkpoint's)."
     ),
+    split: str = typer.Option(
+        "test",
+        help="train, test, or sample: the 1,000 test images shipped with the package (no "
+        "dataset needed), e.g. --split sample.",
+    ),
+    n: int | None = images_option(None, "Use the first N images (default: all)."),
     data_dir: Path | None = typer.Option(None, help="Dataset folder (else $COMDEFEND_DATA)."),
     image_size: int | None = image_size_option(),
     batch_size: int = typer.Option(
         500, help="Images per forward pass.", callback=positive_int_option
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Top-1 accuracy of a classifier checkpoint on a dataset."""
@@ -154,10 +161,13 @@ def test_classifier_command(
     from comdefend.models.classifiers import check_classifier_fits, load_classifier
     from comdefend.training.classifier import evaluate_accuracy
     from comdefend.training.run import resolve_device
+    from comdefend.validation import set_threads
     from comdefend.zoo import resolve_weights
 
     if n is not None and n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
+        raise UsageError(f"--images must be >= 1, got {n}")
+    check_model_reference(classifier, "--classifier")
+    set_threads(threads, "--threads")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     weights = resolve_weights(classifier)

@@ -8,16 +8,26 @@ from typing import Any
 import typer
 
 from comdefend.commands.options import (
-    device_option,
+    check_model_reference,
+    defense_usages,
+    device_choice,
     image_size_option,
+    images_option,
     interrupt_message,
+    names_of,
     output_folder_option,
     positive_int_option,
     precision_option,
     resume_message,
     seed_option,
+    threads_choice,
+    warn_small_eps,
 )
+from comdefend.defenses.spec import COMDEFEND_OPTIONS
 from comdefend.errors import UsageError
+
+#: ``@noise=, @seed=, ...``: the options a comdefend:PATH@... defense spec takes.
+_COMDEFEND_OPTION_FLAGS = ", ".join(f"@{option}=" for option in COMDEFEND_OPTIONS)
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -64,10 +74,31 @@ def _parse_attack_params(values: list[str] | None) -> dict[str, dict[str, Any]]:
     return params
 
 
+def _check_attack_params(params: dict[str, dict[str, Any]], attacks: list[str]) -> None:
+    """Build each attack with its ``--attack-param`` values around a stand-in model, so an
+    unknown attack, key or value out of range stops the command before any data is read."""
+    from torch import nn
+
+    from comdefend.attacks import ATTACKS, make_attack
+
+    evaluated = {ATTACKS.canonical(a) for a in attacks if a in ATTACKS}
+    for name, values in params.items():
+        if name not in ATTACKS:
+            raise UsageError(
+                f"--attack-param {name}...: unknown attack {name!r}; attacks: {names_of('attacks')}"
+            )
+        if ATTACKS.canonical(name) not in evaluated:
+            raise UsageError(
+                f"--attack-param given for attack {name!r}, which is not evaluated (--attack)"
+            )
+        make_attack(name, nn.Identity(), **values)
+
+
 def evaluate_command(
-    dataset: str = typer.Option(..., help="fashion-mnist, cifar10 or cifar100."),
+    dataset: str = typer.Option(..., help=f"Dataset: {names_of('datasets')}."),
     split: str = typer.Option(
-        "test", help="test, or sample: the 1,000 embedded test images (no dataset needed)."
+        "test",
+        help="test, or sample: the 1,000 test images shipped with the package (no dataset needed).",
     ),
     classifier: str = typer.Option(
         ...,
@@ -82,14 +113,16 @@ def evaluate_command(
         ["none"],
         "--defense",
         "-d",
-        help="Defense spec, repeatable: none, jpeg:Q, bits:B, median:K, comdefend:PATH[@opts], "
-        "or a+b.",
+        help=f"Defense spec, repeatable; chain with + (e.g. jpeg:75+median:3). Kinds: "
+        f"{defense_usages()}. comdefend:PATH@KEY=VALUE,... sets the purifier's options "
+        f"({_COMDEFEND_OPTION_FLAGS}), e.g. "
+        "comdefend:zoo:comdefend-cifar10@noise=0,precision=bf16.",
     ),
     attack: list[str] = typer.Option(
         ["fgsm", "pgd"],
         "--attack",
         "-a",
-        help="Attack, repeatable or comma separated: fgsm, bim, pgd, mifgsm, deepfool, cw.",
+        help=f"Attack, repeatable or comma separated: {names_of('attacks')}.",
     ),
     eps: list[str] = typer.Option(
         ["2,4,8,16"],
@@ -101,16 +134,9 @@ def evaluate_command(
         ["oblivious"],
         "--threat-model",
         "-t",
-        help="oblivious, bpda, bpda+eot, relaxed; comma separated or repeated.",
+        help=f"{names_of('threat-models')}; comma separated or repeated.",
     ),
-    n: int = typer.Option(
-        1000,
-        "--n",
-        "--images",
-        help="Evaluate the first N test images (under torchrun write --images: its parser "
-        "rejects --n as ambiguous).",
-        callback=positive_int_option,
-    ),
+    n: int = images_option(1000, "Evaluate the first N test images."),
     seed: int = typer.Option(0, help="Master seed (attacks, noise draws).", callback=seed_option),
     batch_size: int = typer.Option(
         100, help="Images per attack / forward call.", callback=positive_int_option
@@ -139,7 +165,7 @@ def evaluate_command(
         3, help="Evaluation draws of randomized defenses.", callback=positive_int_option
     ),
     detector: list[str] = typer.Option(
-        [], "--detector", help="Detectors to evaluate, repeatable: pca, squeeze."
+        [], "--detector", help=f"Detectors to evaluate, repeatable: {names_of('detectors')}."
     ),
     detector_holdout: int = typer.Option(
         1000,
@@ -149,7 +175,8 @@ def evaluate_command(
     attack_param: list[str] = typer.Option(
         [], "--attack-param", help="Attack hyper-parameter ATTACK.KEY=VALUE, e.g. pgd.steps=20."
     ),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto.", callback=device_option),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     precision: str | None = typer.Option(
         None,
         help="fp32, tf32 (CUDA GPUs) or bf16 for every ComDefend defense's purification "
@@ -181,9 +208,16 @@ def evaluate_command(
     """
     from comdefend.evaluation.distributed import torchrun_rank
     from comdefend.evaluation.harness import EvaluationConfig, evaluate
+    from comdefend.validation import set_threads
 
     if out is None and not as_json:
         raise UsageError("give a report folder with --out (or --json to print the results)")
+    eps_values = _parse_eps(eps)
+    warn_small_eps(eps_values)
+    attack_params = _parse_attack_params(attack_param)
+    _check_attack_params(attack_params, _split_list(attack))
+    check_model_reference(classifier, "--classifier")
+    set_threads(threads, "--threads")
 
     config = EvaluationConfig(
         dataset=dataset,
@@ -191,7 +225,7 @@ def evaluate_command(
         split=split,
         defenses=list(defense),  # not split on commas: comdefend options contain them
         attacks=_split_list(attack),
-        eps=_parse_eps(eps),
+        eps=eps_values,
         threat_models=_split_list(threat_model),
         n=n,
         seed=seed,
@@ -204,7 +238,7 @@ def evaluate_command(
         eot_draws=eot_draws,
         detectors=_split_list(detector),
         detector_holdout=detector_holdout,
-        attack_params=_parse_attack_params(attack_param),
+        attack_params=attack_params,
         device=device,
         progress=progress,
         precision=precision,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -124,3 +125,112 @@ def status(message: str) -> None:
 
     if not is_quiet():
         typer.echo(message)
+
+
+def images_option(default: int | None, help: str) -> Any:  # noqa: A002
+    """``--images``/``-n``: how many images a command reads (one spelling for every command;
+    torchrun's own parser rejects ``--n`` as ambiguous, so ``--n`` stays only as an alias)."""
+    return typer.Option(default, "--images", "-n", "--n", help=help, callback=positive_int_option)
+
+
+def device_choice() -> str:
+    """``--device``: ``auto`` (CUDA when present, else CPU) on every command."""
+    return typer.Option(
+        "auto",
+        "--device",
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+        callback=device_option,
+    )
+
+
+def threads_choice() -> int | None:
+    """``--threads``: torch's CPU threads, on every command where torch computes."""
+    return typer.Option(
+        None,
+        "--threads",
+        help="CPU threads for torch (default: torch's).",
+        callback=positive_int_option,
+    )
+
+
+def names_of(kind: str) -> str:
+    """The names in a registry, comma separated, for ``--help`` texts (never typed by hand):
+    ``attacks``, ``datasets``, ``defenses``, ``presets``, ``threat-models`` or ``detectors``."""
+    from comdefend.registry import Registry
+
+    registry: Registry[Any]
+    if kind == "attacks":
+        from comdefend.attacks import ATTACKS
+
+        registry = ATTACKS
+    elif kind == "datasets":
+        from comdefend.data.datasets import DATASETS
+
+        registry = DATASETS
+    elif kind == "defenses":
+        from comdefend.defenses.spec import DEFENSES
+
+        registry = DEFENSES
+    elif kind == "presets":
+        from comdefend.models.presets import PRESETS
+
+        registry = PRESETS
+    elif kind == "threat-models":
+        from comdefend.defenses.adaptive import THREAT_MODELS
+
+        registry = THREAT_MODELS
+    elif kind == "detectors":
+        from comdefend.defenses.detectors import DETECTORS
+
+        registry = DETECTORS
+    else:
+        raise ValueError(f"no registry of {kind}")
+    return ", ".join(registry.names())
+
+
+def defense_usages() -> str:
+    """Every defense spec's usage line from the defense registry, e.g. ``jpeg:Q (...)``."""
+    from comdefend.defenses.spec import DEFENSES
+
+    return _literal("; ".join(kind.usage for kind in DEFENSES.values()))
+
+
+def _literal(text: str) -> str:
+    """``text`` shown as written by typer's rich help, where ``[...]`` would be markup."""
+    try:
+        from rich.markup import escape
+    except ImportError:  # plain click help prints text as is
+        return text
+    return escape(text)
+
+
+def warn_small_eps(values: list[float], flag: str = "--eps") -> None:
+    """Budgets are in units of 1/255: ``--eps 0.031`` is 0.031/255, almost no perturbation;
+    the user most likely meant the fraction 0.031 = 8/255, so say so (and go on)."""
+    for value in values:
+        if 0 < value < 1:
+            guess = round(value * 255)
+            typer.echo(
+                f"warning: {flag} {value:g} means {value:g}/255, a tiny budget; {flag} is in "
+                f"units of 1/255 (did you mean {flag} {guess or 1}, i.e. {value:g} as a "
+                "fraction?)",
+                err=True,
+            )
+
+
+def check_model_reference(reference: str, flag: str) -> None:
+    """A bare name that is neither a file nor a zoo model is a usage error (exit 2), not a
+    missing file: checked before any work starts."""
+    from comdefend.zoo import list_pretrained
+
+    text = reference.strip()
+    if text.startswith("zoo:"):
+        text = text[len("zoo:") :].strip()
+    elif "/" in text or ":" in text or Path(text).suffix or Path(text).expanduser().exists():
+        return  # a path or package.module:factory: its own checks say what is wrong
+    names = list_pretrained()
+    if text not in names:
+        raise UsageError(
+            f"{flag} {reference}: no such file and no zoo model of that name "
+            f"(zoo models: {', '.join(names)})"
+        )

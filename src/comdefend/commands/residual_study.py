@@ -7,14 +7,19 @@ from pathlib import Path
 import typer
 
 from comdefend.commands.options import (
-    device_option,
+    check_model_reference,
+    device_choice,
     image_size_option,
+    images_option,
+    names_of,
     non_negative_int_option,
     output_folder_option,
     positive_float_option,
     positive_int_option,
     seed_option,
     status,
+    threads_choice,
+    warn_small_eps,
 )
 
 
@@ -30,10 +35,12 @@ def residual_study_command(
         callback=output_folder_option,
     ),
     dataset: str = typer.Option(
-        "cifar10", help="Dataset attacked and evaluated (imagenet, cifar10, ...)."
+        "cifar10", help=f"Dataset attacked and evaluated: {names_of('datasets')}."
     ),
     presets: str = typer.Option(
-        "all", help="'all' or comma-separated presets/study names, e.g. normal,1_on_off."
+        "all",
+        help=f"'all' or comma-separated presets or study names, e.g. normal,1_on_off; presets: "
+        f"{names_of('presets')}.",
     ),
     iterations: int = typer.Option(
         7500, help="Training iterations of every preset.", callback=positive_int_option
@@ -59,9 +66,7 @@ def residual_study_command(
         callback=positive_float_option,
     ),
     attack_steps: int = typer.Option(10, help="BIM iterations.", callback=positive_int_option),
-    n: int = typer.Option(
-        1000, help="Attack the first N test images.", callback=positive_int_option
-    ),
+    n: int = images_option(1000, "Attack the first N test images."),
     seed: int = typer.Option(0, help="Training seed.", callback=seed_option),
     data_dir: Path | None = typer.Option(None, help="Folder of --dataset (else $COMDEFEND_DATA)."),
     train_dataset: str | None = typer.Option(
@@ -77,10 +82,8 @@ def residual_study_command(
     inference_batch: int = typer.Option(
         250, help="Images per forward pass when measuring.", callback=positive_int_option
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda.", callback=device_option),
-    threads: int | None = typer.Option(
-        None, help="CPU threads for torch.", callback=positive_int_option
-    ),
+    device: str = device_choice(),
+    threads: int | None = threads_choice(),
     precision: str = typer.Option(
         "fp32",
         help="Training arithmetic: fp32, bf16, fp16 or tf32 (see 'comdefend train --help'); "
@@ -119,6 +122,8 @@ def residual_study_command(
         run_residual_study,
     )
 
+    check_model_reference(classifier, "--classifier")
+    warn_small_eps([attack_eps], "--attack-eps")
     config = ResidualStudyConfig(
         classifier=str(classifier),
         out=str(out),
