@@ -187,3 +187,15 @@ def test_old_spellings_still_work(capsys: pytest.CaptureFixture[str], tmp_path: 
         code, _, err = run(capsys, *args, "-c", "no-such-model", "--n", "5")
         assert "No such option" not in err and code == 2, err
         assert "no zoo model of that name" in err
+
+
+def test_the_classifier_table_is_aligned(capsys: pytest.CaptureFixture[str]) -> None:
+    from comdefend.models.classifiers import list_classifiers
+
+    code, out, _ = run(capsys, "classifiers")
+    assert code == 0
+    lines = out.splitlines()
+    rows = list_classifiers()
+    assert len(lines) == len(rows) + 1
+    starts = {line.index(str(row["dataset"])) for line, row in zip(lines[1:], rows, strict=True)}
+    assert starts == {lines[0].index("dataset")}

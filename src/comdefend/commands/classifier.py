@@ -125,12 +125,23 @@ def classifiers_command(
     if as_json:
         _echo_json(rows)
         return
-    typer.echo(f"{'name':<16}{'dataset':<15}{'input':<10}{'params':>11}  description")
-    for row in rows:
-        shape = f"{row['input_channels']}x{row['image_size']}x{row['image_size']}"
+    table = [
+        (
+            str(row["name"]),
+            str(row["dataset"]),
+            f"{row['input_channels']}x{row['image_size']}x{row['image_size']}",
+            f"{row['parameters']:,}",
+            str(row["description"]),
+        )
+        for row in rows
+    ]
+    header = ("name", "dataset", "input", "params", "description")
+    # columns as wide as their longest entry, so a long name never runs into the next column
+    widths = [max(len(line[i]) for line in [header, *table]) for i in range(4)]
+    for name, dataset, shape, parameters, description in [header, *table]:
         typer.echo(
-            f"{row['name']:<16}{row['dataset']:<15}{shape:<10}{row['parameters']:>11,}  "
-            f"{row['description']}"
+            f"{name:<{widths[0]}}  {dataset:<{widths[1]}}  {shape:<{widths[2]}}  "
+            f"{parameters:>{widths[3]}}  {description}"
         )
 
 
