@@ -738,6 +738,9 @@ def run_training(
         processes.barrier()  # process 0 evaluates and writes the final files
         return {"rank": processes.rank}
 
+    # the wall time of this session's training (the ``interrupted`` event carries it for a
+    # session that ended early): how long a run took, summed over its sessions
+    run.log({"event": "session_end", "iteration": iteration, "session_seconds": round(seconds, 1)})
     state = {"best": best, "optimizer": optimizer, "stopped_early": stopped_early}
     with numerics.evaluation():
         finished = task.finish(run, iteration, state)
@@ -754,9 +757,6 @@ def run_training(
         "images_per_second_this_session": images_seen / max(seconds, 1e-9),
         "seconds_this_session": round(seconds, 1),
     }
-    # the wall time of this session's training (the ``interrupted`` event carries it for a
-    # session that ended early): how long a run took, summed over its sessions
-    run.log({"event": "session_end", "iteration": iteration, "session_seconds": round(seconds, 1)})
     run.write_summary(summary)
     processes.barrier()
     return summary
