@@ -67,6 +67,7 @@ from comdefend.checkpoint import (
     atomic_write,
     atomic_write_text,
     load_checkpoint,
+    read_metadata,
     save_checkpoint,
 )
 from comdefend.data.datasets import DATASETS, ImageSet, load_dataset, tensors_sha256
@@ -734,9 +735,8 @@ def _run_state(config: ResidualStudyConfig, preset: Preset) -> dict[str, Any]:
         state["iterations_done"] = int(data.get("iterations", 0))
         state["finished"] = state["iterations_done"] >= config.iterations
         state["training_seconds_last_session"] = None
-    elif (run / "log.jsonl").exists():
-        log = read_training_log(run)
-        state["iterations_done"] = log.last_iteration
+    elif (run / "checkpoint.safetensors").exists():  # where a resume continues from
+        state["iterations_done"] = int(read_metadata(run / "checkpoint.safetensors")["iteration"])
     if (run / "log.jsonl").exists():
         log = read_training_log(run)
         state["collapse_flagged_at"] = log.flagged[0] if log.flagged else None
