@@ -135,15 +135,16 @@ ATTACKER_TMS = ("bpda", "bpda+eot", "relaxed")
 
 def same(new: Any, old: Any) -> bool:
     """Equal, floats up to float32 rounding noise (a different thread count sums in another
-    order: norms and detector thresholds move by about 1e-9); everything else exactly. An
-    accuracy changes by at least one image (1/n), far outside the tolerance.
+    order: norms and detector thresholds move by 1e-9 to a few 1e-6 relative, most after
+    DeepFool's iterations through a relaxed ComDefend); everything else exactly. An accuracy
+    changes by at least one image (1/n), far outside the tolerance.
 
     Example:
-        >>> same({"l2": 0.5, "n": 3}, {"l2": 0.5 + 1e-9, "n": 3}), same([0.5], [0.51])
+        >>> same({"l2": 0.5, "n": 3}, {"l2": 0.5 + 1e-6, "n": 3}), same([0.5], [0.51])
         (True, False)
     """
     if isinstance(new, float) and isinstance(old, float):
-        return math.isclose(new, old, rel_tol=1e-6, abs_tol=1e-9)
+        return math.isclose(new, old, rel_tol=1e-4, abs_tol=1e-9)
     if isinstance(new, dict) and isinstance(old, dict):
         return new.keys() == old.keys() and all(same(new[k], old[k]) for k in new)
     if isinstance(new, list) and isinstance(old, list):
