@@ -45,13 +45,16 @@ class CommandInterrupted(Exception):  # noqa: N818 - a message carrier, not an e
 
 def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
     """No ``<bool>`` after an on/off flag in ``--help``: a flag takes no value."""
-    if self.is_flag:
+    if self.is_flag or _typer_display_type is None:
         return None
     return _typer_display_type(self, ctx)
 
 
-_typer_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign, assignment]
+# typer renders each option's value placeholder with this method; the oldest typer this package
+# allows has no such method (and shows no placeholder for flags anyway): leave it alone there.
+_typer_display_type = getattr(TyperOption, "display_type_rich", None)
+if _typer_display_type is not None:
+    TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign, assignment]
 
 
 class _Group(TyperGroup):

@@ -206,7 +206,7 @@ def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: 
         ({"--threat-model": "magic"}, "oblivious, bpda, bpda+eot, relaxed"),
         ({"--eps": "300"}, "[0, 255]"),
         ({"--dataset": "cifar10"}, "fashion-mnist"),
-        ({"--n": "0"}, "n must be an integer >= 1"),
+        ({"--n": "0"}, "--images must be an integer >= 1"),
     ],
 )
 def test_bad_inputs_exit_with_message(
