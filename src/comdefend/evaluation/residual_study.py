@@ -75,7 +75,6 @@ from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.snapshots import (
     PointsFile,
     SnapshotPoint,
-    defended_correct,
     list_snapshots,
     measure_snapshots,
 )
@@ -471,18 +470,6 @@ def fooling_set(
             f"(eps {config.attack_eps:g}/255); raise --n or --attack-eps"
         )
     return adv, attack
-
-
-def defended_accuracy(
-    purifier: torch.nn.Module,
-    classifier: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch: int,
-) -> float:
-    """Fraction of ``images`` that ``classifier(purifier.purify(x))`` labels correctly."""
-    correct = defended_correct(purifier, classifier, images, labels, batch)
-    return float(correct.float().mean()) if correct.numel() else 0.0
 
 
 # --------------------------------------------------------------------------- the stages
