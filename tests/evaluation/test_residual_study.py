@@ -355,6 +355,26 @@ def test_train_and_measure_stages_as_two_processes(classifier_path: Path, tmp_pa
         run_residual_study(_config(classifier_path, split), stage="all", follow=True)
 
 
+def test_measuring_while_a_preset_has_only_begun_training(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """A measurer that follows a training sees a run with a start record and no evaluation yet
+    (and a log line half written): that preset has no point yet, the others are measured."""
+    out = tmp_path / "study"
+    run_residual_study(
+        _config(classifier_path, out, presets="plain"), stage="train", progress=False
+    )
+    begun = out / "runs" / "residual-encoder-1"
+    begun.mkdir()
+    start = {"event": "start", "iteration": 0, "config": {"preset": "residual-encoder-1"}}
+    (begun / "log.jsonl").write_text(json.dumps(start) + '\n{"iteration": 1, "lo')
+    results = run_residual_study(_config(classifier_path, out), stage="measure", progress=False)
+    assert results["complete"] is False
+    measured = {name: entry["evaluations"] for name, entry in results["presets"].items()}
+    assert [p["iteration"] for p in measured["plain"]] == [2, 4]
+    assert measured["residual-encoder-1"] == []
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

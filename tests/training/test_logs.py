@@ -80,3 +80,20 @@ def test_a_file_that_is_no_training_log_gets_one_clear_error(
         read_training_log(path)
     with pytest.raises(UsageError, match="no training log found"):
         read_training_log(tmp_path / "missing")
+
+
+def test_a_run_still_training_reads_without_its_half_written_line_or_any_evaluation(
+    tmp_path: Path,
+) -> None:
+    start = json.dumps({"event": "start", "iteration": 0, "config": {"seed": 3}}) + "\n"
+    log = tmp_path / "log.jsonl"
+    log.write_text(start + '{"iteration": 40, "lo', encoding="utf-8")  # mid-write
+    with pytest.raises(UsageError, match="not a JSON line"):
+        read_training_log(log)  # a finished run's log must be whole
+    just_started = read_training_log(log, running=True)
+    assert just_started.psnr == {} and just_started.config == {"seed": 3}
+    log.write_text(start + '{"iteration": 100, "heldout_psnr_db": 12.5}\n', encoding="utf-8")
+    assert read_training_log(log, running=True).psnr == {100: 12.5}
+    with pytest.raises(UsageError, match="not a JSON line"):  # a broken line before the last
+        log.write_text(start + "oops\n" + '{"iteration": 1', encoding="utf-8")
+        read_training_log(log, running=True)

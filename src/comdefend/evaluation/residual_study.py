@@ -725,7 +725,7 @@ def _run_state(config: ResidualStudyConfig, preset: Preset) -> dict[str, Any]:
     elif (run / "checkpoint.safetensors").exists():  # where a resume continues from
         state["iterations_done"] = int(read_metadata(run / "checkpoint.safetensors")["iteration"])
     if (run / "log.jsonl").exists():
-        log = read_training_log(run)
+        log = read_training_log(run, running=True)  # the trainer may be writing it now
         state["collapse_flagged_at"] = log.flagged[0] if log.flagged else None
     return state
 

@@ -76,12 +76,16 @@ def log_file(path: str | os.PathLike[str]) -> Path:
     return path / "log.jsonl" if path.is_dir() else path
 
 
-def read_training_log(path: str | os.PathLike[str]) -> TrainingLog:
+def read_training_log(path: str | os.PathLike[str], running: bool = False) -> TrainingLog:
     """Read a run's ``log.jsonl`` (or the run folder holding one).
 
     The run is named after its folder (``.../NAME/log.jsonl``) or the file (``NAME.jsonl``).
     Raises :class:`UsageError` when the file is missing, is not JSON lines, or holds no start
     record and no held-out evaluation.
+
+    ``running=True`` reads a run that may be training right now: a last line the trainer is
+    still writing (no newline yet) is left for later, and a run with no held-out evaluation yet
+    reads as a log with no points instead of an error.
     """
     log = log_file(path)
     if not log.is_file():
@@ -90,7 +94,11 @@ def read_training_log(path: str | os.PathLike[str]) -> TrainingLog:
     record_log = TrainingLog(
         name=log.parent.name if log.name == "log.jsonl" else log.stem, config={}, psnr={}
     )
-    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), start=1):
+    text = log.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if running and lines and not text.endswith("\n"):
+        lines.pop()  # still being written
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -123,9 +131,9 @@ def read_training_log(path: str | os.PathLike[str]) -> TrainingLog:
             record_log.code_logit[iteration] = float(record["max_abs_code_logit"])
             if "saturated_output" in record:
                 record_log.saturated_output[iteration] = float(record["saturated_output"])
-    if config is None or not record_log.psnr:
+    if not running and (config is None or not record_log.psnr):
         raise UsageError(f"{log}: needs a start record and at least one held-out evaluation")
-    record_log.config = config
+    record_log.config = config or {}
     return record_log
 
 
