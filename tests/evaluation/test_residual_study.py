@@ -355,6 +355,42 @@ def test_train_and_measure_stages_as_two_processes(classifier_path: Path, tmp_pa
         run_residual_study(_config(classifier_path, split), stage="all", follow=True)
 
 
+@pytest.mark.slow
+def test_breadth_first_training_with_pause_at_equals_training_straight_through(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """--pause-at 2 trains both presets to iteration 2, then --resume takes both to the end:
+    the same snapshots and points as a study trained preset after preset."""
+    out = tmp_path / "paused"
+    first = run_residual_study(
+        _config(classifier_path, out), stage="train", progress=False, pause_at=2
+    )
+    assert first == {"trained": {"plain": "paused at 2", "residual-encoder-1": "paused at 2"}}
+    for name in ("plain", "residual-encoder-1"):
+        run = out / "runs" / name
+        assert not (run / "summary.json").exists()
+        assert [p.name for p in (run / "snapshots").iterdir()] == ["iteration-000002.safetensors"]
+        assert '"event": "paused"' in (run / "log.jsonl").read_text()
+    again = run_residual_study(
+        _config(classifier_path, out), stage="train", resume=True, progress=False, pause_at=2
+    )
+    assert again == first  # already there: nothing trained
+    run_residual_study(_config(classifier_path, out), stage="train", resume=True, progress=False)
+    results = run_residual_study(_config(classifier_path, out), stage="measure", progress=False)
+    assert results["complete"] is True
+    straight = tmp_path / "straight"
+    run_residual_study(_config(classifier_path, straight), progress=False)
+    for name in ("plain", "residual-encoder-1"):
+        _same_snapshots(out / "runs" / name, straight / "runs" / name)
+        assert _measured(out / "points" / f"{name}.json") == _measured(
+            straight / "points" / f"{name}.json"
+        )
+    with pytest.raises(UsageError, match="--pause-at goes with --stage all or train"):
+        run_residual_study(_config(classifier_path, out), stage="measure", pause_at=2)
+    with pytest.raises(UsageError, match="--pause-at must be an iteration >= 1"):
+        run_residual_study(_config(classifier_path, out), stage="train", pause_at=0)
+
+
 def test_measuring_while_a_preset_has_only_begun_training(
     classifier_path: Path, tmp_path: Path
 ) -> None:

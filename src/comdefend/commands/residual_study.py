@@ -104,6 +104,14 @@ def residual_study_command(
         "--follow",
         help="With --stage measure: wait for new snapshots until every run is finished.",
     ),
+    pause_at: int | None = typer.Option(
+        None,
+        "--pause-at",
+        min=1,
+        metavar="ITERATION",
+        help="Train each preset only up to this iteration in this call, then go on to the next "
+        "(breadth-first: every preset to 1,600 first); a later --resume continues them.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Accuracy after defending vs. training iteration for ComDefend presets (residual study).
@@ -151,7 +159,12 @@ def residual_study_command(
     )
     try:
         results = run_residual_study(
-            config, resume=resume, progress=progress, stage=stage, follow=follow
+            config,
+            resume=resume,
+            progress=progress,
+            stage=stage,
+            follow=follow,
+            pause_at=pause_at,
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(

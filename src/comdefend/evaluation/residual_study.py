@@ -507,8 +507,15 @@ def _existing_study(out: Path) -> bool:
     return any((out / name).exists() for name in (RESULTS_FILE, ADVERSARIAL_FILE, RUNS_FOLDER))
 
 
-def train_preset(config: ResidualStudyConfig, preset: Preset, resume: bool, progress: bool) -> str:
-    """Train (or continue) one preset's run; ``"trained"``, ``"resumed"`` or ``"reused"``."""
+def train_preset(
+    config: ResidualStudyConfig,
+    preset: Preset,
+    resume: bool,
+    progress: bool,
+    pause_at: int | None = None,
+) -> str:
+    """Train (or continue) one preset's run; ``"trained"``, ``"resumed"``, ``"reused"`` or
+    ``"paused at N"`` (``pause_at``: stop after that iteration, resumable)."""
     train_config = config.train_config(preset)
     run = Path(train_config.out)
     if not resume and (run / "log.jsonl").exists():
@@ -519,24 +526,38 @@ def train_preset(config: ResidualStudyConfig, preset: Preset, resume: bool, prog
     if resume and _finished_run(run, train_config):
         return "reused"
     continue_run = resume and (run / "checkpoint.safetensors").exists()
-    train(train_config, resume=continue_run, progress=progress)
+    summary = train(train_config, resume=continue_run, progress=progress, pause_at=pause_at)
+    if summary.get("paused"):
+        return f"paused at {summary['iteration']:,}"
     return "resumed" if continue_run else "trained"
 
 
 def train_presets(
-    config: ResidualStudyConfig, resume: bool = False, progress: bool = True
+    config: ResidualStudyConfig,
+    resume: bool = False,
+    progress: bool = True,
+    pause_at: int | None = None,
 ) -> dict[str, str]:
     """Train (or continue) every preset's run of the study, with its snapshots; measure
-    nothing. Returns ``{preset: "trained" | "resumed" | "reused"}``.
+    nothing. Returns ``{preset: "trained" | "resumed" | "reused" | "paused at N"}``.
 
     This is ``comdefend residual-study --stage train``: another process can measure the
-    snapshots meanwhile (``--stage measure --follow``).
+    snapshots meanwhile (``--stage measure --follow``). ``pause_at`` trains each preset only up
+    to that iteration in this call (breadth-first: every preset to 1,600, then every preset
+    further with a later ``resume``).
     """
+    check_pause_at(pause_at)
     set_threads(config.threads)
     return {
-        preset.name: train_preset(config, preset, resume, progress)
+        preset.name: train_preset(config, preset, resume, progress, pause_at)
         for preset in parse_presets(config.presets)
     }
+
+
+def check_pause_at(pause_at: int | None) -> None:
+    """Refuse a ``pause_at`` below 1 (:class:`UsageError`)."""
+    if pause_at is not None and pause_at < 1:
+        raise UsageError(f"--pause-at must be an iteration >= 1, got {pause_at}")
 
 
 class StudyMeasurer:
@@ -645,6 +666,7 @@ def run_residual_study(
     stage: str = "all",
     follow: bool = False,
     poll_seconds: float = 10.0,
+    pause_at: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the residual study; returns what is written to ``results.json``.
 
@@ -660,6 +682,8 @@ def run_residual_study(
             snapshots that are there).
         follow: with ``stage="measure"``, keep waiting for new snapshots (every
             ``poll_seconds``) until every preset's run is finished and measured.
+        pause_at: with ``stage`` ``all`` or ``train``, train each preset only up to this
+            iteration in this call (its checkpoint kept; ``resume`` continues it later).
 
     Raises:
         UsageError: bad settings, classifier/dataset mismatch, an existing experiment without
@@ -670,6 +694,9 @@ def run_residual_study(
         raise UsageError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
     if follow and stage != "measure":
         raise UsageError("--follow goes with --stage measure")
+    if pause_at is not None and stage == "measure":
+        raise UsageError("--pause-at goes with --stage all or train (measuring trains nothing)")
+    check_pause_at(pause_at)
     presets = parse_presets(config.presets)
     out = Path(config.out)
     if stage != "measure" and not resume and _existing_study(out):
@@ -679,14 +706,16 @@ def run_residual_study(
         )
     set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
     if stage == "train":
-        return {"trained": train_presets(config, resume=resume, progress=progress)}
+        return {
+            "trained": train_presets(config, resume=resume, progress=progress, pause_at=pause_at)
+        }
 
     measurer = StudyMeasurer(config, reuse_fooling_set=resume or stage == "measure")
     statuses: dict[str, str] = {}
     shown = study_presets(config, presets)
     for preset in presets:
         if stage == "all":
-            statuses[preset.name] = train_preset(config, preset, resume, progress)
+            statuses[preset.name] = train_preset(config, preset, resume, progress, pause_at)
         measurer.measure(preset, _echo_point(preset, progress))
         write_reports(out, collect_results(config, measurer, shown, statuses))
     while follow and not all(measurer.complete(preset) for preset in presets):

@@ -483,6 +483,7 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
     processes: Processes | None = None,
+    pause_at: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``task``'s run; returns the summary written to ``summary.json``.
 
@@ -493,6 +494,10 @@ def run_training(
         progress: show a progress bar (process 0 only).
         processes: this process's place in a data-parallel run (default: from torchrun's
             environment variables).
+        pause_at: stop after this iteration as an interruption would (checkpoint saved, a
+            ``paused`` event in the log, no summary) and return ``{"paused": True,
+            "iteration": ...}``; a later ``resume=True`` continues exactly. Ignored when it is
+            not below the run's iterations; a run already there returns at once.
 
     Returns:
         The summary (config, iterations, env, device, timing and the task's entries). In a
@@ -538,6 +543,8 @@ def run_training(
                 f"than the {total} asked for; pass at least --iterations {start} (a run is "
                 "never shortened: its checkpoint and log are kept as they are)"
             )
+    if pause_at is not None and pause_at < total and start >= pause_at:
+        return {"paused": True, "iteration": start}  # already there: nothing to train
     share = processes.share(int(config.batch_size))
     module = task.training_module()
     if processes.distributed:
@@ -705,6 +712,8 @@ def run_training(
                 postfix = {**task.describe_progress(means), "img_s": f"{rate:.0f}"}
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
+                if pause_at is not None and iteration == pause_at < total:
+                    break
                 if stopped_early:
                     run.log({"event": "stopped_early", **stopped_early})
                     if processes.is_main:
@@ -734,6 +743,10 @@ def run_training(
         ) from error
     bar.close()
     seconds = time.perf_counter() - started
+    if pause_at is not None and iteration == pause_at < total and not stopped_early:
+        save(iteration)
+        run.log({"event": "paused", "iteration": iteration, "session_seconds": round(seconds, 1)})
+        return {"paused": True, "iteration": iteration}
     if not processes.is_main:
         processes.barrier()  # process 0 evaluates and writes the final files
         return {"rank": processes.rank}

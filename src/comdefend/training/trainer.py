@@ -464,8 +464,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_evaluation: EvaluationHook | None = None,
+    pause_at: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run; returns the summary written to ``summary.json``.
+
+    ``pause_at=N`` stops after iteration N with a checkpoint, as an interruption would, and
+    returns ``{"paused": True, "iteration": N}``; ``resume=True`` later continues exactly (a way
+    to train several runs breadth-first).
 
     ``on_evaluation(iteration, model)`` is called at every held-out evaluation (every
     ``eval_every`` iterations and at the end) with the model in eval mode; the numbers it
@@ -483,7 +488,9 @@ def train(
     :data:`DEAD_ITERATIONS` iterations is dead: it is checkpointed and ends early, with
     ``stopped_early`` in its summary (and usually ``collapsed``: use ``best.safetensors``).
     """
-    return run_training(PurifierTask(config, on_evaluation), resume=resume, progress=progress)
+    return run_training(
+        PurifierTask(config, on_evaluation), resume=resume, progress=progress, pause_at=pause_at
+    )
 
 
 __all__ = [
