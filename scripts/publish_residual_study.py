@@ -35,14 +35,14 @@ from comdefend.evaluation.residual_study import (
     PSNR_PLOT_FILE,
     RESULTS_FILE,
     TABLE_FILE,
+    interval_text,
 )
 
 COPIED = (RESULTS_FILE, POINTS_CSV, TABLE_FILE, PLOT_FILE, PSNR_PLOT_FILE, CLEAN_PLOT_FILE)
 
 
 def _interval(point: dict[str, Any]) -> str:
-    low, high = point["accuracy_after_defense_interval"]
-    return f"{point['accuracy_after_defense']:.3f} [{low:.2f}, {high:.2f}]"
+    return interval_text(point, "accuracy_after_defense", digits=2)
 
 
 def measuring_seconds(study: Path) -> dict[str, float]:

@@ -64,15 +64,20 @@ def _image_size(param: typer.CallbackParam, value: int | None) -> int | None:
     return None if value is None else check_int(_flag(param), value, 1, limit="image_size")
 
 
+def shared_option(default: Any, flag: str, help: str, callback: Any) -> Any:  # noqa: A002
+    """An option spelled and checked the same on every command that has it."""
+    return typer.Option(default, flag, help=help, callback=callback)
+
+
 def image_size_option() -> int | None:
     """``--image-size``: the center crop of datasets cropped on loading (one definition for
     every command that reads ImageNet)."""
-    return typer.Option(
+    return shared_option(
         None,
         "--image-size",
-        help="Center-crop size for imagenet (default 224; resize to size / 0.875 first; at "
+        "Center-crop size for imagenet (default 224; resize to size / 0.875 first; at "
         "most 1024 unless $COMDEFEND_MAX_IMAGE_SIZE says more).",
-        callback=_image_size,
+        _image_size,
     )
 
 
@@ -135,21 +140,18 @@ def images_option(default: int | None, help: str) -> Any:  # noqa: A002
 
 def device_choice() -> str:
     """``--device``: ``auto`` (CUDA when present, else CPU) on every command."""
-    return typer.Option(
+    return shared_option(
         "auto",
         "--device",
-        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
-        callback=device_option,
+        "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+        device_option,
     )
 
 
 def threads_choice() -> int | None:
     """``--threads``: torch's CPU threads, on every command where torch computes."""
-    return typer.Option(
-        None,
-        "--threads",
-        help="CPU threads for torch (default: torch's).",
-        callback=positive_int_option,
+    return shared_option(
+        None, "--threads", "CPU threads for torch (default: torch's).", positive_int_option
     )
 
 

@@ -20,6 +20,7 @@ import io
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +33,10 @@ from comdefend.evaluation.results import CellResult, EvaluationResult, finite_js
 #: A result, or ``results.json``'s content.
 Results = EvaluationResult | Mapping[str, Any]
 
+#: The CSV's columns: a cell's fields (:class:`CellResult`) without its attack settings (a
+#: nested mapping) and its time, the note last.
 CSV_FIELDS: tuple[str, ...] = (
-    "attack",
-    "eps",
-    "eps_value",
-    "defense",
-    "threat_model",
-    "effective_threat_model",
-    "status",
-    "clean_accuracy",
-    "clean_accuracy_std",
-    "robust_accuracy",
-    "robust_accuracy_std",
-    "attack_success_rate",
-    "mean_l2",
-    "mean_linf",
-    "psnr_purified_db",
-    "n",
-    "draws",
-    "attacker_model",
+    *(f.name for f in fields(CellResult) if f.name not in ("note", "attack_settings", "seconds")),
     "note",
 )
 

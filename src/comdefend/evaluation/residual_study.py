@@ -75,6 +75,7 @@ from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.snapshots import (
     PointsFile,
     SnapshotPoint,
+    defended_correct,
     list_snapshots,
     measure_snapshots,
 )
@@ -299,17 +300,11 @@ class AdversarialSet:
 
 def images_sha256(data: ImageSet) -> str:
     """sha256 of a set's pixels and labels together (:func:`tensors_sha256`): what a cache
-    made from them depends on (not the folder's name, which may hold other images tomorrow)."""
+    made from them depends on (not the folder's name, which may hold other images tomorrow).
+
+    Not :meth:`ImageSet.identity` (pixels and labels hashed apart): the studies already made
+    record this one value in their fooling set and points files, and must keep resuming."""
     return tensors_sha256({"images": data.images, "labels": data.labels.to(torch.int64)})
-
-
-@torch.no_grad()
-def predict(
-    classifier: torch.nn.Module, images: torch.Tensor, batch: int, device: torch.device
-) -> torch.Tensor:
-    """Top-1 predictions (CPU int64) of ``classifier`` on ``images``, ``batch`` at a time."""
-    outputs = [classifier(chunk.to(device)).argmax(dim=1).cpu() for chunk in images.split(batch)]
-    return torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long)
 
 
 def make_adversarial_set(
@@ -325,7 +320,7 @@ def make_adversarial_set(
     head = data.head(config.n)
     clean = head.float_images()
     labels = head.labels
-    correct = predict(classifier, clean, config.inference_batch, device) == labels
+    correct = defended_correct(None, classifier, clean, labels, config.inference_batch)
     kept = torch.nonzero(correct).flatten()
     adversarial = torch.zeros((0, *clean.shape[1:]), dtype=torch.float32)
     fooled = torch.zeros(0, dtype=torch.bool)
@@ -335,7 +330,9 @@ def make_adversarial_set(
             for index in kept.split(config.inference_batch)
         ]
         adversarial = torch.cat(chunks)
-        fooled = predict(classifier, adversarial, config.inference_batch, device) != labels[kept]
+        fooled = ~defended_correct(
+            None, classifier, adversarial, labels[kept], config.inference_batch
+        )
     chosen = kept[fooled]
     stats = {
         "attacked_images": len(head),
@@ -581,6 +578,7 @@ class StudyMeasurer:
             self.classifier, test, config, self.classifier_sha, self.device,
             self.out / ADVERSARIAL_FILE, reuse=reuse_fooling_set,
         )  # fmt: skip
+        self._points: dict[str, PointsFile] = {}
         self.heldout: torch.Tensor | None = None
         heldout_sha = None
         if config.eval_images > 0:
@@ -599,7 +597,12 @@ class StudyMeasurer:
         }
 
     def points(self, preset: Preset) -> PointsFile:
-        return PointsFile(self.out / POINTS_FOLDER / f"{preset.name}.json", self.identity)
+        """The preset's points file, read once (this measurer is the one process adding to
+        it; every point it adds is written through the same object)."""
+        if preset.name not in self._points:
+            path = self.out / POINTS_FOLDER / f"{preset.name}.json"
+            self._points[preset.name] = PointsFile(path, self.identity)
+        return self._points[preset.name]
 
     def due(self, iteration: int) -> bool:
         """Whether ``iteration`` is one the study measures (every ``eval_every`` and the last)."""
@@ -828,11 +831,20 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _interval(point: dict[str, Any] | None, key: str) -> str:
+def interval_text(point: dict[str, Any] | None, key: str, digits: int = 3) -> str:
+    """A point's proportion with its 95% interval (``key_interval``), as tables show it.
+
+    Example:
+        >>> point = {"accuracy": 0.25, "accuracy_interval": [0.1234, 0.4567]}
+        >>> interval_text(point, "accuracy"), interval_text(point, "accuracy", digits=2)
+        ('0.250 [0.123, 0.457]', '0.250 [0.12, 0.46]')
+        >>> interval_text(None, "accuracy")
+        'n/a'
+    """
     if not point or point.get(key) is None:
         return "n/a"
     low, high = point[f"{key}_interval"]
-    return f"{point[key]:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{point[key]:.3f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def write_table(path: Path, results: dict[str, Any]) -> None:
@@ -866,8 +878,8 @@ def write_table(path: Path, results: dict[str, Any]) -> None:
             f"| {entry['name']} | {entry['study_name']} | "
             f"{entry['training']['iterations_done']:,} | {len(points)} "
             f"(to {_fmt(last and last['iteration'], ',')}) | "
-            f"{_interval(last, 'accuracy_after_defense')} | {best_text} | "
-            f"{_interval(clean, 'clean_accuracy_defended')} | "
+            f"{interval_text(last, 'accuracy_after_defense')} | {best_text} | "
+            f"{interval_text(clean, 'clean_accuracy_defended')} | "
             f"{_fmt(last and last['heldout_psnr_db'], '.2f')} | "
             f"{entry['encoder_parameters']:,} | {entry['decoder_parameters']:,} |"
         )

@@ -161,24 +161,6 @@ class CleanResult:
     randomized: bool
 
 
-#: Numbers a computed cell has and a skipped one has not.
-_CELL_METRICS = (
-    "clean_accuracy",
-    "clean_accuracy_std",
-    "robust_accuracy",
-    "robust_accuracy_std",
-    "attack_success_rate",
-    "mean_l2",
-    "mean_linf",
-    "psnr_purified_db",
-    "n",
-    "draws",
-    "attacker_model",
-    "attack_settings",
-    "seconds",
-)
-
-
 @dataclass(frozen=True)
 class CellResult:
     """One (attack, eps, defense, threat model) of a run.
@@ -235,7 +217,7 @@ class CellResult:
         """``results.json``'s form: a skipped cell has no numbers."""
         values = asdict(self)
         if self.skipped:
-            for name in _CELL_METRICS:
+            for name in CELL_METRICS:
                 values.pop(name)
         return values
 
@@ -243,6 +225,11 @@ class CellResult:
     def from_dict(data: dict[str, Any]) -> CellResult:
         known = {f.name for f in fields(CellResult)}
         return CellResult(**{k: v for k, v in data.items() if k in known})
+
+
+_CELL_FIELDS = tuple(f.name for f in fields(CellResult))
+#: Numbers a computed cell has and a skipped one has not: every field after ``note``.
+CELL_METRICS: tuple[str, ...] = _CELL_FIELDS[_CELL_FIELDS.index("note") + 1 :]
 
 
 @dataclass(frozen=True)
@@ -488,6 +475,7 @@ class EvaluationResult:
 
 __all__ = [
     "EPS_UNIT",
+    "CELL_METRICS",
     "RESULTS_FORMAT",
     "CellResult",
     "ClassifierInfo",
