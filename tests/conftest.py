@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ OFFICIAL = SHARED / "official"
 CIFAR_DIR = SHARED / "data" / "cifar10"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_DIR = SHARED / "data" / "imagenet-sample"
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensors gain nothing from threads, and lose much when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _need(path: Path) -> Path:

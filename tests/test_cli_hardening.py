@@ -14,17 +14,9 @@ import torch
 import typer
 
 from comdefend import ComDefend, ComDefendConfig
-from comdefend.cli import app, main
+from comdefend.cli import app
 from comdefend.data import write_png
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``comdefend ARGS`` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+from support import run_cli as run
 
 
 def assert_one_error_line(result: tuple[int, str, str], message: str, code: int = 2) -> None:

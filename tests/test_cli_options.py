@@ -16,11 +16,12 @@ import pytest
 import typer
 
 from comdefend.attacks import ATTACKS
-from comdefend.cli import app, main
+from comdefend.cli import app
 from comdefend.commands.options import warn_small_eps
 from comdefend.data.datasets import DATASETS
 from comdefend.defenses.spec import COMDEFEND_OPTIONS, DEFENSES
 from comdefend.models.presets import PRESETS
+from support import run_cli as run
 
 #: Parameter names that count images (a command taking one of these must spell it --images).
 IMAGE_COUNTS = {"n", "images", "eval_images"}
@@ -55,15 +56,6 @@ def _help_text(command: object) -> str:
     parts = [command.help or ""]  # type: ignore[attr-defined]
     parts += [option.help or "" for option in _options(command)]
     return " ".join(" ".join(parts).split())
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``comdefend ARGS`` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (code if isinstance(code, int) else 0 if code is None else 1), out, err
 
 
 def test_the_walk_finds_every_command() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -11,13 +9,7 @@ from torch import nn
 from comdefend.attacks import APGD, APGDDLR, PGD, apgd_checkpoints, dlr_loss, make_attack
 from comdefend.errors import UsageError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_checkpoints_follow_the_paper() -> None:

@@ -7,7 +7,6 @@ Issue 15, item 1: ``FGSM(DefendedClassifier(ComDefendDefense(model), classifier)
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from comdefend.defenses import (
     parse_defense,
 )
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
+from support import tiny_classifier as _classifier
 
 FAST = {
     "fgsm": {},
@@ -42,20 +42,7 @@ FAST = {
 L2 = ("deepfool", "cw")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _classifier() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
-        ).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:

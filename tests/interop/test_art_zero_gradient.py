@@ -8,7 +8,7 @@ perfectly robust, while comdefend's FGSM raises :class:`ZeroGradientError` on th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from art.attacks.evasion import (  # noqa: E402
 )
 
 from comdefend.interop import art_classifier  # noqa: E402
+from support import tiny_classifier as _classifier  # noqa: E402
 
 EPS = 8 / 255
 #: ART's gradient-based attacks, each reaching the model another way: loss_gradient (NumPy and
@@ -65,20 +66,7 @@ ART_ATTACKS: dict[str, Callable[[Any], Any]] = {
 MINIMUM_NORM = ("deepfool", "cw")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _classifier() -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
-        ).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images() -> np.ndarray:

@@ -15,7 +15,6 @@ import torch
 import comdefend.zoo as zoo
 from comdefend import ComDefend, ComDefendConfig
 from comdefend.checkpoint import sha256_of
-from comdefend.cli import main
 from comdefend.errors import CheckpointError, UsageError
 from comdefend.zoo.cards import (
     CLEAN,
@@ -28,6 +27,7 @@ from comdefend.zoo.cards import (
     render_card,
 )
 from comdefend.zoo.registration import attach_results, derive_purpose, register_weights
+from support import run_cli as run
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRIES = zoo.list_pretrained()
@@ -55,15 +55,6 @@ def _results_of(defense: str) -> Path:
 def fashion_results() -> Path:
     """The Fashion-MNIST test-set evaluation in docs/ (10,000 images, oblivious)."""
     return _results_of("comdefend:comdefend-fashion-mnist")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``comdefend ARGS`` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out, err = capsys.readouterr()
-    code = exited.value.code
-    return (code if isinstance(code, int) else 0 if code is None else 1), out, err
 
 
 def assert_one_error_line(result: tuple[int, str, str], message: str) -> None:

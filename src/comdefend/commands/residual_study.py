@@ -107,8 +107,8 @@ def residual_study_command(
     pause_at: int | None = typer.Option(
         None,
         "--pause-at",
-        min=1,
         metavar="ITERATION",
+        callback=positive_int_option,
         help="Train each preset only up to this iteration in this call, then go on to the next "
         "(breadth-first: every preset to 1,600 first); a later --resume continues them.",
     ),
