@@ -13,6 +13,8 @@
 #   STUDY_IMAGE_SIZE=          ImageNet crop (default 224)
 #   STUDY_EVAL_IMAGES=500      CIFAR-10 held-out images for the PSNR
 #   STUDY_SEED=0               training seed
+#   STUDY_PRECISION=fp32       training arithmetic: fp32, bf16, fp16 or tf32 (snapshots are
+#                              measured in fp32); one precision per OUT
 #   STUDY_TIMEOUT=540          seconds before every process still going is stopped (SIGTERM:
 #                              training checkpoints, measuring keeps every point; rerun to go on)
 #   STUDY_MEASURERS=2          measuring processes (presets dealt among them)
@@ -32,6 +34,7 @@ CLEAN_EVERY="${STUDY_CLEAN_EVERY:-500}"
 N="${STUDY_N:-200}"
 EVAL_IMAGES="${STUDY_EVAL_IMAGES:-500}"
 SEED="${STUDY_SEED:-0}"
+PRECISION="${STUDY_PRECISION:-fp32}"
 TIMEOUT="${STUDY_TIMEOUT:-540}"
 MEASURERS="${STUDY_MEASURERS:-2}"
 DEVICE="${STUDY_DEVICE:-cuda}"
@@ -44,14 +47,15 @@ deadline=$((started + TIMEOUT))
 if [ "$PRESETS" = all ]; then
   PRESETS=$(python -c "from comdefend.models.presets import PRESETS; print(','.join(PRESETS.names()))")
 fi
-say "presets=$PRESETS iterations=$ITERATIONS eval_every=$EVAL_EVERY n=$N device=$DEVICE"
+say "presets=$PRESETS iterations=$ITERATIONS eval_every=$EVAL_EVERY n=$N device=$DEVICE precision=$PRECISION"
 say "timeout=${TIMEOUT}s measurers=$MEASURERS imagenet=$IMAGENET cifar10=$CIFAR10 out=$OUT"
 
 # Every process is the same study (same settings); only --stage and --presets differ.
 study=(residual-study --dataset imagenet --classifier efficientnet-lite0 --data-dir "$IMAGENET"
        --train-dataset cifar10 --train-data-dir "$CIFAR10" --iterations "$ITERATIONS"
        --eval-every "$EVAL_EVERY" --clean-every "$CLEAN_EVERY" --n "$N"
-       --eval-images "$EVAL_IMAGES" --seed "$SEED" --device "$DEVICE" --out "$OUT" --resume
+       --eval-images "$EVAL_IMAGES" --seed "$SEED" --precision "$PRECISION" --device "$DEVICE"
+       --out "$OUT" --resume
        --no-progress)
 [ -n "${STUDY_IMAGE_SIZE:-}" ] && study+=(--image-size "$STUDY_IMAGE_SIZE")
 [ -n "${STUDY_THREADS:-}" ] && study+=(--threads "$STUDY_THREADS")
