@@ -1,6 +1,6 @@
 """Benchmark: ``ComDefend.purify`` against the plainest correct eager forward pass, in one run.
 
-Run:  python benchmarks/purify.py [--repeats 5] [--threads N] [--json] [--candidates]
+Run:  python benchmarks/purify.py [--repeats 5] [--threads N] [--json] [--candidates] [--busy N]
 
 Two cases, as in issue 12: 256 CIFAR-10 images of 32x32 (full mode), and 4 ImageNet images of
 224x224 in the authors' patch mode (49 independent 32x32 patches each). The reference is the
@@ -14,17 +14,27 @@ shared machine are noise. The outputs must agree within 1/255 on at least 99.9% 
 ``--candidates`` also times the alternatives considered for the default path (channels_last,
 ``torch.inference_mode``, chunk sizes, TorchScript freezing, one thread, a loop over patch
 positions; ``--compile`` adds ``torch.compile``), each against the same reference.
+
+``--busy N`` measures everything a second time while N single-threaded processes spin a
+pure-Python loop (the cores shared with another job), and reports both: the loaded results follow
+the quiet ones, in the same format (``loaded_cases`` and ``loaded_ratio_*`` in ``--json``). The
+busy processes are killed when the measurement ends, however it ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -219,6 +229,55 @@ def candidate_paths(
     return paths
 
 
+# -- load: other processes on the same cores -----------------------------------------------
+# One busy process: a pure-Python loop (one thread) that also stops once its parent is gone.
+BUSY_LOOP = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(100_000):
+        pass
+"""
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` single-threaded processes spinning a pure-Python loop while the block runs.
+
+    They are killed (and reaped) when the block ends, whether it returns or raises, Ctrl-C
+    included; in the main thread a SIGTERM becomes ``SystemExit`` for the block, so it too
+    reaches the cleanup. A busy process also exits by itself once this process is gone, so not
+    even a SIGKILL leaves one spinning. They run in their own session: Ctrl-C in the terminal
+    reaches only this process, which stops them.
+    """
+    processes: list[subprocess.Popen[bytes]] = []
+    handles_sigterm = count > 0 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if handles_sigterm else None
+    try:
+        for _ in range(count):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-I", "-c", BUSY_LOOP, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.wait()
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+
 # -- measurement -------------------------------------------------------------------------
 @dataclass
 class PathResult:
@@ -324,6 +383,32 @@ def imagenet_images(folder: Path | None, count: int) -> tuple[torch.Tensor, str]
     return upscaled, "CIFAR-10 sample upscaled to 224x224 (ImageNet sample not found)"
 
 
+def print_cases(results: list[CaseResult]) -> None:
+    """One table per case: every path's median time, ratio, speed and agreement."""
+    for case in results:
+        print(
+            f"\n{case.name} ({case.images} images, {case.mode}, {case.gflop_per_call:.0f} GFLOP "
+            f"per call): reference {case.reference_median_seconds:.3f} s "
+            f"({case.reference_gflops_per_second:.0f} GFLOP/s)"
+        )
+        print(f"  {'path':62s} {'median s':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'<=1/255':>8s} same")
+        for label, result in case.paths.items():
+            print(
+                f"  {label:62s} {result.median_seconds:9.3f} {result.ratio:6.2f} "
+                f"{result.gflops_per_second:8.0f} {result.fraction_within_tolerance:8.4%} "
+                f"{'yes' if result.bit_identical else 'no'}"
+                + (f" (built in {result.build_seconds:.0f} s)" if result.build_seconds else "")
+            )
+
+
+def print_verdict(label: str, results: list[CaseResult], agrees: bool) -> None:
+    ratios = ", ".join(f"{case.name} {case.paths['library purify'].ratio:.2f}x" for case in results)
+    print(
+        f"\n{label}: {ratios}; agreement within 1/255 on >= 99.9%: "
+        f"{'passed' if agrees else 'FAILED'}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="comdefend-cifar10", help="zoo name or checkpoint")
@@ -341,8 +426,17 @@ def main() -> None:
     parser.add_argument("--candidates", action="store_true", help="also time the alternatives")
     parser.add_argument("--compile", action="store_true", help="with --candidates: torch.compile")
     parser.add_argument("--case", choices=["32", "224", "both"], default="both")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure again with N single-threaded busy processes running",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
+    if args.busy < 0:
+        parser.error("--busy must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -355,12 +449,22 @@ def main() -> None:
         cases.append(("32x32", cifar, None))
     if args.case in ("224", "both"):
         cases.append(("224x224", large, model.config.patch_size))
-    results = []
-    for name, images, patch in cases:
-        paths = {"library purify": (library_path(model, patch), 0.0)}
-        if args.candidates:
-            paths.update(candidate_paths(model, patch, images, args.compile, threads))
-        results.append(measure_case(name, model, images, patch, paths, args.repeats))
+
+    def measure_all() -> list[CaseResult]:
+        results = []
+        for name, images, patch in cases:
+            paths = {"library purify": (library_path(model, patch), 0.0)}
+            if args.candidates:
+                paths.update(candidate_paths(model, patch, images, args.compile, threads))
+            results.append(measure_case(name, model, images, patch, paths, args.repeats))
+        return results
+
+    results = measure_all()
+    loaded: list[CaseResult] = []
+    if args.busy:
+        print(f"with {args.busy} busy process(es):", file=sys.stderr, flush=True)
+        with busy_processes(args.busy):
+            loaded = measure_all()
 
     summary = {
         "command": "python benchmarks/purify.py " + " ".join(sys.argv[1:]),
@@ -370,14 +474,19 @@ def main() -> None:
         "model": args.model,
         "images_224": large_source,
         "repeats": args.repeats,
+        "busy": args.busy,
         "cases": [asdict(case) for case in results],
     }
-    ok = True
-    for case in results:
-        library = case.paths["library purify"]
-        agrees = library.fraction_within_tolerance >= AGREEMENT_FRACTION
-        ok = ok and agrees
-        summary[f"ratio_{case.name}"] = library.ratio
+    if args.busy:
+        summary["loaded_cases"] = [asdict(case) for case in loaded]
+    agreement = {"ratio": True, "loaded_ratio": True}
+    for prefix, measured in (("ratio", results), ("loaded_ratio", loaded)):
+        for case in measured:
+            library = case.paths["library purify"]
+            agrees = library.fraction_within_tolerance >= AGREEMENT_FRACTION
+            agreement[prefix] = agreement[prefix] and agrees
+            summary[f"{prefix}_{case.name}"] = library.ratio
+    ok = agreement["ratio"] and agreement["loaded_ratio"]
     summary["agreement_passed"] = ok
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -386,25 +495,15 @@ def main() -> None:
         f"torch {torch.__version__}, {threads} threads, model {args.model}; "
         f"224x224 images: {large_source}"
     )
-    for case in results:
-        print(
-            f"\n{case.name} ({case.images} images, {case.mode}, {case.gflop_per_call:.0f} GFLOP "
-            f"per call): reference {case.reference_median_seconds:.3f} s "
-            f"({case.reference_gflops_per_second:.0f} GFLOP/s)"
+    print_cases(results)
+    print_verdict("library purify / plain eager pass", results, agreement["ratio"])
+    if args.busy:
+        load = f"with {args.busy} single-threaded busy process(es) on the same cores"
+        print(f"\n{load}:")
+        print_cases(loaded)
+        print_verdict(
+            f"library purify / plain eager pass {load}", loaded, agreement["loaded_ratio"]
         )
-        print(f"  {'path':62s} {'median s':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'<=1/255':>8s} same")
-        for label, result in case.paths.items():
-            print(
-                f"  {label:62s} {result.median_seconds:9.3f} {result.ratio:6.2f} "
-                f"{result.gflops_per_second:8.0f} {result.fraction_within_tolerance:8.4%} "
-                f"{'yes' if result.bit_identical else 'no'}"
-                + (f" (built in {result.build_seconds:.0f} s)" if result.build_seconds else "")
-            )
-    ratios = ", ".join(f"{case.name} {case.paths['library purify'].ratio:.2f}x" for case in results)
-    print(
-        f"\nlibrary purify / plain eager pass: {ratios}; agreement within 1/255 on >= 99.9%: "
-        f"{'passed' if ok else 'FAILED'}"
-    )
     if not ok:
         raise SystemExit(1)
 

@@ -19,6 +19,7 @@ from comdefend.checkpoint import (
 from comdefend.errors import CheckpointError, InputError, UsageError
 from comdefend.limits import check_choice, check_int, check_number
 from comdefend.models.binarizer import BINARIZER_MODES, Binarizer, BinarizerMode
+from comdefend.models.parallel import run_chunks
 from comdefend.models.precision import Precision, check_precision, precision_context
 from comdefend.models.presets import (
     DEFAULT_CODE_CHANNELS,
@@ -41,6 +42,8 @@ INFERENCE_MODES = tuple(mode for mode in BINARIZER_MODES if mode != "noisy")
 # A batch of 256 CIFAR-10 images has 268 MB activations in the 256-channel layers, far beyond
 # the caches; chunks of about 4 MB stay in L3 (L2 on larger CPUs), which makes the whole pass
 # about 1.5-2x faster on the development CPU (docs/PERFORMANCE.md, benchmarks/purify.py).
+# The chunks are spread over threads with one intra-op thread each (comdefend.models.parallel),
+# so that a core taken by another process delays one chunk, not every convolution's barrier.
 # Convolutions treat each image independently, so the result does not depend on the chunking.
 CPU_CHUNK_BYTES = 4 * 2**20
 
@@ -258,7 +261,10 @@ class ComDefend(nn.Module):
         """``network(x)``, run chunk by chunk at inference on the CPU (same result, faster).
 
         Only in eval mode (BatchNorm in training mode would see other batch statistics) and
-        when autograd records nothing: gradients through the defense take the plain path.
+        when autograd records nothing: gradients through the defense take the plain path. The
+        chunks are computed by ``torch.get_num_threads()`` worker threads, one chunk at a time
+        each with one intra-op thread (:func:`~comdefend.models.parallel.run_chunks`), so the
+        encoder's and decoder's forward hooks run in those threads, in no fixed order.
         """
         if self.training or self._records_autograd(x):
             return network(x)
@@ -269,7 +275,7 @@ class ComDefend(nn.Module):
         if sizes[-1] == 1:  # no lone image (see inference_chunk_size): join the previous chunk
             sizes.pop()
             sizes[-1] += 1
-        return torch.cat([network(part) for part in x.split(sizes)])
+        return torch.cat(run_chunks(network, x.split(sizes)))
 
     # -- purification of any image size -----------------------------------------------------
     def purify(self, x: torch.Tensor, mode: PurifyMode | None = None) -> torch.Tensor:
@@ -279,8 +285,10 @@ class ComDefend(nn.Module):
         dtype and returned in its own.
 
         At inference on the CPU (eval mode, no autograd recording) the networks run on chunks of
-        the batch that fit in the caches; with autograd recording (BPDA, relaxed attacks) it is
-        one plain pass, so gradients flow as usual.
+        the batch that fit in the caches, spread over ``torch.get_num_threads()`` worker threads
+        with one intra-op thread each (the result is that of the chunks computed one after
+        another; the calling thread's torch thread count is left as it was); with autograd
+        recording (BPDA, relaxed attacks) it is one plain pass, so gradients flow as usual.
 
         The networks run at ``config.precision`` (``fp32``, ``tf32`` on CUDA, ``bf16``); the
         result is returned in float32 (or the input's dtype) whatever the precision.
