@@ -29,13 +29,15 @@ from comdefend.losses import comdefend_loss
 from comdefend.metrics import mean_psnr
 from comdefend.models.comdefend import ComDefend, ComDefendConfig
 from comdefend.training.batches import iteration_generator
+from comdefend.training.engine import COLLAPSE_MARGIN, is_collapse
 from comdefend.training.stabilizers import Stabilization, parse_stabilizers
 
 
 def summarize(paths: list[Path], at: tuple[int, ...] = (10, 20, 40)) -> str:
     """A markdown table of finished proxy runs (one row per file written by ``--out``):
     held-out PSNR and the largest code logit at the iterations ``at`` and at the last one;
-    "collapsed at": the first evaluation 6 dB below the best before it; "dead from": the first
+    "collapsed at": the first evaluation :data:`COLLAPSE_MARGIN` (6) dB below the best before it
+    (the engine's rule, :func:`is_collapse`); "dead from": the first
     with a zero gradient or more than 99% of the output saturated."""
     marks = " / ".join(str(i) for i in at)
     rows = [
@@ -156,7 +158,7 @@ def main() -> None:
                 "heldout_psnr_db": psnr,
                 "seconds": round(time.time() - started, 1),
             }
-            if collapsed_at is None and psnr < best - 6.0:
+            if collapsed_at is None and is_collapse(psnr, best, "max", COLLAPSE_MARGIN):
                 collapsed_at = done
             records.append(record)
             print(json.dumps(record), flush=True)

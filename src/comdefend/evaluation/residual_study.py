@@ -83,7 +83,7 @@ from comdefend.models.classifiers import Classifier, check_classifier_fits, load
 from comdefend.models.presets import PRESETS, Preset, get_preset, preset_summary
 from comdefend.training.logs import read_training_log
 from comdefend.training.recipes import resolve_config
-from comdefend.training.run import resolve_device
+from comdefend.training.run import differing_settings, resolve_device
 from comdefend.training.trainer import LEGACY_DEFAULTS, TrainConfig, train
 from comdefend.validation import set_threads
 
@@ -108,9 +108,10 @@ POINTS_FOLDER = "points"
 STAGES = ("all", "train", "measure")
 TABLE_FILE = "table.md"
 RUNS_FOLDER = "runs"
-# Training settings that may differ between a finished run and the current request.
-# (where the folder lies is not a setting: a moved or copied study resumes)
-_IGNORED_TRAIN_KEYS = ("device", "threads", "checkpoint_every", "out")
+# Training settings that may differ between a finished run and the current request: those a
+# resume may change (where the folder lies is not a setting: a moved or copied study resumes),
+# but the iterations, which decide whether the finished run is extended.
+_IGNORED_TRAIN_KEYS = TrainConfig.RESUMABLE_CHANGES - {"iterations"}
 
 
 @dataclass
@@ -485,17 +486,16 @@ def _finished_run(run: Path, train_config: TrainConfig) -> bool:
     if not summary_path.exists():
         return False
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    saved = {**LEGACY_DEFAULTS, **summary.get("config", {})}  # what older runs do not record
     wanted = train_config.to_dict()
-    differing = sorted(
-        key
-        for key in set(saved) | set(wanted)
-        if key not in _IGNORED_TRAIN_KEYS and saved.get(key) != wanted.get(key)
+    # the engine's rule of --resume (LEGACY_DEFAULTS: what older runs do not record)
+    differing = differing_settings(
+        summary.get("config", {}), wanted, _IGNORED_TRAIN_KEYS, LEGACY_DEFAULTS
     )
-    if differing == ["iterations"] and int(summary.get("iterations", 0)) < wanted["iterations"]:
+    shorter = int(summary.get("iterations", 0)) < wanted["iterations"]
+    if list(differing) == ["iterations"] and shorter:
         return False  # a shorter finished run: resume extends it
     if differing:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in differing)
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differing.items())
         raise UsageError(f"--resume: {run} was trained with other settings ({details})")
     return True
 

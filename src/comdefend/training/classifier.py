@@ -19,7 +19,7 @@ Usage from Python::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn import functional as F  # noqa: N812 - the usual alias
@@ -42,10 +42,9 @@ from comdefend.training.schedules import CLASSIFIER_SCHEDULES, classifier_learni
 
 PADDING_MODES = ("reflect", "zeros")
 DEFAULT_ARCH = {"fashion-mnist": "fashion-cnn", "cifar10": "resnet20", "cifar100": "resnet20"}
-LOG_EVERY = 10
-# Settings that may change between an interrupted run and its --resume: they do not touch the
-# weights (evaluation sizes, checkpoint interval) or are properties of the machine.
-RESUMABLE_CHANGES = ("threads", "device", "eval_images", "limit_test", "checkpoint_every")
+# Settings a checkpoint does not record: they do not touch the weights (evaluation sizes,
+# checkpoint interval) or are properties of the machine.
+_UNRECORDED = ("threads", "device", "eval_images", "limit_test", "checkpoint_every")
 # Random streams of iteration_generator (stream 1 is the epoch order).
 _ORDER_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 1, 2, 3
 
@@ -66,7 +65,13 @@ class ClassifierTrainConfig:
         limit_train: train on the first N training images only (tests, quick looks).
         limit_test: evaluate the final model on the first N test images (default: all).
         eval_images: test images evaluated at the end of every epoch (0: none).
+
+    :data:`RESUMABLE_CHANGES` names the settings that may change on ``--resume``.
     """
+
+    #: Settings that may change between an interrupted run and its ``--resume``: those a
+    #: checkpoint does not record, and where the run folder lies.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({*_UNRECORDED, "out"})
 
     dataset: str = "cifar10"
     arch: str | None = None
@@ -140,8 +145,9 @@ class ClassifierTrainConfig:
         return asdict(self)
 
     def resume_dict(self) -> dict[str, Any]:
-        """The settings an interrupted run must be resumed with (see :data:`RESUMABLE_CHANGES`)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        """The settings a checkpoint records: all but the machine's, the evaluation sizes and
+        the checkpoint interval (:data:`RESUMABLE_CHANGES` says what may change)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _UNRECORDED}
 
 
 class LabelledBatches:

@@ -8,9 +8,12 @@ engine, :func:`run_training`, owns everything else, once for all tasks:
   ``(seed, i)``), so ``--resume`` is bit-identical without saving random states;
 - the learning-rate schedule (the task's) and the optional stabilizers (gradient clipping,
   learning-rate decay: :mod:`comdefend.training.stabilizers`);
-- logging (``log.jsonl``: means over the last :data:`LOG_EVERY` iterations, every evaluation,
-  every event) and the progress bar;
-- held-out evaluation, the best weights so far (``best.safetensors``) and collapse warnings;
+- logging (``log.jsonl``: means over the last :data:`LOG_EVERY` iterations, a
+  :class:`LogWindow`; every evaluation, every event) and the progress bar;
+- held-out evaluation, the best weights so far (``best.safetensors``: a :class:`BestTracker`
+  of the metric the task monitors, higher or lower being better as the task declares) and
+  collapse warnings (:func:`is_collapse`, the one rule: :data:`COLLAPSE_MARGIN` past the best);
+- the rollback stabilizer (:class:`Rollback`), which the loop calls after every iteration;
 - atomic checkpoints, written only between iterations, never during an optimizer step;
 - Ctrl-C and SIGTERM: the first one finishes the current iteration, saves a checkpoint and
   raises :class:`TrainingInterrupted` (the CLI prints how to resume); a second one stops at
@@ -25,6 +28,12 @@ engine, :func:`run_training`, owns everything else, once for all tasks:
   device, DistributedDataParallel (gloo on CPUs, nccl on GPUs), the recipe's *global* batch split
   evenly across the processes (a batch that does not divide is refused), process 0 alone
   writes logs and checkpoints, and ``--resume`` needs the same number of processes.
+
+:func:`run_training` is a short loop over the parts of one session (``_Training``): ``step``
+(learning rate, loss, backward pass, optimizer step), ``record`` (evaluation, dead-run check,
+the logging window's record), ``roll_back``, ``after_iteration`` (the task's extra records,
+snapshot, checkpoint, progress bar) and ``stops`` (a pause, a dead run, an interruption), then
+``end`` (the final evaluation and the summary, or a paused session's checkpoint).
 
 Example (a custom task needs ``setup``, ``build_optimizer``, ``compute_loss``, ``evaluate`` and
 ``finish``; see :class:`TrainingTask`)::
@@ -43,7 +52,7 @@ import platform
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +70,14 @@ from comdefend.training.run import RunDirectory, environment, resolve_device
 from comdefend.training.stabilizers import MAX_ROLLBACKS, Stabilization
 from comdefend.validation import set_threads
 
+#: Log records average the per-iteration metrics over this many iterations (a logging window).
 LOG_EVERY = 10
 BEST_FILE = "best.safetensors"
-# A held-out score this far below the run's best is reported as a collapse (see trainer.py).
-DEFAULT_COLLAPSE_MARGIN = 6.0
+#: An evaluation this far past the run's best (on the wrong side) is a collapse
+#: (:func:`is_collapse`); for ComDefend's held-out PSNR, in dB. The study's recipe (Adam 1e-3,
+#: constant) can diverge late: on a GPU the plain CIFAR-10 model fell from 31.8 dB at iteration
+#: 6,500 to 11.9 dB at 7,000 and never recovered (docs/notes/training-collapse.md).
+COLLAPSE_MARGIN = 6.0
 
 
 class TrainingDivergedError(ComDefendError):
@@ -322,6 +335,118 @@ class TrainingPrecision:
             self.scaler.load_state_dict(state["grad_scaler"])
 
 
+# -- best value, collapse, logging window -------------------------------------------------------
+#: Directions of a monitored metric: ``max`` (higher is better, as a PSNR) or ``min``.
+MONITOR_MODES: tuple[str, ...] = ("max", "min")
+
+
+def is_collapse(
+    score: float, best: float | None, mode: str = "max", margin: float = COLLAPSE_MARGIN
+) -> bool:
+    """Whether ``score`` lies more than ``margin`` on the wrong side of the ``best`` so far: the
+    one rule the engine, the summary and the log reader call a collapse by.
+
+    Example:
+        >>> is_collapse(18.5, 25.0), is_collapse(20.0, 25.0), is_collapse(3.0, None)
+        (True, False, False)
+        >>> is_collapse(0.9, 0.2, mode="min", margin=0.5)
+        True
+    """
+    if best is None:
+        return False
+    return score < best - margin if mode == "max" else score > best + margin
+
+
+class BestTracker:
+    """The best value so far of the evaluation metric a task monitors, and its iteration.
+
+    Args:
+        metric: the key of the evaluation records (``heldout_psnr_db``); its name without the
+            ``heldout_`` prefix (:attr:`name`) is the key in ``best.safetensors``'s metrics.
+        mode: ``max`` (higher is better) or ``min``.
+        margin: how far past the best a score counts as a collapse (:func:`is_collapse`).
+
+    Example:
+        >>> best = BestTracker("heldout_psnr_db")
+        >>> [best.observe(score, i) for i, score in ((2, 20.0), (4, 25.0), (6, 18.0), (8, 24.0))]
+        ['best', 'best', 'collapse', None]
+        >>> best.record()
+        {'iteration': 4, 'psnr_db': 25.0}
+    """
+
+    def __init__(self, metric: str, mode: str = "max", margin: float = COLLAPSE_MARGIN) -> None:
+        if mode not in MONITOR_MODES:
+            raise UsageError(
+                f"monitor mode must be one of {', '.join(MONITOR_MODES)}, got {mode!r}"
+            )
+        self.metric, self.mode, self.margin = metric, mode, margin
+        self.value: float | None = None
+        self.iteration: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metric.removeprefix("heldout_")
+
+    def improves(self, score: float) -> bool:
+        """Whether ``score`` beats the best so far (any score does before the first)."""
+        if self.value is None:
+            return True
+        return score > self.value if self.mode == "max" else score < self.value
+
+    def observe(self, score: float, iteration: int) -> str | None:
+        """Take the score of an evaluation: ``"best"`` (it is the new best), ``"collapse"``
+        (:func:`is_collapse` against the best so far) or None."""
+        if self.improves(score):
+            self.value, self.iteration = score, iteration
+            return "best"
+        return "collapse" if is_collapse(score, self.value, self.mode, self.margin) else None
+
+    def record(self) -> dict[str, Any] | None:
+        """``{"iteration", NAME: value}`` (what :func:`read_best` returns), None before any."""
+        if self.value is None:
+            return None
+        return {"iteration": self.iteration, self.name: self.value}
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Continue from a run's ``best.safetensors`` (nothing happens if it has none)."""
+        saved = read_best(path, self.name)
+        if saved is not None:
+            self.value, self.iteration = saved[self.name], saved["iteration"]
+
+
+class LogWindow:
+    """Running sums of the per-iteration metrics since the last log record; a record carries
+    their means and ``iterations_averaged``.
+
+    Example:
+        >>> window = LogWindow()
+        >>> window.add({"loss": 1.0}); window.add({"loss": 2.0})
+        >>> window.flush()
+        {'loss': 1.5, 'iterations_averaged': 2}
+        >>> window.count
+        0
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def flush(self) -> dict[str, Any]:
+        """The means and their count, then an empty window."""
+        means: dict[str, Any] = {name: total / self.count for name, total in self.sums.items()}
+        means["iterations_averaged"] = self.count
+        self.reset()
+        return means
+
+
 # -- the task interface -------------------------------------------------------------------------
 class TrainingTask(ABC):
     """What is trained. The engine calls, in order: :meth:`setup`, :meth:`build_optimizer`, then
@@ -331,11 +456,18 @@ class TrainingTask(ABC):
     Attributes:
         kind: ``"purifier"`` or ``"classifier"`` (recorded in the log).
         config: the run's settings dataclass; the engine reads ``out``, ``seed``, ``threads``,
-            ``device``, ``checkpoint_every`` and ``to_dict()`` from it.
+            ``device``, ``checkpoint_every``, ``to_dict()`` and the class attribute
+            ``RESUMABLE_CHANGES`` (:meth:`resumable_changes`) from it.
         model: the model being trained (set by :meth:`setup`).
         total_iterations: iterations of the whole run (set by :meth:`setup`).
-        monitor: the evaluation metric whose best value is kept in ``best.safetensors``
-            (higher is better), or None.
+        monitor: the evaluation metric whose best value is kept in ``best.safetensors``, or
+            None (:class:`BestTracker`).
+        monitor_mode: ``"max"`` when a higher ``monitor`` is better, ``"min"`` when a lower one
+            is.
+        collapse_margin: an evaluation this far past the best on the wrong side is a collapse
+            (:func:`is_collapse`).
+        monitor_label, monitor_unit: how the collapse warning names the metric and its unit
+            (``"PSNR"``, ``" dB"``; by default the metric's name and no unit).
         stabilization: the measures against collapse the engine applies (clipping, decay).
         legacy_defaults: values of config keys that older run folders do not record, so that
             they still resume.
@@ -346,8 +478,11 @@ class TrainingTask(ABC):
 
     kind: str = "model"
     monitor: str | None = None
+    monitor_mode: str = "max"
+    monitor_label: str | None = None
+    monitor_unit: str = ""
     precision: str | None = None
-    collapse_margin: float = DEFAULT_COLLAPSE_MARGIN
+    collapse_margin: float = COLLAPSE_MARGIN
     legacy_defaults: dict[str, Any] = {}
 
     def __init__(self, config: Any) -> None:
@@ -356,9 +491,20 @@ class TrainingTask(ABC):
         self.total_iterations = 0
         self.stabilization = Stabilization()
 
-    # The run's settings that must match on --resume.
     def resume_config(self) -> dict[str, Any]:
+        """The run's settings as every checkpoint records them (compared on ``--resume``)."""
         return self.config.to_dict()
+
+    def resumable_changes(self) -> frozenset[str]:
+        """Settings that may change on ``--resume``: the config class's ``RESUMABLE_CHANGES``
+        (none declared: every setting must match)."""
+        return frozenset(getattr(self.config, "RESUMABLE_CHANGES", ()))
+
+    def best_tracker(self) -> BestTracker | None:
+        """What keeps the best ``monitor`` value (None: the task monitors nothing)."""
+        if not self.monitor:
+            return None
+        return BestTracker(self.monitor, self.monitor_mode, self.collapse_margin)
 
     @property
     def dead_iterations(self) -> int | None:
@@ -423,6 +569,18 @@ class TrainingTask(ABC):
     def describe_progress(self, metrics: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
 
+    def collapse_warning(
+        self, score: float, iteration: int, best: BestTracker, best_file: Path
+    ) -> str:
+        """The warning of the first collapse of a run (``best``: the best before it)."""
+        label, unit = self.monitor_label or best.name, self.monitor_unit
+        moved = "fell" if best.mode == "max" else "rose"
+        return (
+            f"held-out {label} {moved} to {score:.2f}{unit} at iteration {iteration}, from "
+            f"{best.value:.2f}{unit} at iteration {best.iteration}: the run is diverging; the "
+            f"best weights are kept in {best_file}"
+        )
+
 
 # -- helpers ------------------------------------------------------------------------------------
 def gradients_all_zero(model: nn.Module) -> bool:
@@ -431,13 +589,14 @@ def gradients_all_zero(model: nn.Module) -> bool:
     return bool(grads) and not bool(torch.stack(grads).amax() > 0)
 
 
-def read_best(path: str | os.PathLike) -> dict[str, Any] | None:
-    """``{"iteration", "psnr_db"}`` of a run's ``best.safetensors``, or None if it has none."""
+def read_best(path: str | os.PathLike, metric: str = "psnr_db") -> dict[str, Any] | None:
+    """``{"iteration", metric}`` of a run's ``best.safetensors`` (``{"iteration", "psnr_db"}``
+    for ComDefend), or None if it has none."""
     try:
         training = read_metadata(path)["training"]
     except (KeyError, ComDefendError):  # no best.safetensors yet, or not one of ours
         return None
-    return {"iteration": int(training["iterations"]), "psnr_db": training["metrics"]["psnr_db"]}
+    return {"iteration": int(training["iterations"]), metric: training["metrics"][metric]}
 
 
 @contextmanager
@@ -477,304 +636,7 @@ def _interrupt_message(run: RunDirectory, iteration: int, total: int, saved: boo
     )
 
 
-# -- the engine ---------------------------------------------------------------------------------
-def run_training(
-    task: TrainingTask,
-    resume: bool = False,
-    progress: bool = True,
-    processes: Processes | None = None,
-    pause_at: int | None = None,
-) -> dict[str, Any]:
-    """Train (or resume) ``task``'s run; returns the summary written to ``summary.json``.
-
-    Args:
-        task: what to train (:class:`TrainingTask`).
-        resume: continue the run in ``task.config.out`` from its checkpoint (same settings,
-            same number of processes; ``iterations`` may grow, never shrink).
-        progress: show a progress bar (process 0 only).
-        processes: this process's place in a data-parallel run (default: from torchrun's
-            environment variables).
-        pause_at: stop after this iteration as an interruption would (checkpoint saved, a
-            ``paused`` event in the log, no summary) and return ``{"paused": True,
-            "iteration": ...}``; a later ``resume=True`` continues exactly. Ignored when it is
-            not below the run's iterations; a run already there returns at once.
-
-    Returns:
-        The summary (config, iterations, env, device, timing and the task's entries). In a
-        data-parallel run, processes other than 0 return ``{"rank": r}``.
-
-    Raises:
-        TrainingInterrupted: Ctrl-C or SIGTERM (after saving, see the module docstring).
-        TrainingDivergedError: a NaN or infinite loss.
-        UsageError: bad settings, a folder holding another run, a resume that does not fit.
-    """
-    config = task.config
-    set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
-    # Subnormal floats appear in saturated sigmoid/ELU gradients and are slow on CPUs.
-    torch.set_flush_denormal(True)
-    processes = processes or launched_processes()
-    device = start_processes(processes, config.device)
-    numerics = TrainingPrecision(task.precision, device)  # refused before any file is written
-    run = RunDirectory(
-        config.out,
-        resume,
-        task.resume_config(),
-        writer=processes.is_main,
-        world_size=processes.world_size,
-        legacy_defaults=task.legacy_defaults,
-    )
-    task.setup(device, processes)
-    total = task.total_iterations
-    if total < 1:
-        raise UsageError(f"iterations must be >= 1, got {total}")
-    model = task.model
-    optimizer = task.build_optimizer(list(model.parameters()))
-    start = 0
-    lr_scale, rollbacks = 1.0, 0  # the rollback stabilizer's state
-    if resume:
-        saved_state = run.load(model, optimizer)
-        start = int(saved_state["iteration"])
-        lr_scale = float(saved_state.get("lr_scale", 1.0))
-        rollbacks = int(saved_state.get("rollbacks", 0))
-        numerics.load(saved_state)
-        if start > total:
-            raise UsageError(
-                f"--resume: the run in {run.path} has already done {start} iterations, more "
-                f"than the {total} asked for; pass at least --iterations {start} (a run is "
-                "never shortened: its checkpoint and log are kept as they are)"
-            )
-    if pause_at is not None and pause_at < total and start >= pause_at:
-        return {"paused": True, "iteration": start}  # already there: nothing to train
-    share = processes.share(int(config.batch_size))
-    module = task.training_module()
-    if processes.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        module = DistributedDataParallel(module, device_ids=ids)
-
-    best = read_best(run.path / BEST_FILE) if resume and task.monitor else None
-    event: dict[str, Any] = {
-        "event": "resume" if resume else "start",
-        "iteration": start,
-        "task": task.kind,
-        "device": str(device),
-        "world_size": processes.world_size,
-        "env": environment(),
-    }
-    if not resume:
-        event["config"] = config.to_dict()
-    elif getattr(config, "stabilize", None) is not None:
-        event["stabilize"] = config.stabilize  # a resume may add or drop rollback
-    run.log(event)
-
-    model.train()
-    iteration = start
-    bar = progress_bar(
-        total=total,
-        initial=start,
-        enabled=progress and processes.is_main,
-        desc="train",
-        unit="it",
-    )
-    started, images_seen = time.perf_counter(), 0
-    window: dict[str, float] = {}
-    window_count = 0
-    zero_streak, stopped_early = 0, None
-    collapse_warned = False
-    in_step = False
-    stabilization = task.stabilization
-    healthy: _Snapshot | None = None  # the last healthy evaluation's state (rollback)
-
-    def save(at: int) -> None:
-        state = {"lr_scale": lr_scale, "rollbacks": rollbacks, **numerics.state()}
-        run.save(model, optimizer, at, state)
-
-    try:
-        with deferred_interrupts() as interrupts, numerics.training_math():
-            while iteration < total:
-                lr = task.learning_rate(iteration) * stabilization.lr_factor(iteration, total)
-                lr *= lr_scale
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, metrics = task.compute_loss(module, iteration, share)
-                names = sorted(metrics)
-                values = torch.stack([metrics[name].detach().float() for name in names])
-                values = processes.reduce_mean(values).cpu()
-                means = dict(zip(names, values.tolist(), strict=True))
-                if not all(math.isfinite(v) for v in means.values()):
-                    run.log({"event": "diverged", "iteration": iteration + 1})
-                    raise TrainingDivergedError(
-                        f"the loss became {means.get('loss')} at iteration {iteration + 1}; "
-                        f"{run.checkpoint_path} still holds the last good state (every "
-                        f"{config.checkpoint_every} iterations) and {run.path / BEST_FILE} "
-                        "the best weights so far; a lower --lr or --stabilize may help"
-                    )
-                in_step = True
-                optimizer.zero_grad(set_to_none=True)
-                numerics.backward(loss)
-                numerics.unscale(optimizer)
-                dead = gradients_all_zero(model)
-                grad_norm = stabilization.clip(list(model.parameters()))
-                numerics.step(optimizer)
-                in_step = False
-                iteration += 1
-                images_seen += int(config.batch_size)
-                zero_streak = zero_streak + 1 if dead else 0
-
-                for name, value in means.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_count += 1
-                record: dict[str, Any] = {"iteration": iteration, "lr": lr}
-                if grad_norm is not None:
-                    record["grad_norm_before_clip"] = grad_norm
-                if task.evaluation_due(iteration) or iteration == total:
-                    if processes.is_main:
-                        model.eval()
-                        with numerics.evaluation():
-                            heldout = task.evaluate(iteration)
-                        model.train()
-                        record.update(heldout)
-                        score = heldout.get(task.monitor) if task.monitor else None
-                        if score is not None:
-                            if best is None or score > best["psnr_db"]:
-                                best = {"iteration": iteration, "psnr_db": score}
-                                task.save_weights(run.path / BEST_FILE, iteration, _plain(heldout))
-                            elif score < best["psnr_db"] - task.collapse_margin:
-                                record["collapse"] = True
-                                if not collapse_warned:
-                                    collapse_warned = True
-                                    logger.warning(
-                                        f"held-out PSNR fell to {score:.2f} dB at "
-                                        f"iteration {iteration}, from {best['psnr_db']:.2f} dB "
-                                        f"at iteration {best['iteration']}: the run is "
-                                        "diverging; the best weights are kept in "
-                                        f"{run.path / BEST_FILE}"
-                                    )
-                limit = task.dead_iterations
-                if limit is not None and zero_streak >= limit:
-                    stopped_early = {
-                        "iteration": iteration,
-                        "reason": f"every gradient was exactly zero for {zero_streak} "
-                        "iterations in a row: the model cannot learn any more (a saturated "
-                        "output, as in a collapse)",
-                    }
-                    record["dead"] = True
-                if iteration % LOG_EVERY == 0 or len(record) > 2 or iteration == total:
-                    record.update({k: v / window_count for k, v in window.items()})
-                    record["iterations_averaged"] = window_count
-                    run.log(record)
-                    window, window_count = {}, 0
-                if stabilization.rollback is not None and task.monitor:
-                    evaluated = task.evaluation_due(iteration) or iteration == total
-                    # every process takes the same decision (process 0 evaluates)
-                    trouble = evaluated and processes.reduce_max(
-                        bool(record.get("collapse")), device
-                    )
-                    trouble = trouble or stopped_early is not None
-                    if trouble and healthy is not None and rollbacks < MAX_ROLLBACKS:
-                        healthy.restore(model, optimizer, numerics)
-                        rollbacks += 1
-                        lr_scale *= stabilization.rollback
-                        run.log(
-                            {
-                                "event": "rollback",
-                                "iteration": iteration,
-                                "to": healthy.iteration,
-                                "lr_scale": lr_scale,
-                                "rollbacks": rollbacks,
-                            }
-                        )
-                        if processes.is_main:
-                            logger.warning(
-                                f"collapse at iteration {iteration}: back to iteration "
-                                f"{healthy.iteration}, learning rate x{lr_scale:g} "
-                                f"(rollback {rollbacks} of at most {MAX_ROLLBACKS})"
-                            )
-                        iteration, stopped_early, zero_streak = healthy.iteration, None, 0
-                        window, window_count = {}, 0
-                        save(iteration)
-                        bar.n = iteration
-                        bar.refresh()
-                        continue
-                    if evaluated and not trouble:
-                        healthy = _Snapshot.take(model, optimizer, iteration, numerics)
-                for extra in task.after_step(iteration, means):
-                    run.log(extra)
-                    if progress and processes.is_main and "message" in extra:
-                        bar.write(extra["message"])
-                if processes.is_main and task.snapshot_due(iteration):
-                    measured = {k: v for k, v in record.items() if k.startswith("heldout_")}
-                    task.save_snapshot(run.path, iteration, _plain(measured))
-                if task.checkpoint_due(iteration) or iteration == total or stopped_early:
-                    save(iteration)
-                rate = images_seen / max(time.perf_counter() - started, 1e-9)
-                postfix = {**task.describe_progress(means), "img_s": f"{rate:.0f}"}
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if pause_at is not None and iteration == pause_at < total:
-                    break
-                if stopped_early:
-                    run.log({"event": "stopped_early", **stopped_early})
-                    if processes.is_main:
-                        logger.warning(
-                            f"stopping at iteration {iteration} of {total}: "
-                            f"{stopped_early['reason']}"
-                        )
-                    break
-                # Every process stops after the same iteration, whichever got the signal.
-                if processes.reduce_max(interrupts["stop"], device):
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt as error:
-        bar.close()
-        saved = not in_step
-        if saved:
-            save(iteration)
-        run.log(
-            {
-                "event": "interrupted",
-                "iteration": iteration,
-                "saved": saved,
-                "session_seconds": round(time.perf_counter() - started, 1),
-            }
-        )
-        raise TrainingInterrupted(
-            _interrupt_message(run, iteration, total, saved), iteration, saved, str(run.path)
-        ) from error
-    bar.close()
-    seconds = time.perf_counter() - started
-    if pause_at is not None and iteration == pause_at < total and not stopped_early:
-        save(iteration)
-        run.log({"event": "paused", "iteration": iteration, "session_seconds": round(seconds, 1)})
-        return {"paused": True, "iteration": iteration}
-    if not processes.is_main:
-        processes.barrier()  # process 0 evaluates and writes the final files
-        return {"rank": processes.rank}
-
-    # the wall time of this session's training (the ``interrupted`` event carries it for a
-    # session that ended early): how long a run took, summed over its sessions
-    run.log({"event": "session_end", "iteration": iteration, "session_seconds": round(seconds, 1)})
-    state = {"best": best, "optimizer": optimizer, "stopped_early": stopped_early}
-    with numerics.evaluation():
-        finished = task.finish(run, iteration, state)
-    summary: dict[str, Any] = {
-        "config": config.to_dict(),
-        "task": task.kind,
-        "iterations": iteration,
-        **finished,
-        "stopped_early": stopped_early,
-        "rollbacks": rollbacks,
-        "world_size": processes.world_size,
-        "env": environment(),
-        "device": str(device),
-        "images_per_second_this_session": images_seen / max(seconds, 1e-9),
-        "seconds_this_session": round(seconds, 1),
-    }
-    run.write_summary(summary)
-    processes.barrier()
-    return summary
-
-
+# -- the rollback stabilizer --------------------------------------------------------------------
 @dataclass
 class _Snapshot:
     """Weights, optimizer and gradient-scaler state at one iteration, in memory (for the
@@ -808,6 +670,461 @@ class _Snapshot:
         numerics.load(copy.deepcopy(self.numerics))
 
 
+class Rollback:
+    """The rollback stabilizer (:attr:`Stabilization.rollback`), called after every iteration.
+
+    It keeps the state of the last healthy evaluation in memory. When an evaluation shows a
+    collapse, or the run is dead (every gradient zero for ``dead_iterations``), it restores
+    that state, multiplies the learning rate by ``factor`` from then on, logs a ``rollback``
+    event and warns; at most :data:`MAX_ROLLBACKS` times in a run. ``lr_scale`` and
+    ``rollbacks`` travel in every checkpoint, so a resumed run keeps its lowered rate (even
+    with the stabilizer dropped on the resume).
+
+    Args:
+        factor: the learning-rate factor of each rollback; None: the stabilizer is off (the
+            saved ``lr_scale`` still applies).
+        model, optimizer, numerics: what a snapshot holds.
+        log: writes a log record (:meth:`RunDirectory.log`).
+        warn: whether this process prints the warning (process 0).
+    """
+
+    def __init__(
+        self,
+        factor: float | None,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        numerics: TrainingPrecision,
+        log: Callable[[dict[str, Any]], None],
+        warn: bool = True,
+    ) -> None:
+        self.factor = factor
+        self.model, self.optimizer, self.numerics = model, optimizer, numerics
+        self.log, self.warn = log, warn
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.healthy: _Snapshot | None = None  # the last healthy evaluation's state
+
+    @property
+    def active(self) -> bool:
+        return self.factor is not None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps."""
+        return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+
+    def after_iteration(self, iteration: int, evaluated: bool, trouble: bool) -> int | None:
+        """Go back to the last healthy evaluation on ``trouble`` (a collapse, a dead run) while
+        rollbacks are left: returns the iteration it went back to, else None (and keeps the
+        state of an ``evaluated`` iteration without trouble)."""
+        if not self.active:
+            return None
+        healthy = self.healthy
+        if trouble and healthy is not None and self.rollbacks < MAX_ROLLBACKS:
+            assert self.factor is not None
+            healthy.restore(self.model, self.optimizer, self.numerics)
+            self.rollbacks += 1
+            self.lr_scale *= self.factor
+            self.log(
+                {
+                    "event": "rollback",
+                    "iteration": iteration,
+                    "to": healthy.iteration,
+                    "lr_scale": self.lr_scale,
+                    "rollbacks": self.rollbacks,
+                }
+            )
+            if self.warn:
+                logger.warning(
+                    f"collapse at iteration {iteration}: back to iteration {healthy.iteration}, "
+                    f"learning rate x{self.lr_scale:g} (rollback {self.rollbacks} of at most "
+                    f"{MAX_ROLLBACKS})"
+                )
+            return healthy.iteration
+        if evaluated and not trouble:
+            self.healthy = _Snapshot.take(self.model, self.optimizer, iteration, self.numerics)
+        return None
+
+
+# -- the engine ---------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    """One finished iteration: its learning rate, the batch means of its metrics (over the
+    processes), the gradient norm before clipping (None without clipping), and whether it is
+    evaluated."""
+
+    lr: float
+    means: dict[str, float]
+    grad_norm: float | None
+    evaluated: bool
+
+
+class _Training:
+    """One session of a run: its state, and the parts :func:`run_training` calls in turn.
+
+    Building it prepares everything that may refuse the run (threads, device, precision, the
+    run folder, the task's setup, a resume's checkpoint); :meth:`begin` starts the session.
+    """
+
+    def __init__(self, task: TrainingTask, resume: bool, processes: Processes | None) -> None:
+        config = task.config
+        set_threads(config.threads)  # None: torch's default; 0 or less is refused, not ignored
+        # Subnormal floats appear in saturated sigmoid/ELU gradients and are slow on CPUs.
+        torch.set_flush_denormal(True)
+        self.task, self.config, self.resume = task, config, resume
+        self.processes = processes or launched_processes()
+        self.device = start_processes(self.processes, config.device)
+        # refused before any file is written
+        self.numerics = TrainingPrecision(task.precision, self.device)
+        self.run = RunDirectory(
+            config.out,
+            resume,
+            task.resume_config(),
+            writer=self.processes.is_main,
+            world_size=self.processes.world_size,
+            legacy_defaults=task.legacy_defaults,
+            resumable=task.resumable_changes(),
+        )
+        task.setup(self.device, self.processes)
+        self.total = task.total_iterations
+        if self.total < 1:
+            raise UsageError(f"iterations must be >= 1, got {self.total}")
+        self.model = task.model
+        self.optimizer = task.build_optimizer(list(self.model.parameters()))
+        self.rollback = Rollback(
+            task.stabilization.rollback if task.monitor else None,
+            self.model,
+            self.optimizer,
+            self.numerics,
+            self.run.log,
+            warn=self.processes.is_main,
+        )
+        self.iteration = 0
+        if resume:
+            self._load_checkpoint()
+
+    def _load_checkpoint(self) -> None:
+        saved_state = self.run.load(self.model, self.optimizer)
+        self.iteration = start = int(saved_state["iteration"])
+        self.rollback.load(saved_state)
+        self.numerics.load(saved_state)
+        if start > self.total:
+            raise UsageError(
+                f"--resume: the run in {self.run.path} has already done {start} iterations, "
+                f"more than the {self.total} asked for; pass at least --iterations {start} (a "
+                "run is never shortened: its checkpoint and log are kept as they are)"
+            )
+
+    def begin(self, progress: bool) -> None:
+        """Wrap the model for data-parallel training, read the best so far, log the start (or
+        resume) event and open the progress bar."""
+        task, config, processes = self.task, self.config, self.processes
+        self.share = processes.share(int(config.batch_size))
+        self.module = task.training_module()
+        if processes.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = DistributedDataParallel(self.module, device_ids=ids)
+        self.best = task.best_tracker()
+        if self.best is not None and self.resume:
+            self.best.load(self.run.path / BEST_FILE)
+        event: dict[str, Any] = {
+            "event": "resume" if self.resume else "start",
+            "iteration": self.iteration,
+            "task": task.kind,
+            "device": str(self.device),
+            "world_size": processes.world_size,
+            "env": environment(),
+        }
+        if not self.resume:
+            event["config"] = config.to_dict()
+        elif getattr(config, "stabilize", None) is not None:
+            event["stabilize"] = config.stabilize  # a resume may add or drop rollback
+        self.run.log(event)
+
+        self.model.train()
+        self.progress = progress
+        self.bar = progress_bar(
+            total=self.total,
+            initial=self.iteration,
+            enabled=progress and processes.is_main,
+            desc="train",
+            unit="it",
+        )
+        self.started, self.images_seen = time.perf_counter(), 0
+        self.window = LogWindow()
+        self.zero_streak = 0
+        self.stopped_early: dict[str, Any] | None = None
+        self.collapse_warned = False
+        self.in_step = False
+
+    def save(self, at: int) -> None:
+        """Checkpoint the state after iteration ``at``."""
+        state = {**self.rollback.state(), **self.numerics.state()}
+        self.run.save(self.model, self.optimizer, at, state)
+
+    def session_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextmanager
+    def interruptible(self) -> Iterator[dict[str, bool]]:
+        """The training loop's context: deferred Ctrl-C / SIGTERM (see the module docstring)
+        and the run's float32 arithmetic; an interruption ends in :class:`TrainingInterrupted`
+        after saving what can be saved."""
+        try:
+            with deferred_interrupts() as interrupts, self.numerics.training_math():
+                yield interrupts
+        except KeyboardInterrupt as error:
+            self.bar.close()
+            saved = not self.in_step
+            if saved:
+                self.save(self.iteration)
+            self.run.log(
+                {
+                    "event": "interrupted",
+                    "iteration": self.iteration,
+                    "saved": saved,
+                    "session_seconds": round(self.session_seconds(), 1),
+                }
+            )
+            message = _interrupt_message(self.run, self.iteration, self.total, saved)
+            raise TrainingInterrupted(message, self.iteration, saved, str(self.run.path)) from error
+
+    def step(self) -> _Step:
+        """One iteration: learning rate, loss (refused if not finite, before the step),
+        backward pass, clipping and the optimizer step."""
+        task, optimizer, numerics = self.task, self.optimizer, self.numerics
+        stabilization = task.stabilization
+        iteration = self.iteration
+        lr = task.learning_rate(iteration) * stabilization.lr_factor(iteration, self.total)
+        lr *= self.rollback.lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, metrics = task.compute_loss(self.module, iteration, self.share)
+        names = sorted(metrics)
+        values = torch.stack([metrics[name].detach().float() for name in names])
+        values = self.processes.reduce_mean(values).cpu()
+        means = dict(zip(names, values.tolist(), strict=True))
+        if not all(math.isfinite(v) for v in means.values()):
+            self.run.log({"event": "diverged", "iteration": iteration + 1})
+            raise TrainingDivergedError(
+                f"the loss became {means.get('loss')} at iteration {iteration + 1}; "
+                f"{self.run.checkpoint_path} still holds the last good state (every "
+                f"{self.config.checkpoint_every} iterations) and {self.run.path / BEST_FILE} "
+                "the best weights so far; a lower --lr or --stabilize may help"
+            )
+        self.in_step = True
+        optimizer.zero_grad(set_to_none=True)
+        numerics.backward(loss)
+        numerics.unscale(optimizer)
+        dead = gradients_all_zero(self.model)
+        grad_norm = stabilization.clip(list(self.model.parameters()))
+        numerics.step(optimizer)
+        self.in_step = False
+        self.iteration = iteration = iteration + 1
+        self.images_seen += int(self.config.batch_size)
+        self.zero_streak = self.zero_streak + 1 if dead else 0
+        self.window.add(means)
+        evaluated = task.evaluation_due(iteration) or iteration == self.total
+        return _Step(lr, means, grad_norm, evaluated)
+
+    def record(self, step: _Step) -> dict[str, Any]:
+        """The iteration's log record: held-out evaluation, dead-run check, and the logging
+        window's means when a record is due (every :data:`LOG_EVERY` iterations, at the end,
+        and whenever the record holds more than the learning rate)."""
+        record: dict[str, Any] = {"iteration": self.iteration, "lr": step.lr}
+        if step.grad_norm is not None:
+            record["grad_norm_before_clip"] = step.grad_norm
+        if step.evaluated and self.processes.is_main:
+            self.evaluate(record)
+        self.check_dead(record)
+        if self.iteration % LOG_EVERY == 0 or len(record) > 2 or self.iteration == self.total:
+            record.update(self.window.flush())
+            self.run.log(record)
+        return record
+
+    def evaluate(self, record: dict[str, Any]) -> None:
+        """Held-out evaluation (process 0): the best weights so far and collapse warnings."""
+        task, iteration = self.task, self.iteration
+        self.model.eval()
+        with self.numerics.evaluation():
+            heldout = task.evaluate(iteration)
+        self.model.train()
+        record.update(heldout)
+        best = self.best
+        score = heldout.get(best.metric) if best is not None else None
+        if best is None or score is None:
+            return
+        best_file = self.run.path / BEST_FILE
+        verdict = best.observe(score, iteration)  # a collapse leaves the best as it was
+        if verdict == "best":
+            task.save_weights(best_file, iteration, _plain(heldout))
+        elif verdict == "collapse":
+            record["collapse"] = True
+            if not self.collapse_warned:
+                self.collapse_warned = True
+                logger.warning(task.collapse_warning(score, iteration, best, best_file))
+
+    def check_dead(self, record: dict[str, Any]) -> None:
+        """End the run after this iteration once every gradient has been exactly zero for
+        ``task.dead_iterations`` iterations in a row."""
+        limit = self.task.dead_iterations
+        if limit is not None and self.zero_streak >= limit:
+            self.stopped_early = {
+                "iteration": self.iteration,
+                "reason": f"every gradient was exactly zero for {self.zero_streak} "
+                "iterations in a row: the model cannot learn any more (a saturated "
+                "output, as in a collapse)",
+            }
+            record["dead"] = True
+
+    def roll_back(self, step: _Step, record: dict[str, Any]) -> bool:
+        """The rollback stabilizer's turn (:class:`Rollback`); True when it went back."""
+        if not self.rollback.active:
+            return False
+        # every process takes the same decision (process 0 evaluates)
+        collapse = bool(record.get("collapse"))
+        trouble = step.evaluated and self.processes.reduce_max(collapse, self.device)
+        trouble = trouble or self.stopped_early is not None
+        back_to = self.rollback.after_iteration(self.iteration, step.evaluated, trouble)
+        if back_to is None:
+            return False
+        self.iteration, self.stopped_early, self.zero_streak = back_to, None, 0
+        self.window.reset()
+        self.save(back_to)
+        self.bar.n = back_to
+        self.bar.refresh()
+        return True
+
+    def after_iteration(self, step: _Step, record: dict[str, Any]) -> None:
+        """The task's extra records, a snapshot and a checkpoint when due, the progress bar."""
+        task, iteration, is_main = self.task, self.iteration, self.processes.is_main
+        for extra in task.after_step(iteration, step.means):
+            self.run.log(extra)
+            if self.progress and is_main and "message" in extra:
+                self.bar.write(extra["message"])
+        if is_main and task.snapshot_due(iteration):
+            measured = {k: v for k, v in record.items() if k.startswith("heldout_")}
+            task.save_snapshot(self.run.path, iteration, _plain(measured))
+        if task.checkpoint_due(iteration) or iteration == self.total or self.stopped_early:
+            self.save(iteration)
+        rate = self.images_seen / max(self.session_seconds(), 1e-9)
+        postfix = {**task.describe_progress(step.means), "img_s": f"{rate:.0f}"}
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def pauses(self, pause_at: int | None) -> bool:
+        return pause_at is not None and self.iteration == pause_at < self.total
+
+    def stops(self, pause_at: int | None, interrupts: dict[str, bool]) -> bool:
+        """Whether the loop ends after this iteration (a pause, a dead run); raises
+        ``KeyboardInterrupt`` when any process was interrupted."""
+        if self.pauses(pause_at):
+            return True
+        if self.stopped_early:
+            self.run.log({"event": "stopped_early", **self.stopped_early})
+            if self.processes.is_main:
+                logger.warning(
+                    f"stopping at iteration {self.iteration} of {self.total}: "
+                    f"{self.stopped_early['reason']}"
+                )
+            return True
+        # Every process stops after the same iteration, whichever got the signal.
+        if self.processes.reduce_max(interrupts["stop"], self.device):
+            raise KeyboardInterrupt
+        return False
+
+    def end(self, pause_at: int | None) -> dict[str, Any]:
+        """A paused session's checkpoint, or the task's final evaluation and the summary."""
+        self.bar.close()
+        seconds = self.session_seconds()
+        run, processes, iteration = self.run, self.processes, self.iteration
+        if self.pauses(pause_at) and not self.stopped_early:
+            self.save(iteration)
+            run.log(
+                {"event": "paused", "iteration": iteration, "session_seconds": round(seconds, 1)}
+            )
+            return {"paused": True, "iteration": iteration}
+        if not processes.is_main:
+            processes.barrier()  # process 0 evaluates and writes the final files
+            return {"rank": processes.rank}
+
+        # the wall time of this session's training (the ``interrupted`` event carries it for a
+        # session that ended early): how long a run took, summed over its sessions
+        run.log(
+            {"event": "session_end", "iteration": iteration, "session_seconds": round(seconds, 1)}
+        )
+        best = self.best.record() if self.best is not None else None
+        state = {"best": best, "optimizer": self.optimizer, "stopped_early": self.stopped_early}
+        with self.numerics.evaluation():
+            finished = self.task.finish(run, iteration, state)
+        summary: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "task": self.task.kind,
+            "iterations": iteration,
+            **finished,
+            "stopped_early": self.stopped_early,
+            "rollbacks": self.rollback.rollbacks,
+            "world_size": processes.world_size,
+            "env": environment(),
+            "device": str(self.device),
+            "images_per_second_this_session": self.images_seen / max(seconds, 1e-9),
+            "seconds_this_session": round(seconds, 1),
+        }
+        run.write_summary(summary)
+        processes.barrier()
+        return summary
+
+
+def run_training(
+    task: TrainingTask,
+    resume: bool = False,
+    progress: bool = True,
+    processes: Processes | None = None,
+    pause_at: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) ``task``'s run; returns the summary written to ``summary.json``.
+
+    Args:
+        task: what to train (:class:`TrainingTask`).
+        resume: continue the run in ``task.config.out`` from its checkpoint (same settings,
+            same number of processes; ``iterations`` may grow, never shrink).
+        progress: show a progress bar (process 0 only).
+        processes: this process's place in a data-parallel run (default: from torchrun's
+            environment variables).
+        pause_at: stop after this iteration as an interruption would (checkpoint saved, a
+            ``paused`` event in the log, no summary) and return ``{"paused": True,
+            "iteration": ...}``; a later ``resume=True`` continues exactly. Ignored when it is
+            not below the run's iterations; a run already there returns at once.
+
+    Returns:
+        The summary (config, iterations, env, device, timing and the task's entries). In a
+        data-parallel run, processes other than 0 return ``{"rank": r}``.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C or SIGTERM (after saving, see the module docstring).
+        TrainingDivergedError: a NaN or infinite loss.
+        UsageError: bad settings, a folder holding another run, a resume that does not fit.
+    """
+    training = _Training(task, resume, processes)
+    if pause_at is not None and pause_at < training.total and training.iteration >= pause_at:
+        return {"paused": True, "iteration": training.iteration}  # already there
+    training.begin(progress)
+    with training.interruptible() as interrupts:
+        while training.iteration < training.total:
+            step = training.step()
+            record = training.record(step)
+            if training.roll_back(step, record):
+                continue
+            training.after_iteration(step, record)
+            if training.stops(pause_at, interrupts):
+                break
+    return training.end(pause_at)
+
+
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     """Held-out metrics without the ``heldout_`` prefix of the log records."""
     return {k.removeprefix("heldout_"): v for k, v in metrics.items()}
@@ -815,9 +1132,14 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "BEST_FILE",
+    "COLLAPSE_MARGIN",
     "LOG_EVERY",
+    "MONITOR_MODES",
     "TRAINING_PRECISIONS",
+    "BestTracker",
+    "LogWindow",
     "Processes",
+    "Rollback",
     "TrainingDivergedError",
     "TrainingInterrupted",
     "TrainingPrecision",
@@ -826,6 +1148,7 @@ __all__ = [
     "check_training_precision",
     "deferred_interrupts",
     "gradients_all_zero",
+    "is_collapse",
     "launched_processes",
     "precision_unavailable",
     "read_best",

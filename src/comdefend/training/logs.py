@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .engine import is_collapse
 from .trainer import COLLAPSE_DB
 
 
 def first_collapse(psnr: dict[int, float], margin: float = COLLAPSE_DB) -> int | None:
-    """The first evaluation more than ``margin`` dB below the best one before it, if any."""
+    """The first evaluation more than ``margin`` dB below the best one before it, if any
+    (:func:`~comdefend.training.engine.is_collapse`, the engine's rule)."""
     best = float("-inf")
     for iteration in sorted(psnr):
-        if psnr[iteration] < best - margin:
+        if is_collapse(psnr[iteration], best, "max", margin):
             return iteration
         best = max(best, psnr[iteration])
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +57,6 @@ def restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
-# Settings that may change on --resume: they do not change what is trained (a moved run folder,
-# the thread count or device, how often to evaluate or save, how many iterations in all).
-RESUMABLE_CHANGES = frozenset(
-    {
-        "iterations",
-        "device",
-        "threads",
-        "out",
-        "eval_every",
-        "checkpoint_every",
-        "resume",
-        "snapshot_every",
-    }
-)
 #: Stabilizers a resume may add or drop: ``rollback`` changes nothing until a collapse, so
 #: adding it to a healthy run equals having had it from the start (the resume event logs it).
 RESUMABLE_STABILIZERS = frozenset({"rollback"})
@@ -84,17 +71,48 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "stabilize": kept}
 
 
+def differing_settings(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    resumable: Collection[str] = (),
+    legacy_defaults: dict[str, Any] | None = None,
+) -> dict[str, tuple[Any, Any]]:
+    """The settings a run was ``saved`` with that differ from the ``current`` ones, as
+    ``{key: (saved, current)}`` sorted by key: the one rule of ``--resume``.
+
+    Args:
+        saved, current: the two sets of settings.
+        resumable: keys that may change (a config class's ``RESUMABLE_CHANGES``).
+        legacy_defaults: values of keys that older runs do not record.
+
+    Stabilizers a resume may add or drop (:data:`RESUMABLE_STABILIZERS`) are not compared.
+
+    Example:
+        >>> differing_settings({"lr": 0.1, "threads": 1}, {"lr": 0.2, "threads": 4}, {"threads"})
+        {'lr': (0.1, 0.2)}
+        >>> differing_settings({}, {"precision": "fp32"}, legacy_defaults={"precision": "fp32"})
+        {}
+    """
+    before = _comparable({**(legacy_defaults or {}), **saved})
+    now = _comparable(current)
+    keys = sorted(k for k in set(before) | set(now) if k not in resumable)
+    return {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
+
+
 class RunDirectory:
     """Checkpoints and logs of one run; refuses to clobber a finished or foreign run.
 
     Args:
         path: the run folder.
         resume: continue the run in ``path`` (its checkpoint must exist).
-        config: the settings that must match on resume (see :data:`RESUMABLE_CHANGES`).
+        config: the settings every checkpoint records; they must match on resume, but for
+            ``resumable`` (:func:`differing_settings`).
         writer: whether this process writes (in a data-parallel run only process 0 does;
             the others read the checkpoint on resume and write nothing).
         world_size: processes of a data-parallel run; a resume must use as many.
         legacy_defaults: values of settings that older run folders do not record.
+        resumable: settings that may change on resume (the config class's
+            ``RESUMABLE_CHANGES``).
     """
 
     def __init__(
@@ -105,6 +123,7 @@ class RunDirectory:
         writer: bool = True,
         world_size: int = 1,
         legacy_defaults: dict[str, Any] | None = None,
+        resumable: Collection[str] = (),
     ) -> None:
         self.path = Path(path)
         self.checkpoint_path = self.path / "checkpoint.safetensors"
@@ -113,6 +132,7 @@ class RunDirectory:
         self.writer = writer
         self.world_size = world_size
         self.legacy_defaults = legacy_defaults or {}
+        self.resumable = frozenset(resumable)
         if self.checkpoint_path.exists() and not resume:
             raise UsageError(
                 f"{self.path} already holds a run; pass --resume to continue it, "
@@ -157,8 +177,6 @@ class RunDirectory:
 
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         tensors, metadata = load_checkpoint(self.checkpoint_path, TRAINING_STATE_KIND)
-        saved = _comparable({**self.legacy_defaults, **metadata["train_config"]})
-        current = _comparable(self.config)
         saved_world = int(metadata.get("world_size", 1))
         if saved_world != self.world_size:
             raise UsageError(
@@ -167,15 +185,11 @@ class RunDirectory:
                 f"--nproc-per-node {saved_world}, or no torchrun for 1): the batch split across "
                 "processes is part of the run"
             )
-        differing = {
-            key
-            for key in set(saved) | set(current)
-            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
-        }
+        differing = differing_settings(
+            metadata["train_config"], self.config, self.resumable, self.legacy_defaults
+        )
         if differing:
-            details = ", ".join(
-                f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(differing)
-            )
+            details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differing.items())
             raise UsageError(f"--resume with settings that differ from the saved run ({details})")
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:

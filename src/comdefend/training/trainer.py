@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -35,12 +35,14 @@ from comdefend.models.presets import get_preset
 from comdefend.training.batches import EpochBatches, FolderPatches, iteration_generator
 from comdefend.training.engine import (
     BEST_FILE,
+    COLLAPSE_MARGIN,
     Processes,
     TrainingDivergedError,
     TrainingTask,
     autocast,
     check_training_precision,
     gradients_all_zero,
+    is_collapse,
     read_best,
     run_training,
 )
@@ -75,7 +77,26 @@ class TrainConfig:
             binarizer's sigmoid, the loss and the held-out evaluation stay float32. Refused
             where the device lacks it (:class:`~comdefend.training.engine.TrainingPrecision`);
             it may not change on ``--resume``.
+
+    :data:`RESUMABLE_CHANGES` names the settings that may change on ``--resume`` (and between
+    a finished run and a residual study reusing it); every other one must match.
     """
+
+    #: Settings that do not change what is trained: where the run folder lies, the thread count
+    #: or device, how often to evaluate, save or keep snapshots, how many iterations in all
+    #: (``resume`` is a key of the oldest run folders).
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
+        {
+            "iterations",
+            "device",
+            "threads",
+            "out",
+            "eval_every",
+            "checkpoint_every",
+            "resume",
+            "snapshot_every",
+        }
+    )
 
     dataset: str = "cifar10"
     out: str = "runs/comdefend"
@@ -200,11 +221,9 @@ def build_model(config: TrainConfig) -> ComDefend:
 
 EvaluationHook = Callable[[int, ComDefend], dict[str, Any]]
 
-# A held-out PSNR this many dB below the best of the run is reported as a collapse. The study's
-# recipe (Adam 1e-3, constant) can diverge late: on a GPU the plain CIFAR-10 model fell from
-# 31.8 dB at iteration 6,500 to 11.9 dB at 7,000 and never recovered
-# (docs/notes/training-collapse.md).
-COLLAPSE_DB = 6.0
+#: A held-out PSNR this many dB below the best of the run is a collapse: the engine's one
+#: margin (:data:`~comdefend.training.engine.COLLAPSE_MARGIN`), in ComDefend's unit.
+COLLAPSE_DB = COLLAPSE_MARGIN
 # Every gradient exactly zero for this many iterations in a row (each with its own batch and
 # noise) ends the run early: it can no longer learn. This is how the plain recipe collapses:
 # the output sigmoid saturates (pre-activations of -300 to -3,000 on every pixel), its gradient
@@ -234,11 +253,6 @@ def snapshot_name(iteration: int) -> str:
         'iteration-000700.safetensors'
     """
     return f"iteration-{iteration:06d}.safetensors"
-
-
-def collapsed(psnr_db: float, best: dict[str, Any] | None) -> bool:
-    """Whether a held-out PSNR lies more than :data:`COLLAPSE_DB` below the run's best."""
-    return best is not None and psnr_db < best["psnr_db"] - COLLAPSE_DB
 
 
 def _save_weights(
@@ -323,6 +337,9 @@ class PurifierTask(TrainingTask):
 
     kind = "purifier"
     monitor = "heldout_psnr_db"
+    monitor_mode = "max"
+    monitor_label, monitor_unit = "PSNR", " dB"
+    collapse_margin = COLLAPSE_DB
     legacy_defaults = LEGACY_DEFAULTS
     model: ComDefend
 
@@ -331,7 +348,6 @@ class PurifierTask(TrainingTask):
         self.config: TrainConfig = config
         self.on_evaluation = on_evaluation
         self.stabilization = Stabilization.from_names(config.stabilize)
-        self.collapse_margin = COLLAPSE_DB
         self.precision = config.precision
         self.evaluation_images: torch.Tensor | None = None
 
@@ -450,12 +466,15 @@ class PurifierTask(TrainingTask):
                 **{f"heldout_{k}": v for k, v in final.items()},
             }
         )
+        best_psnr = best["psnr_db"] if best else None
+        margin = self.collapse_margin
         return {
             "recipe": self.config.recipe,
             "heldout": final,
             "model": str(model_path),
             "best": {**best, "model": str(run.path / BEST_FILE)} if best else None,
-            "collapsed": bool(final) and collapsed(final["psnr_db"], best),
+            "collapsed": bool(final)
+            and is_collapse(final["psnr_db"], best_psnr, self.monitor_mode, margin),
         }
 
 
@@ -503,7 +522,6 @@ __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
     "build_model",
-    "collapsed",
     "evaluate_reconstruction",
     "gradients_all_zero",
     "read_best",
