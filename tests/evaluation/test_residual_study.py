@@ -189,6 +189,10 @@ def test_a_changed_setting_is_refused_on_resume(experiment: Path, classifier_pat
         )
     with pytest.raises(UsageError, match="other settings"):
         run_residual_study(_config(classifier_path, copy, seed=1), resume=True, progress=False)
+    with pytest.raises(UsageError, match="eval_every: 2 -> 1"):  # its snapshots are measured
+        run_residual_study(
+            _config(classifier_path, copy, eval_every=1), resume=True, progress=False
+        )
     with pytest.raises(UsageError, match="attack"):
         run_residual_study(
             _config(classifier_path, copy, attack_steps=4), resume=True, progress=False

@@ -110,8 +110,9 @@ TABLE_FILE = "table.md"
 RUNS_FOLDER = "runs"
 # Training settings that may differ between a finished run and the current request: those a
 # resume may change (where the folder lies is not a setting: a moved or copied study resumes),
-# but the iterations, which decide whether the finished run is extended.
-_IGNORED_TRAIN_KEYS = TrainConfig.RESUMABLE_CHANGES - {"iterations"}
+# but the iterations, which decide whether the finished run is extended, and the spacing of
+# evaluations and snapshots, which the study measures (a run with others lacks its points).
+_IGNORED_TRAIN_KEYS = TrainConfig.RESUMABLE_CHANGES - {"iterations", "eval_every", "snapshot_every"}
 
 
 @dataclass
