@@ -386,6 +386,57 @@ def test_classifier_interrupt_is_the_engines(fashion_dir: Path, tmp_path: Path, 
 
 # -- data-parallel ------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_a_silent_process_ends_training_with_one_line_and_the_checkpoint_kept(
+    fashion_dir: Path, tmp_path: Path
+) -> None:
+    """One of two torchrun workers stops answering (SIGSTOP) mid-training: the other gives up
+    after $COMDEFEND_DIST_TIMEOUT with one error line naming the exchange and how to go on,
+    not torch's traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "silent"
+    common = [
+        "train", "--dataset", "fashion-mnist", "--iterations", "100000", "--batch-size", "8",
+        "--eval-images", "16", "--eval-every", "100000", "--checkpoint-every", "5",
+        "--threads", "1", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env["COMDEFEND_DIST_TIMEOUT"] = "5"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "comdefend", *common],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.safetensors").exists():
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+        workers = [int(line) for line in found.stdout.split()]
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGSTOP)
+        _, stderr = launcher.communicate(timeout=180)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert launcher.returncode != 0
+    lines = [line for line in stderr.splitlines() if "lost the other processes" in line]
+    assert lines, stderr[-3000:]
+    assert lines[0].startswith(  # on a line of its own, after the progress bar
+        "error: lost the other processes of this torchrun job while training ("
+    )
+    assert "COMDEFEND_DIST_TIMEOUT=5 s" in lines[0] and "--resume" in lines[0]
+    assert "in exchange" not in stderr  # no traceback through the exchange helper
+    assert read_metadata(out / "checkpoint.safetensors")["iteration"] >= 5
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(fashion_dir: Path, tmp_path: Path) -> None:
     """``torchrun --nproc-per-node 2 -m comdefend train`` (gloo, CPU) trains the same weights as
     one process with the same global batch, within float rounding; process 0 alone writes."""

@@ -223,8 +223,11 @@ def _finished(folder: Path, config: TrainConfig, iterations: int) -> Path:
 def test_a_study_reuses_finished_runs_by_the_resume_rule(tmp_path: Path) -> None:
     config = TrainConfig(dataset="fashion-mnist", out=str(tmp_path / "a"), iterations=20)
     run = _finished(tmp_path / "a", config, 20)
-    moved = TrainConfig(**{**config.to_dict(), "out": "elsewhere", "threads": 3, "eval_every": 7})
+    moved = TrainConfig(**{**config.to_dict(), "out": "elsewhere", "threads": 3})
     assert _finished_run(run, moved)
+    spaced = TrainConfig(**{**config.to_dict(), "eval_every": 7})  # the study measures snapshots
+    with pytest.raises(UsageError, match="eval_every: 500 -> 7"):
+        _finished_run(run, spaced)
     longer = TrainConfig(**{**config.to_dict(), "iterations": 30})
     assert not _finished_run(run, longer)  # a resume extends it
     shorter = TrainConfig(**{**config.to_dict(), "iterations": 10})

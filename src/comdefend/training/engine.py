@@ -63,7 +63,7 @@ from torch import nn
 
 from comdefend.checkpoint import read_metadata
 from comdefend.console import logger, progress_bar
-from comdefend.distributed import Launch, join_process_group, launch_environment
+from comdefend.distributed import Launch, exchange, join_process_group, launch_environment
 from comdefend.errors import ComDefendError, UsageError
 from comdefend.models.precision import precision_context
 from comdefend.training.run import RunDirectory, environment, resolve_device
@@ -126,6 +126,19 @@ class Processes:
         size = global_batch // self.world_size
         return slice(self.rank * size, (self.rank + 1) * size)
 
+    def exchanging(self, what: str) -> AbstractContextManager[Any]:
+        """Around an exchange with the other processes (a collective operation, or a backward
+        pass whose gradients DDP averages): a process that stopped or went silent becomes a
+        :class:`~comdefend.distributed.LostProcessesError` (one line, how to go on) instead of
+        torch's bare ``RuntimeError``. Nothing in a single process."""
+        if not self.distributed:
+            return nullcontext()
+        return exchange(
+            f"training ({what})",
+            "the last checkpoint is kept: the same command with --resume and as many "
+            "processes continues from it",
+        )
+
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the processes (``values`` itself in a single process)."""
         if not self.distributed:
@@ -133,7 +146,8 @@ class Processes:
         import torch.distributed as dist
 
         values = values.clone()
-        dist.all_reduce(values)
+        with self.exchanging("averaging the losses"):
+            dist.all_reduce(values)
         return values / self.world_size
 
     def reduce_max(self, value: bool, device: torch.device) -> bool:
@@ -142,14 +156,16 @@ class Processes:
         import torch.distributed as dist
 
         flag = torch.tensor([float(value)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        with self.exchanging("agreeing on a decision"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
 
-            dist.barrier()
+            with self.exchanging("waiting for process 0"):
+                dist.barrier()
 
 
 def launched_processes() -> Processes:
@@ -892,6 +908,9 @@ class _Training:
             )
             message = _interrupt_message(self.run, self.iteration, self.total, saved)
             raise TrainingInterrupted(message, self.iteration, saved, str(self.run.path)) from error
+        except Exception:
+            self.bar.close()  # the error's message starts on a line of its own
+            raise
 
     def step(self) -> _Step:
         """One iteration: learning rate, loss (refused if not finite, before the step),
@@ -918,7 +937,8 @@ class _Training:
             )
         self.in_step = True
         optimizer.zero_grad(set_to_none=True)
-        numerics.backward(loss)
+        with self.processes.exchanging("averaging the gradients"):
+            numerics.backward(loss)
         numerics.unscale(optimizer)
         dead = gradients_all_zero(self.model)
         grad_norm = stabilization.clip(list(self.model.parameters()))
