@@ -871,6 +871,7 @@ class _Training:
             unit="it",
         )
         self.started, self.images_seen = time.perf_counter(), 0
+        self.first_iteration_seconds: float | None = None
         self.window = LogWindow()
         self.zero_streak = 0
         self.stopped_early: dict[str, Any] | None = None
@@ -944,6 +945,8 @@ class _Training:
         grad_norm = stabilization.clip(list(self.model.parameters()))
         numerics.step(optimizer)
         self.in_step = False
+        if self.first_iteration_seconds is None:  # with --compile, the compilation's time
+            self.first_iteration_seconds = self.session_seconds()
         self.iteration = iteration = iteration + 1
         self.images_seen += int(self.config.batch_size)
         self.zero_streak = self.zero_streak + 1 if dead else 0
@@ -1093,6 +1096,7 @@ class _Training:
             "device": str(self.device),
             "images_per_second_this_session": self.images_seen / max(seconds, 1e-9),
             "seconds_this_session": round(seconds, 1),
+            "first_iteration_seconds_this_session": self.first_iteration_seconds,
         }
         run.write_summary(summary)
         processes.barrier()
@@ -1121,8 +1125,11 @@ def run_training(
             not below the run's iterations; a run already there returns at once.
 
     Returns:
-        The summary (config, iterations, env, device, timing and the task's entries). In a
-        data-parallel run, processes other than 0 return ``{"rank": r}``.
+        The summary (config, iterations, env, device, timing and the task's entries). The
+        timing is this session's: ``seconds_this_session``, ``images_per_second_this_session``
+        and ``first_iteration_seconds_this_session`` (which holds any one-time start-up of the
+        training pass, such as a ``torch.compile`` compilation). In a data-parallel run,
+        processes other than 0 return ``{"rank": r}``.
 
     Raises:
         TrainingInterrupted: Ctrl-C or SIGTERM (after saving, see the module docstring).
