@@ -34,11 +34,12 @@ saves over a 7,500-iteration run (the ``residual-study`` recipe), compilation pa
 Arithmetic rate: a training step is counted as 3 x the forward pass's convolution FLOPs (2 per
 multiply-accumulate, :func:`comdefend.models.presets.macs_per_pixel`): forward, input gradient
 and weight gradient; ELU, batch norm, the loss and Adam are not counted. The fraction of peak
-is of the fp32 peak of the cores used (``threads``): cores x clock x FLOPs per cycle, with the
-clock from ``/proc/cpuinfo`` (in a virtual machine often the base clock, so turbo can exceed
-the "peak") unless ``--clock-ghz`` or ``--peak-gflops`` says otherwise; the FLOPs per cycle
-from the CPU's flags, assuming two FMA units. The assumption is printed, and a measured fp32
-matrix product gives a ceiling that needs no assumption.
+is of the peak of the cores used (``threads``) in the path's precision: cores x clock x FLOPs
+per cycle, with the clock from ``/proc/cpuinfo`` (in a virtual machine often the base clock, so
+turbo can exceed the "peak") unless ``--clock-ghz`` says otherwise, and the FLOPs per cycle from
+the CPU's flags: fp32 with two FMA units, bf16 from AMX or AVX512-BF16 (``--peak-gflops`` gives
+the fp32 peak instead). The assumptions are printed, and a measured fp32 matrix product gives a
+ceiling that needs none.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ FP32_FLOPS_PER_CYCLE = (
     ("avx512f", 64, "AVX-512: 2 FMA units x 16 fp32 lanes x 2"),
     ("avx2", 32, "AVX2: 2 FMA units x 8 fp32 lanes x 2"),
 )
+#: The peak each precision's rate is a fraction of (fp16 and tf32: none is derived).
+PEAK_OF = {"fp32": "fp32_gflops", "bf16": "bf16_gflops"}
 BF16_FLOPS_PER_CYCLE = (
     ("amx_bf16", 1024, "AMX-BF16: one tile unit, 1,024 bf16 FLOPs per cycle"),
     ("avx512_bf16", 128, "AVX512-BF16: 2 units x 16 lanes x 2 products x 2"),
@@ -244,10 +247,9 @@ def report(
             "over_eager_fp32": statistics.median(ratios),
             "gflops": gflop / statistics.median(r.step_seconds for r in results),
         }
-        if peaks.get("fp32_gflops"):
-            row["fraction_of_fp32_peak"] = row["gflops"] / peaks["fp32_gflops"]
-        if precision != "fp32" and peaks.get("bf16_gflops"):
-            row["fraction_of_bf16_peak"] = row["gflops"] / peaks["bf16_gflops"]
+        precision_peak = peaks.get(PEAK_OF.get(precision, ""))
+        if precision_peak:
+            row["fraction_of_peak"] = row["gflops"] / precision_peak
         if "compile" in path:
             compile_s = [r.startup_seconds for r in results]
             row["compile_s"] = {
@@ -283,7 +285,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"measured fp32 matmul (1024^2): {result['matmul_gflops']:.0f} GFLOP/s")
     print(
         f"\n{'precision path':<28}{'img/s':>8}{'x eager fp32':>14}{'GFLOP/s':>9}"
-        f"{'fp32 peak':>10}{'compile s':>14}{'break-even it':>15}{'net s/7500 it':>15}"
+        f"{'of peak':>10}{'compile s':>14}{'break-even it':>15}{'net s/7500 it':>15}"
     )
     for name, row in result["paths"].items():
         compiled = row.get("compile_s")
@@ -293,7 +295,7 @@ def print_table(result: dict[str, Any]) -> None:
             cold_warm = f"{compiled['cold']:.0f}" + (f"/{warm:.0f}" if warm is not None else "")
         even = row.get("break_even_iterations")
         net = row.get("net_s_7500")
-        fraction = row.get("fraction_of_fp32_peak")
+        fraction = row.get("fraction_of_peak")
         print(
             f"{name:<28}{statistics.median(row['img_s']):>8.1f}{row['over_eager_fp32']:>13.2f}x"
             f"{row['gflops']:>9.0f}{(f'{fraction:.0%}' if fraction else '-'):>10}"

@@ -66,7 +66,7 @@ def test_ratios_and_the_compile_break_even() -> None:
     assert saved == pytest.approx(1.5 - 20 / 30)  # median steps: 1.5 s and 20 / 30 img/s
     assert compiled["break_even_iterations"] == pytest.approx(60.0 / saved)
     assert compiled["net_s_7500"] == pytest.approx(7500 * saved - 60.0)
-    assert rows["fp32 minimal"]["fraction_of_fp32_peak"] == pytest.approx(
+    assert rows["fp32 minimal"]["fraction_of_peak"] == pytest.approx(
         rows["fp32 minimal"]["gflops"] / 200.0
     )
 
