@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -300,7 +301,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{name:<28}{statistics.median(row['img_s']):>8.1f}{row['over_eager_fp32']:>13.2f}x"
             f"{row['gflops']:>9.0f}{(f'{fraction:.0%}' if fraction else '-'):>10}"
             f"{cold_warm or '-':>14}"
-            f"{(f'{even:.0f}' if even else ('never' if compiled else '-')):>15}"
+            f"{(f'{even:.0f}' if even else ('never' if net is not None else '-')):>15}"
             f"{(f'{net:+.0f}' if net is not None else '-'):>15}"
         )
     print("compile s: cold (empty cache) / warm (its cache filled); net: seconds saved, paid")
@@ -340,9 +341,19 @@ def main() -> None:
     if any("compile" in p for p in paths) and (why := compile_unavailable()) is not None:
         skipped["compile"] = why
         paths = [p for p in paths if "compile" not in p]
+    cache = None
     if any("compile" in p for p in paths) and not args.keep_compile_cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="train-step-inductor-")
+        cache = tempfile.mkdtemp(prefix="train-step-inductor-")  # a cold compilation
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        measure(args, paths, skipped)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
 
+
+def measure(args: argparse.Namespace, paths: list[str], skipped: dict[str, str]) -> None:
+    """Time every precision and path and print the result."""
     asked = [check_training_precision(p) for p in args.precisions.split(",") if p.strip()]
     asked = ["fp32", *(p for p in dict.fromkeys(asked) if p != "fp32")]
     skipped |= {p: why for p in asked if (why := precision_unavailable(p, CPU)) is not None}
