@@ -415,9 +415,38 @@ def test_measuring_while_a_preset_has_only_begun_training(
     assert measured["residual-encoder-1"] == []
 
 
+def test_measure_at_measures_only_the_named_snapshots(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """--measure-at 4 measures the last snapshot only; a later call measures the rest, and the
+    point at 4 is the one measured first, not measured again."""
+    out = tmp_path / "study"
+    config = _config(classifier_path, out, presets="plain")
+    run_residual_study(config, stage="train", progress=False)
+    first = run_residual_study(config, stage="measure", progress=False, measure_at=[4])
+    assert [p["iteration"] for p in first["presets"]["plain"]["evaluations"]] == [4]
+    assert first["complete"] is False
+    points = out / "points" / "plain.json"
+    once = json.loads(points.read_text())["points"]
+    rest = run_residual_study(config, stage="measure", progress=False)
+    assert [p["iteration"] for p in rest["presets"]["plain"]["evaluations"]] == [2, 4]
+    assert [p for p in json.loads(points.read_text())["points"] if p["iteration"] == 4] == once
+    for stage, follow, at, message in [
+        ("train", False, [4], "--measure-at goes with --stage measure"),
+        ("measure", True, [4], "without --follow"),
+        ("measure", False, [3], "every --eval-every \\(2\\) iterations and at the last \\(4\\)"),
+        ("measure", False, [6], "at the last"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            run_residual_study(config, stage=stage, follow=follow, measure_at=at, resume=True)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--measure-at", "0"], "--measure-at must be an integer >= 1"),
+        (["--measure-at", "100,x"], "comma-separated iterations"),
+        (["--measure-at", ","], "at least one iteration"),
         (["--presets", "normal,bogus"], "valid presets"),
         (["--iterations", "0"], "iterations"),
         (["--eval-every", "0"], "eval-every"),

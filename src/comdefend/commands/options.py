@@ -45,6 +45,26 @@ def non_negative_float_option(param: typer.CallbackParam, value: float | None) -
     return None if value is None else validation.non_negative_float(value, _flag(param))
 
 
+def iteration_list_option(param: typer.CallbackParam, value: str | None) -> list[int] | None:
+    """A comma-separated list of positive iterations (``500,2500``), sorted, duplicates once."""
+    if value is None:
+        return None
+    flag = _flag(param)
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{flag} needs at least one iteration, e.g. {flag} 500,2500")
+    iterations = set()
+    for item in items:
+        try:
+            number = int(item)
+        except ValueError:
+            raise UsageError(
+                f"{flag} takes comma-separated iterations, e.g. {flag} 500,2500; got {item!r}"
+            ) from None
+        iterations.add(validation.positive_int(number, flag))
+    return sorted(iterations)
+
+
 def seed_option(param: typer.CallbackParam, value: int | None) -> int | None:
     return None if value is None else validation.seed_value(value, _flag(param))
 

@@ -11,6 +11,7 @@ from comdefend.commands.options import (
     device_choice,
     image_size_option,
     images_option,
+    iteration_list_option,
     names_of,
     non_negative_int_option,
     output_folder_option,
@@ -112,6 +113,14 @@ def residual_study_command(
         help="Train each preset only up to this iteration in this call, then go on to the next "
         "(breadth-first: every preset to 1,600 first); a later --resume continues them.",
     ),
+    measure_at: str | None = typer.Option(
+        None,
+        "--measure-at",
+        metavar="ITERATIONS",
+        callback=iteration_list_option,
+        help="With --stage measure: measure only these snapshots, e.g. 500,2500 (the others "
+        "are left for a later call).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Accuracy after defending vs. training iteration for ComDefend presets (residual study).
@@ -165,6 +174,7 @@ def residual_study_command(
             stage=stage,
             follow=follow,
             pause_at=pause_at,
+            measure_at=measure_at,  # type: ignore[arg-type]  # parsed by its callback
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(

@@ -54,7 +54,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -552,6 +552,28 @@ def train_presets(
     }
 
 
+def check_measure_at(
+    config: ResidualStudyConfig, measure_at: Collection[int] | None, stage: str, follow: bool
+) -> None:
+    """Refuse a ``measure_at`` that measures nothing or cannot be honoured."""
+    if measure_at is None:
+        return
+    if stage != "measure" or follow:
+        raise UsageError("--measure-at goes with --stage measure, without --follow")
+    if not measure_at:
+        raise UsageError("--measure-at needs at least one iteration")
+    for iteration in sorted(measure_at):
+        if (
+            iteration <= 0
+            or iteration > config.iterations
+            or not (iteration % config.eval_every == 0 or iteration == config.iterations)
+        ):
+            raise UsageError(
+                f"--measure-at {iteration}: the study keeps snapshots every --eval-every "
+                f"({config.eval_every}) iterations and at the last ({config.iterations})"
+            )
+
+
 def check_pause_at(pause_at: int | None) -> None:
     """Refuse a ``pause_at`` below 1 (:class:`UsageError`)."""
     if pause_at is not None and pause_at < 1:
@@ -610,12 +632,20 @@ class StudyMeasurer:
         return iteration % self.config.eval_every == 0 or iteration == self.config.iterations
 
     def measure(
-        self, preset: Preset, on_point: Callable[[SnapshotPoint], None] | None = None
+        self,
+        preset: Preset,
+        on_point: Callable[[SnapshotPoint], None] | None = None,
+        only: Collection[int] | None = None,
     ) -> list[SnapshotPoint]:
-        """Measure ``preset``'s snapshots that have no point yet; returns the new points."""
+        """Measure ``preset``'s snapshots that have no point yet (of ``only``'s iterations,
+        when given); returns the new points."""
         config = self.config
         run = Path(config.train_config(preset).out)
-        due = [iteration for iteration, _ in list_snapshots(run) if self.due(iteration)]
+        due = [
+            iteration
+            for iteration, _ in list_snapshots(run)
+            if self.due(iteration) and (only is None or iteration in only)
+        ]
         return measure_snapshots(
             run,
             self.points(preset),
@@ -671,6 +701,7 @@ def run_residual_study(
     follow: bool = False,
     poll_seconds: float = 10.0,
     pause_at: int | None = None,
+    measure_at: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the residual study; returns what is written to ``results.json``.
 
@@ -688,6 +719,10 @@ def run_residual_study(
             ``poll_seconds``) until every preset's run is finished and measured.
         pause_at: with ``stage`` ``all`` or ``train``, train each preset only up to this
             iteration in this call (its checkpoint kept; ``resume`` continues it later).
+        measure_at: with ``stage="measure"`` and no ``follow``, measure only the snapshots of
+            these iterations (each a multiple of ``eval_every`` or the last; the others are
+            left for a later call): a quick first look at a long run, or a few points of a
+            comparison run.
 
     Raises:
         UsageError: bad settings, classifier/dataset mismatch, an existing experiment without
@@ -701,6 +736,7 @@ def run_residual_study(
     if pause_at is not None and stage == "measure":
         raise UsageError("--pause-at goes with --stage all or train (measuring trains nothing)")
     check_pause_at(pause_at)
+    check_measure_at(config, measure_at, stage, follow)
     presets = parse_presets(config.presets)
     out = Path(config.out)
     if stage != "measure" and not resume and _existing_study(out):
@@ -720,7 +756,7 @@ def run_residual_study(
     for preset in presets:
         if stage == "all":
             statuses[preset.name] = train_preset(config, preset, resume, progress, pause_at)
-        measurer.measure(preset, _echo_point(preset, progress))
+        measurer.measure(preset, _echo_point(preset, progress), only=measure_at)
         write_reports(out, collect_results(config, measurer, shown, statuses))
     while follow and not all(measurer.complete(preset) for preset in presets):
         time.sleep(poll_seconds)
