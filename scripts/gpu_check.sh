@@ -75,11 +75,14 @@ run_evaluation() {  # LABEL LOGNAME ARGS...: runs evaluate under the timeout, se
 }
 status=0 seconds=0 imagenet_status=0 imagenet_seconds=0 cifar10_status=0 cifar10_seconds=0
 if has_part cifar10; then
+  # The same command as the CPU run of docs/results/cifar10-test-10000 (so either continues the
+  # other's folder with --resume).
   args=(evaluate --dataset cifar10 --split test --data-dir "$DATA" --classifier resnet20-cifar10
-    --defense none --defense jpeg:75 --defense "bits:5+median:2" --defense comdefend:comdefend-cifar10
-    --defense comdefend:comdefend-cifar10-1_on_off --defense comdefend:comdefend-cifar10-1_1
-    --defense comdefend:runs/official-rgb.safetensors
-    --attack fgsm,bim,mifgsm,deepfool,cw,pgd --eps 2,8,16 --threat-model oblivious --n "$N"
+    --defense none --defense jpeg:75 --defense "bits:5+median:2"
+    --defense comdefend:runs/official-rgb.safetensors --defense comdefend:comdefend-cifar10-authors
+    --defense comdefend:comdefend-cifar10 --defense comdefend:comdefend-cifar10-1_on_off
+    --defense comdefend:comdefend-cifar10-1_1
+    --attack fgsm,bim,mifgsm,deepfool,cw --eps 2,8,16 --threat-model oblivious --n "$N"
     --attack-param cw.steps=50 --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05
     --device "$DEVICE" --out "$REPORT" --resume)
   [ -n "$BATCH" ] && args+=(--batch-size "$BATCH")
