@@ -6,8 +6,12 @@
 #   OUT=/some/folder scripts/gpu_check.sh
 # Environment (all optional):
 #   GPU_CHECK_PARTS="cifar10 precision imagenet"   what to run (each part under its timeout;
-#                            a device call of 10 minutes fits one part)
+#                            a device call of 10 minutes fits one part); also "adaptive"
 #   GPU_CHECK_N=10000        CIFAR-10 test images (8 for a quick check on the CPU)
+#   GPU_CHECK_ADAPTIVE_N=500 CIFAR-10 test images of the adaptive part (BPDA, relaxed, EOT)
+#   GPU_CHECK_PGD_STEPS=50   PGD steps of the adaptive part (2 for a quick check on the CPU)
+#   GPU_CHECK_APGD_STEPS=100 APGD steps of the adaptive part (2 for a quick check on the CPU)
+#   GPU_CHECK_EOT_SAMPLES=8  noise draws per gradient of bpda+eot (2 for a quick check)
 #   GPU_CHECK_IMAGENET_N=1000   ImageNet sample images (oblivious and bpda)
 #   GPU_CHECK_IMAGENET_DATA= folder of the ImageNet sample (default: the first of
 #                            ../shared/data/imagenet-sample and shared/data/imagenet-sample)
@@ -21,15 +25,20 @@
 #   GPU_CHECK_OFFICIAL=      folder holding enc20_0.0001.npy and dec20_0.0001.npy (default: the
 #                            first of ../shared/official and shared/official that exists)
 # Writes under $OUT (default gpu-check-out): logs/*.log, cifar10-test-N/ (results.json, report),
-# precision.json (benchmarks/precision.py: fp32 / tf32 / bf16 purification), imagenet-N/ (the
-# Table 8 report; needs pip install ".[imagenet]"), summary.json (seconds, images/s, exit
-# codes). Exit code: the CIFAR-10 evaluation's (124 on timeout), else the ImageNet one's.
+# cifar10-adaptive-N/ (the adaptive part), precision.json (benchmarks/precision.py: fp32 / tf32 /
+# bf16 purification), imagenet-N/ (the Table 8 report; needs pip install ".[imagenet]"),
+# summary.json (seconds, images/s, exit codes). Exit code: the CIFAR-10 evaluation's (124 on
+# timeout), else the adaptive one's, else the ImageNet one's.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 
 PARTS="${GPU_CHECK_PARTS:-cifar10 precision imagenet}"
 N="${GPU_CHECK_N:-10000}"
 IMAGENET_N="${GPU_CHECK_IMAGENET_N:-1000}"
+ADAPTIVE_N="${GPU_CHECK_ADAPTIVE_N:-500}"
+PGD_STEPS="${GPU_CHECK_PGD_STEPS:-50}"
+APGD_STEPS="${GPU_CHECK_APGD_STEPS:-100}"
+EOT_SAMPLES="${GPU_CHECK_EOT_SAMPLES:-8}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 TIMEOUT="${GPU_CHECK_TIMEOUT:-540}"
 BATCH="${GPU_CHECK_BATCH:-}"
@@ -90,6 +99,25 @@ if has_part cifar10; then
 fi
 cifar10_status=$status cifar10_seconds=$seconds
 
+# The adaptive evaluation of docs/adaptive-evaluation.md on CIFAR-10: PGD (50 steps) and APGD
+# with both losses at 8/255, through the defense (bpda), through its relaxed code (relaxed), and
+# with expectation over the test-time noise of the randomized ComDefend (bpda+eot).
+ADAPTIVE_REPORT="$OUT/cifar10-adaptive-$ADAPTIVE_N"
+adaptive_status=0 adaptive_seconds=0
+if has_part adaptive; then
+  args=(evaluate --dataset cifar10 --split test --data-dir "$DATA" --classifier resnet20-cifar10
+    --defense none --defense jpeg:75 --defense "bits:5+median:2"
+    --defense comdefend:runs/official-rgb.safetensors --defense comdefend:comdefend-cifar10-authors
+    --defense comdefend:comdefend-cifar10 --defense "comdefend:comdefend-cifar10@noise=1.0"
+    --attack pgd,apgd-ce,apgd-dlr --eps 8 --threat-model oblivious,bpda,relaxed,bpda+eot
+    --attack-param "pgd.steps=$PGD_STEPS" --attack-param "apgd-ce.steps=$APGD_STEPS"
+    --attack-param "apgd-dlr.steps=$APGD_STEPS" --eot-samples "$EOT_SAMPLES" --n "$ADAPTIVE_N"
+    --device "$DEVICE" --out "$ADAPTIVE_REPORT" --resume)
+  [ -n "$BATCH" ] && args+=(--batch-size "$BATCH")
+  run_evaluation "CIFAR-10 adaptive evaluation" adaptive "${args[@]}"
+  adaptive_status=$status adaptive_seconds=$seconds
+fi
+
 # Purification precision (fp32, tf32, bf16 on CUDA): speed, code bits, PSNR, robust accuracy.
 if has_part precision; then
   say "benchmarks/precision.py on $N images"
@@ -107,7 +135,7 @@ if has_part imagenet; then
     --defense none --defense jpeg:75 --defense "bits:5+median:2"
     --defense comdefend:runs/official-rgb.safetensors --defense comdefend:comdefend-cifar10-authors
     --defense comdefend:comdefend-cifar10
-    --attack fgsm,bim,mifgsm,deepfool,cw --attack-param deepfool.num_classes=10
+    --attack fgsm,bim,mifgsm,pgd,deepfool,cw --attack-param deepfool.num_classes=10
     --attack-param cw.steps=50 --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05
     --threat-model oblivious,bpda --device "$DEVICE" --out "$IMAGENET_REPORT" --resume)
   run_evaluation "ImageNet evaluation" imagenet "${args[@]}"
@@ -115,7 +143,8 @@ if has_part imagenet; then
 fi
 
 python - "$PARTS" "$DEVICE" "$REPORT" "$N" "$cifar10_seconds" "$cifar10_status" \
-  "$IMAGENET_REPORT" "$IMAGENET_N" "$imagenet_seconds" "$imagenet_status" >"$OUT/summary.json" <<'PY'
+  "$IMAGENET_REPORT" "$IMAGENET_N" "$imagenet_seconds" "$imagenet_status" \
+  "$ADAPTIVE_REPORT" "$ADAPTIVE_N" "$adaptive_seconds" "$adaptive_status" >"$OUT/summary.json" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -140,8 +169,11 @@ if "cifar10" in parts:
     summary["cifar10"] = part(*sys.argv[3:7])
 if "imagenet" in parts:
     summary["imagenet"] = part(*sys.argv[7:11])
+if "adaptive" in parts:
+    summary["adaptive"] = part(*sys.argv[11:15])
 print(json.dumps(summary, indent=2))
 PY
 cat "$OUT/summary.json" | tee -a "$LOGS/gpu_check.log"
 [ "$cifar10_status" -ne 0 ] && exit "$cifar10_status"
+[ "$adaptive_status" -ne 0 ] && exit "$adaptive_status"
 exit "$imagenet_status"
