@@ -5,7 +5,8 @@
     python scripts/results_page.py --check    # exit 1 if either is out of date (CI, tests)
 
 Every folder ``docs/results/<name>/`` holds one result set: an evaluation's ``results.json``
-(``comdefend evaluate``) or a residual study's (``comdefend residual-study``), and a
+(``comdefend evaluate``), a residual study's (``comdefend residual-study``) or a training-precision
+comparison's (``scripts/compare_precision.py``), and a
 ``provenance.json`` with the command, the hardware and the wall time. Accuracies are given in %
 with 95% Wilson intervals over the images (randomized defenses evaluated over several draws:
 mean and standard deviation over the draws instead), always with the image count.
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 PAGE = RESULTS / "README.md"
 README = REPO / "README.md"
+COMPARISON_KIND = "training-precision-comparison"  # scripts/compare_precision.py
 START, END = "<!-- results-at-a-glance:start -->", "<!-- results-at-a-glance:end -->"
 
 
@@ -169,6 +171,47 @@ def study_section(name: str, results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _gap(gap: dict[str, Any] | None) -> str:
+    if gap is None:
+        return "no pair yet"
+    pairs = len(gap["pairs"])
+    return f"{gap['mean_abs_psnr_difference_db']:.2f} dB ({pairs} pair{'s' if pairs != 1 else ''})"
+
+
+def comparison_section(name: str, results: dict[str, Any]) -> list[str]:
+    """A training-precision comparison (``scripts/compare_precision.py``): per preset, the held-out
+    PSNR gap between precisions at one seed against the gap between seeds at one precision."""
+    until = int(results["until"])
+    lines = [
+        f"## {name}",
+        "",
+        f"Training in bf16 autocast against fp32 (`comdefend residual-study` runs, up to "
+        f"iteration {until:,}): mean |held-out PSNR difference| between the precisions at the "
+        f"same seed, against the same between the seeds at the same precision.",
+        "",
+        "| preset | evaluations compared | precision gap | seed gap |",
+        "|---|---:|---:|---:|",
+    ]
+    for preset, comparison in results["comparisons"].items():
+        summary = comparison["summary"]
+        iterations = summary["iterations"]
+        compared = (
+            f"{len(iterations)} ({iterations[0]:,} to {iterations[-1]:,})" if iterations else "0"
+        )
+        lines.append(
+            f"| {preset} | {compared} | {_gap(summary['precision_gap'])} | "
+            f"{_gap(summary['seed_gap'])} |"
+        )
+    missing = len(results["missing"])
+    lines += [
+        "",
+        ("Complete." if not missing else f"In progress: {missing} items still missing.")
+        + f" Tables, chart and what is missing: [{name}/README.md]({name}/README.md).",
+        "",
+    ]
+    return lines
+
+
 def glance_rows(
     sets: list[tuple[str, dict[str, Any], dict[str, Any]]], page_link: str = ""
 ) -> list[str]:
@@ -226,8 +269,14 @@ def page(sets: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
     for name, results, provenance in sets:
         if results.get("kind") == "residual-study":
             lines += study_section(name, results)
+        elif results.get("kind") == COMPARISON_KIND:
+            lines += comparison_section(name, results)
         elif "cells" in results:
             lines += evaluation_section(name, results, provenance)
+        else:
+            raise SystemExit(
+                f"error: docs/results/{name}/results.json: not a result this page knows"
+            )
     return "\n".join(lines).rstrip() + "\n"
 
 

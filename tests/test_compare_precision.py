@@ -264,3 +264,26 @@ def test_command_line_refusal_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"error: {tmp_path}: no runs/ folder: not a residual study\n"
+
+
+def test_the_results_page_summarises_the_comparison(script: ModuleType, tmp_path: Path) -> None:
+    """scripts/results_page.py gives the comparison a section with its computed gaps, and refuses
+    a results.json it does not know rather than leaving it off the page."""
+    results = tmp_path / "results"
+    script.main(arguments(make_studies(tmp_path), results / "training-precision"))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results-at-a-glance:start -->\n<!-- results-at-a-glance:end -->\n")
+    page = [sys.executable, str(REPO / "scripts" / "results_page.py"),
+            "--results", str(results), "--readme", str(readme)]  # fmt: skip
+    done = subprocess.run(page, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    text = (results / "README.md").read_text()
+    assert "## training-precision" in text
+    assert "| plain | 5 (100 to 500) | 0.50 dB (2 pairs) | 1.00 dB (2 pairs) |" in text
+    assert "| residual-decoder-1 | 3 (100 to 300) | 0.25 dB (2 pairs) | 2.00 dB (2 pairs) |" in text
+    assert "In progress: 5 items still missing." in text
+    (results / "unknown").mkdir()
+    (results / "unknown" / "results.json").write_text('{"kind": "something else"}')
+    done = subprocess.run(page, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("unknown/results.json: not a result this page knows")
