@@ -37,8 +37,10 @@ def measured(study: Path, run: str) -> dict[int, str]:
     return {p["iteration"]: p["snapshot_sha256"] for p in data["points"]}
 
 
-def save(study: Path, dest: Path) -> list[str]:
-    """Copy what continues the study into ``dest`` (replaced); returns the copied paths."""
+def save(study: Path, dest: Path, snapshots: bool = True) -> list[str]:
+    """Copy what continues the study into ``dest`` (replaced); returns the copied paths.
+    ``snapshots=False`` leaves the unmeasured snapshots behind: training is deterministic, so
+    retraining the run from the start with its seed makes them again, bit for bit."""
     from comdefend.checkpoint import sha256_of
 
     if dest.exists():
@@ -60,7 +62,7 @@ def save(study: Path, dest: Path) -> list[str]:
         if not (run / "summary.json").is_file() and (run / "checkpoint.safetensors").is_file():
             copy(run / "checkpoint.safetensors")
         points = measured(study, run.name)
-        for iteration, path in list_snapshots(run):
+        for iteration, path in list_snapshots(run) if snapshots else []:
             if points.get(iteration) != sha256_of(path):
                 copy(path)
     return copied
@@ -82,11 +84,17 @@ def main() -> None:
     parser.add_argument("action", choices=("save", "restore"))
     parser.add_argument("source", type=Path)
     parser.add_argument("dest", type=Path)
+    parser.add_argument(
+        "--no-snapshots", action="store_true",
+        help="save: leave the unmeasured snapshots (retraining from the start remakes them)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.source.is_dir():
         raise SystemExit(f"error: {args.source} is not a folder")
     done = (
-        save(args.source, args.dest) if args.action == "save" else restore(args.source, args.dest)
+        save(args.source, args.dest, snapshots=not args.no_snapshots)
+        if args.action == "save"
+        else restore(args.source, args.dest)
     )
     size = sum((args.dest / name).stat().st_size for name in done)
     print(f"{args.action}d {len(done)} files ({size / 1e6:.1f} MB) into {args.dest}")

@@ -127,10 +127,33 @@ def study_training_seconds(study: Path, notes: list[str]) -> dict[str, float]:
     """Training seconds per run folder of ``study`` (sessions that ended); a log whose last
     line is being written right now leaves the study's times unknown."""
     try:
-        return training_seconds(study)
+        seconds = training_seconds(study)
     except json.JSONDecodeError:
         notes.append(f"{study.name}: training time not read (a log is being written)")
         return {}
+    for run in list(seconds):
+        ended, untimed = _sessions(study / RUNS_FOLDER / run / "log.jsonl")
+        if untimed:
+            del seconds[run]
+            notes.append(
+                f"{study.name}: training time of {run} unknown ({untimed} of its {ended} "
+                "stops logged no time: an older log)"
+            )
+    return seconds
+
+
+SESSION_ENDS = ("interrupted", "paused", "session_end", "diverged", "stopped_early")
+
+
+def _sessions(log: Path) -> tuple[int, int]:
+    """(sessions that ended, of them those that logged no seconds: older logs) of a run."""
+    ended = untimed = 0
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") in SESSION_ENDS:
+            ended += 1
+            untimed += "session_seconds" not in record
+    return ended, untimed
 
 
 def read_run(study: Path, preset: str, until: int, seconds: dict[str, float]) -> Run | None:
@@ -544,7 +567,8 @@ def readme(results: dict[str, Any]) -> str:
         f"- Hardware: {provenance['hardware'] or 'not given'}.",
         f"- Software: comdefend {provenance['comdefend']}, torch {provenance['torch']}, "
         f"Python {provenance['python']}.",
-        "- Training time: the sessions that ended (a session still running is not counted).",
+        "- Training time: what the logs recorded each time a training stopped (interrupted, "
+        "paused or finished); a training still running counts up to its last stop.",
         "",
     ]
     return "\n".join(lines)

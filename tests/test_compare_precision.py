@@ -287,3 +287,23 @@ def test_the_results_page_summarises_the_comparison(script: ModuleType, tmp_path
     done = subprocess.run(page, capture_output=True, text=True, check=False)
     assert done.returncode == 1
     assert done.stderr.strip().endswith("unknown/results.json: not a result this page knows")
+
+
+def test_training_time_of_a_run_with_untimed_sessions_is_unknown(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    """A run whose earlier sessions logged no time (older logs) gets no training time, with a
+    note, rather than the time of its last session only."""
+    study = tmp_path / "old"
+    write_log(study / "runs" / "plain", "plain", "fp32", 0, plain_psnr("fp32", 0), 500, [90.0])
+    log = study / "runs" / "plain" / "log.jsonl"
+    ended = {"event": "interrupted", "iteration": 200, "saved": True}  # written before times
+    resume = {"event": "resume", "iteration": 200}
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:3] + [json.dumps(ended) + "\n", json.dumps(resume) + "\n"]
+                           + lines[3:]))  # fmt: skip
+    notes: list[str] = []
+    assert script.study_training_seconds(study, notes) == {}
+    assert notes == [
+        "old: training time of plain unknown (1 of its 2 stops logged no time: an older log)"
+    ]
