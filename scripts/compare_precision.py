@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 # Run as `python scripts/compare_precision.py`, this folder is on sys.path.
-from publish_residual_study import training_seconds
+from publish_residual_study import timed_stops, training_seconds
 
 import comdefend
 from comdefend.checkpoint import atomic_write_text
@@ -132,7 +132,7 @@ def study_training_seconds(study: Path, notes: list[str]) -> dict[str, float]:
         notes.append(f"{study.name}: training time not read (a log is being written)")
         return {}
     for run in list(seconds):
-        ended, untimed = _sessions(study / RUNS_FOLDER / run / "log.jsonl")
+        ended, untimed = timed_stops(study / RUNS_FOLDER / run / "log.jsonl")
         if untimed:
             del seconds[run]
             notes.append(
@@ -140,20 +140,6 @@ def study_training_seconds(study: Path, notes: list[str]) -> dict[str, float]:
                 "stops logged no time: an older log)"
             )
     return seconds
-
-
-SESSION_ENDS = ("interrupted", "paused", "session_end", "diverged", "stopped_early")
-
-
-def _sessions(log: Path) -> tuple[int, int]:
-    """(sessions that ended, of them those that logged no seconds: older logs) of a run."""
-    ended = untimed = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("event") in SESSION_ENDS:
-            ended += 1
-            untimed += "session_seconds" not in record
-    return ended, untimed
 
 
 def read_run(study: Path, preset: str, until: int, seconds: dict[str, float]) -> Run | None:

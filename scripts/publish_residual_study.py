@@ -262,6 +262,20 @@ def training_seconds(study: Path) -> dict[str, float]:
     return spent
 
 
+SESSION_ENDS = ("interrupted", "paused", "session_end", "diverged", "stopped_early")
+
+
+def timed_stops(log: Path) -> tuple[int, int]:
+    """(sessions that ended, of them those that logged no seconds: older logs) of a run."""
+    ended = untimed = 0
+    for line in log.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") in SESSION_ENDS:
+            ended += 1
+            untimed += "session_seconds" not in record
+    return ended, untimed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", type=Path, help="the study's --out folder")
