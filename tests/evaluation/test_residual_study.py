@@ -611,3 +611,26 @@ def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
     results = run_residual_study(_config(classifier_path, elsewhere), resume=True, progress=False)
     assert results["complete"] is True
     assert {p.name: p.read_text() for p in (elsewhere / "points").glob("*.json")} == before
+
+
+def test_carrying_a_study_without_its_unmeasured_snapshots(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """carry_study.save(..., snapshots=False) leaves the unmeasured snapshots behind (the
+    default carries them), and keeps what resumes the training."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "carry_study", Path(__file__).parents[2] / "scripts" / "carry_study.py"
+    )
+    assert spec is not None and spec.loader is not None
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    study = tmp_path / "study"
+    config = _config(classifier_path, study, presets="plain")
+    run_residual_study(config, stage="train", progress=False, pause_at=2)
+    with_snapshots = carry.save(study, tmp_path / "with")
+    assert "runs/plain/snapshots/iteration-000002.safetensors" in with_snapshots
+    without = carry.save(study, tmp_path / "without", snapshots=False)
+    assert not any("snapshots" in name for name in without)
+    assert {"runs/plain/log.jsonl", "runs/plain/checkpoint.safetensors"} <= set(without)
