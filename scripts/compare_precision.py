@@ -39,9 +39,6 @@ from typing import Any
 
 import torch
 
-# Run as `python scripts/compare_precision.py`, this folder is on sys.path.
-from publish_residual_study import timed_stops, training_seconds
-
 import comdefend
 from comdefend.checkpoint import atomic_write_text
 from comdefend.errors import ComDefendError, UsageError
@@ -111,47 +108,24 @@ class Run:
         }
 
 
-def read_points(path: Path) -> PointsFile | None:
-    """A study's points file through :class:`PointsFile` (checksums checked), under the
-    identity it carries; None when the preset has none yet."""
-    if not path.is_file():
-        return None
-    try:
-        identity = json.loads(path.read_text(encoding="utf-8"))["identity"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise UsageError(f"{path} is not a points file of comdefend") from None
-    return PointsFile(path, identity)
-
-
-def study_training_seconds(study: Path, notes: list[str]) -> dict[str, float]:
-    """Training seconds per run folder of ``study`` (sessions that ended); a log whose last
-    line is being written right now leaves the study's times unknown."""
-    try:
-        seconds = training_seconds(study)
-    except json.JSONDecodeError:
-        notes.append(f"{study.name}: training time not read (a log is being written)")
-        return {}
-    for run in list(seconds):
-        ended, untimed = timed_stops(study / RUNS_FOLDER / run / "log.jsonl")
-        if untimed:
-            del seconds[run]
-            notes.append(
-                f"{study.name}: training time of {run} unknown ({untimed} of its {ended} "
-                "stops logged no time: an older log)"
-            )
-    return seconds
-
-
-def read_run(study: Path, preset: str, until: int, seconds: dict[str, float]) -> Run | None:
-    """The run of ``preset`` in ``study``; None while its start record is not written yet."""
+def read_run(study: Path, preset: str, until: int, notes: list[str]) -> Run | None:
+    """The run of ``preset`` in ``study``; None while its start record is not written yet.
+    Its training time is that of the sessions that ended (unknown, with a note, when one of
+    them logged no time)."""
     run = study / RUNS_FOLDER / preset
     log = read_training_log(run, running=True)  # the run may be training right now
     config = log.config
     if not config:
         return None
+    if log.untimed_sessions:
+        notes.append(
+            f"{study.name}: training time of {preset} unknown ({log.untimed_sessions} of its "
+            f"{log.sessions_ended} stops logged no time: an older log)"
+        )
     if "seed" not in config:
         raise UsageError(f"{run / 'log.jsonl'}: its config records no seed")
-    points = read_points(study / POINTS_FOLDER / f"{preset}.json")
+    path = study / POINTS_FOLDER / f"{preset}.json"
+    points = PointsFile.read(path) if path.is_file() else None
     end = None
     last_measured = None
     if points is not None and points.points:
@@ -167,7 +141,7 @@ def read_run(study: Path, preset: str, until: int, seconds: dict[str, float]) ->
         planned=int(config.get("iterations", 0)),
         last_iteration=log.last_iteration,
         psnr={iteration: db for iteration, db in log.psnr.items() if iteration <= until},
-        training_seconds=seconds.get(preset) or None,  # 0: no session has ended yet
+        training_seconds=log.training_seconds or None,  # 0: no session has ended yet
         end=end,
         last_measured=last_measured,
         identity=None if points is None else points.identity,
@@ -185,12 +159,11 @@ def collect_runs(
             raise UsageError(f"{study}: no such study folder")
         if not (study / RUNS_FOLDER).is_dir():
             raise UsageError(f"{study}: no {RUNS_FOLDER}/ folder: not a residual study")
-        seconds = study_training_seconds(study, notes)
         for preset in presets:
             if not (study / RUNS_FOLDER / preset / "log.jsonl").is_file():
                 notes.append(f"{study.name}: no run of {preset} (skipped)")
                 continue
-            run = read_run(study, preset, until, seconds)
+            run = read_run(study, preset, until, notes)
             if run is None:
                 notes.append(f"{study.name}: {preset} has not logged its start yet (skipped)")
                 continue

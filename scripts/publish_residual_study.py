@@ -37,6 +37,7 @@ from comdefend.evaluation.residual_study import (
     TABLE_FILE,
     interval_text,
 )
+from comdefend.training.logs import read_training_log
 
 COPIED = (RESULTS_FILE, POINTS_CSV, TABLE_FILE, PLOT_FILE, PSNR_PLOT_FILE, CLEAN_PLOT_FILE)
 
@@ -249,31 +250,13 @@ def _hours(seconds: dict[str, float]) -> str:
 
 
 def training_seconds(study: Path) -> dict[str, float]:
-    """Wall time of every run's training, summed over its sessions (the ``session_seconds``
-    its log records at the end of each session, finished or interrupted)."""
-    spent = {}
-    for log in sorted((study / "runs").glob("*/log.jsonl")):
-        seconds = 0.0
-        for line in log.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if "session_seconds" in record:
-                seconds += float(record["session_seconds"])
-        spent[log.parent.name] = round(seconds, 1)
-    return spent
-
-
-SESSION_ENDS = ("interrupted", "paused", "session_end", "diverged", "stopped_early")
-
-
-def timed_stops(log: Path) -> tuple[int, int]:
-    """(sessions that ended, of them those that logged no seconds: older logs) of a run."""
-    ended = untimed = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("event") in SESSION_ENDS:
-            ended += 1
-            untimed += "session_seconds" not in record
-    return ended, untimed
+    """Wall time of every run's training, summed over its sessions that ended and logged their
+    time (:attr:`~comdefend.training.logs.TrainingLog.session_seconds`); a log being written
+    right now is read up to its last whole line."""
+    return {
+        log.parent.name: round(read_training_log(log, running=True).session_seconds, 1)
+        for log in sorted((study / "runs").glob("*/log.jsonl"))
+    }
 
 
 def main() -> None:

@@ -97,3 +97,37 @@ def test_a_run_still_training_reads_without_its_half_written_line_or_any_evaluat
     with pytest.raises(UsageError, match="not a JSON line"):  # a broken line before the last
         log.write_text(start + "oops\n" + '{"iteration": 1', encoding="utf-8")
         read_training_log(log, running=True)
+
+
+def test_training_time_sums_the_sessions_that_ended_and_knows_when_one_logged_none(
+    tmp_path: Path,
+) -> None:
+    """Every way a session ends counts once: a stop for a dead run (``stopped_early``) is
+    followed by its ``session_end`` and is not a second stop; a session still running is not
+    counted; a stop written before times were logged makes the total unknown."""
+    start = {"event": "start", "iteration": 0, "config": {"seed": 0}}
+    log = _write(tmp_path / "timed.jsonl", [
+        start,
+        {"iteration": 100, "heldout_psnr_db": 20.0},
+        {"event": "interrupted", "iteration": 150, "saved": True, "session_seconds": 30.5},
+        {"event": "resume", "iteration": 150},
+        {"event": "paused", "iteration": 200, "session_seconds": 12.0},
+        {"event": "resume", "iteration": 200},
+        {"event": "stopped_early", "iteration": 300, "reason": "dead codes"},
+        {"event": "session_end", "iteration": 300, "session_seconds": 20.0},
+        {"event": "resume", "iteration": 300},
+    ])  # fmt: skip
+    run = read_training_log(log)
+    assert (run.sessions_ended, run.untimed_sessions) == (3, 0)
+    assert run.session_seconds == run.training_seconds == 62.5
+
+    old = _write(tmp_path / "old.jsonl", [
+        start,
+        {"iteration": 100, "heldout_psnr_db": 20.0},
+        {"event": "interrupted", "iteration": 150, "saved": True},  # before times were logged
+        {"event": "resume", "iteration": 150},
+        {"event": "paused", "iteration": 200, "session_seconds": 12.0},
+    ])  # fmt: skip
+    run = read_training_log(old)
+    assert (run.sessions_ended, run.untimed_sessions, run.session_seconds) == (2, 1, 12.0)
+    assert run.training_seconds is None

@@ -172,17 +172,36 @@ class PointsFile:
         self.identity = json.loads(json.dumps(identity))  # JSON-normalised (tuples -> lists)
         self.points: dict[int, SnapshotPoint] = {}
         if self.path.exists():
-            self._read()
+            self._read(self._load(self.path))
 
-    def _read(self) -> None:
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> PointsFile:
+        """An existing points file under the identity it carries, to read its points (every
+        point's record checked as when measuring)."""
+        data = cls._load(Path(path))
+        identity = data.get("identity")
+        if not isinstance(identity, dict):
+            raise UsageError(f"{path} is not a points file of comdefend (no identity)")
+        points = cls.__new__(cls)
+        points.path, points.identity, points.points = Path(path), identity, {}
+        points._read(data)
+        return points
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UsageError(
-                f"{self.path} is corrupt ({error}); delete it to measure its points again"
+                f"{path} is corrupt ({error}); delete it to measure its points again"
             ) from None
+        except OSError as error:
+            raise UsageError(f"{path} cannot be read ({error.strerror})") from None
         if not isinstance(data, dict) or data.get("kind") != POINTS_KIND:
-            raise UsageError(f"{self.path} is not a points file of comdefend")
+            raise UsageError(f"{path} is not a points file of comdefend")
+        return data
+
+    def _read(self, data: dict[str, Any]) -> None:
         stored = data.get("identity", {})
         differing = sorted(
             key

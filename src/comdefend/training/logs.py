@@ -36,6 +36,10 @@ def first_collapse(psnr: dict[int, float], margin: float = COLLAPSE_DB) -> int |
     return None
 
 
+#: The events that end a training session (``stopped_early`` is followed by ``session_end``).
+SESSION_ENDS = ("interrupted", "paused", "session_end", "diverged")
+
+
 @dataclass
 class TrainingLog:
     """What a training log says about its run.
@@ -45,6 +49,8 @@ class TrainingLog:
     ``code_logit`` and ``saturated_output`` are those of each logged window (logs written since
     they are recorded). ``added_stabilizers`` lists stabilizers a resume turned on, as
     ``"NAME from ITERATION"``; ``rollbacks`` the ``(from, to)`` iterations of each rollback.
+    A training session ends with one of :data:`SESSION_ENDS`; ``session_seconds`` sums the wall
+    time those events record.
     """
 
     name: str
@@ -57,6 +63,15 @@ class TrainingLog:
     rollbacks: list[tuple[int, int]] = field(default_factory=list)
     flagged: list[int] = field(default_factory=list)
     finished: bool = False  # the engine logged its ``done`` event
+    session_seconds: float = 0.0  # summed over the sessions that ended and logged their time
+    sessions_ended: int = 0
+    untimed_sessions: int = 0  # sessions that ended without their time (older logs, divergence)
+
+    @property
+    def training_seconds(self) -> float | None:
+        """Wall time of the run's training over every session that ended (a session still
+        running is not counted); None when a session ended without logging its time."""
+        return None if self.untimed_sessions else self.session_seconds
 
     @property
     def best_iteration(self) -> int:
@@ -122,6 +137,12 @@ def read_training_log(path: str | os.PathLike[str], running: bool = False) -> Tr
             record_log.rollbacks.append((iteration, int(record["to"])))
         elif event == "done":
             record_log.finished = True
+        if event in SESSION_ENDS:
+            record_log.sessions_ended += 1
+            if "session_seconds" in record:
+                record_log.session_seconds += float(record["session_seconds"])
+            else:
+                record_log.untimed_sessions += 1
         if event is not None:
             continue
         record_log.last_iteration = max(record_log.last_iteration, iteration)
@@ -139,4 +160,4 @@ def read_training_log(path: str | os.PathLike[str], running: bool = False) -> Tr
     return record_log
 
 
-__all__ = ["TrainingLog", "first_collapse", "log_file", "read_training_log"]
+__all__ = ["SESSION_ENDS", "TrainingLog", "first_collapse", "log_file", "read_training_log"]
