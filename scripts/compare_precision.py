@@ -308,6 +308,34 @@ def missing(
     return lacking
 
 
+def verdict(comparison: dict[str, Any], lacking: list[str]) -> dict[str, Any]:
+    """How a preset's comparison reads under the rule of this page: bf16 trains the same model
+    as fp32, as far as these runs can tell, when every run of the design reached ``--until``
+    and is measured there, and (1) the mean |PSNR difference| between the precisions at one
+    seed is no larger than between the seeds at one precision, and (2) for every pair of
+    precisions at one seed the 95% intervals of the end accuracies overlap.
+
+    ``state`` is ``incomplete``, ``within seed spread`` or ``beyond seed spread``; ``reasons``
+    says what failed or is missing.
+    """
+    if lacking:
+        return {"state": "incomplete", "reasons": lacking}
+    summary = comparison["summary"]
+    precision_db = summary["precision_gap"]["mean_abs_psnr_difference_db"]
+    seed_db = summary["seed_gap"]["mean_abs_psnr_difference_db"]
+    reasons = []
+    if precision_db > seed_db:
+        reasons.append(
+            f"the precision gap ({precision_db:.2f} dB) is larger than the seed gap "
+            f"({seed_db:.2f} dB)"
+        )
+    for pair in comparison["pairs"]:
+        end = pair["end_accuracy"]
+        if pair["differs_in"] == "precision" and not end["intervals_overlap"]:
+            reasons.append(f"the end accuracies of {pair['a']} and {pair['b']} do not overlap")
+    return {"state": "beyond seed spread" if reasons else "within seed spread", "reasons": reasons}
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -443,8 +471,9 @@ def preset_section(name: str, results: dict[str, Any]) -> list[str]:
 def summary_rows(results: dict[str, Any]) -> list[str]:
     lines = [
         "| preset | evaluations compared | precision gap, same seed (dB) | seed gap, same "
-        "precision (dB) | precision gap / seed gap | end accuracy: precision gap, seed gap |",
-        "|---|---|---:|---:|---:|---:|",
+        "precision (dB) | precision gap / seed gap | end accuracy: precision gap, seed gap "
+        "| verdict |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for name in results["presets"]:
         summary = results["comparisons"][name]["summary"]
@@ -458,9 +487,17 @@ def summary_rows(results: dict[str, Any]) -> list[str]:
             f"{_gap_text(summary['precision_gap'])} | {_gap_text(summary['seed_gap'])} | "
             f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
             + ", ".join("n/a" if value is None else f"{value:.3f}" for value in ends)
-            + " |"
+            + f" | {verdict_text(results['comparisons'][name]['verdict'])} |"
         )
     return lines
+
+
+def verdict_text(entry: dict[str, Any]) -> str:
+    if entry["state"] == "incomplete":
+        return f"incomplete ({len(entry['reasons'])} missing)"
+    if entry["reasons"]:
+        return f"{entry['state']}: " + "; ".join(entry["reasons"])
+    return entry["state"]
 
 
 def readme(results: dict[str, Any]) -> str:
@@ -491,6 +528,13 @@ def readme(results: dict[str, Any]) -> str:
         f"{until:,} where both runs of a pair are measured.",
         "",
         *summary_rows(results),
+        "",
+        "The verdict reads each preset by one rule, fixed before the runs ended: bf16 trains "
+        "the same model as fp32, as far as these runs can tell, when every run of the design "
+        f"reached {until:,} and is measured there, the precision gap is no larger than the "
+        "seed gap, and for every pair of precisions at one seed the 95% intervals of the "
+        "accuracy after defending overlap. Two seeds per precision make it a coarse test: it "
+        "can show a precision effect larger than the seed spread, not prove there is none.",
         "",
     ]
     for name in results["presets"]:
@@ -556,6 +600,11 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         )
     )
     fooling = {run.identity.get("fooling_set_sha256") for run in runs if run.identity}
+    comparisons = {}
+    for name in presets:
+        comparison = compare_preset([run for run in runs if run.preset == name])
+        comparison["verdict"] = verdict(comparison, missing(runs, [name], design, args.until))
+        comparisons[name] = comparison
     return {
         "kind": "training-precision-comparison",
         "until": args.until,
@@ -565,9 +614,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "design": [{"precision": precision, "seed": seed} for precision, seed in design],
         "fooling_set_sha256": next(iter(fooling)) if fooling else None,
         "runs": [run.to_dict() for run in runs],
-        "comparisons": {
-            name: compare_preset([run for run in runs if run.preset == name]) for name in presets
-        },
+        "comparisons": comparisons,
         "missing": missing(runs, presets, design, args.until),
         "notes": notes,
         "provenance": {

@@ -180,7 +180,8 @@ def _gap(gap: dict[str, Any] | None) -> str:
 
 def comparison_section(name: str, results: dict[str, Any]) -> list[str]:
     """A training-precision comparison (``scripts/compare_precision.py``): per preset, the held-out
-    PSNR gap between precisions at one seed against the gap between seeds at one precision."""
+    PSNR gap between precisions at one seed against the gap between seeds at one precision, and
+    the verdict of the comparison's rule."""
     until = int(results["until"])
     lines = [
         f"## {name}",
@@ -189,8 +190,8 @@ def comparison_section(name: str, results: dict[str, Any]) -> list[str]:
         f"iteration {until:,}): mean |held-out PSNR difference| between the precisions at the "
         f"same seed, against the same between the seeds at the same precision.",
         "",
-        "| preset | evaluations compared | precision gap | seed gap |",
-        "|---|---:|---:|---:|",
+        "| preset | evaluations compared | precision gap | seed gap | verdict |",
+        "|---|---:|---:|---:|---|",
     ]
     for preset, comparison in results["comparisons"].items():
         summary = comparison["summary"]
@@ -200,7 +201,7 @@ def comparison_section(name: str, results: dict[str, Any]) -> list[str]:
         )
         lines.append(
             f"| {preset} | {compared} | {_gap(summary['precision_gap'])} | "
-            f"{_gap(summary['seed_gap'])} |"
+            f"{_gap(summary['seed_gap'])} | {comparison['verdict']['state']} |"
         )
     missing = len(results["missing"])
     lines += [

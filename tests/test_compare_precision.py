@@ -184,8 +184,9 @@ def test_compares_precision_with_seed_spread(script: ModuleType, tmp_path: Path)
     assert "| study-bf16-s1 | bf16 | 1 | 300 / 7,500 | 24.00 | 24.25 | 24.50 | n/a | n/a |" in text
     assert (
         "| plain | 5 evaluations, 100 to 500 | 0.50 (max 0.50; 2 pairs) | "
-        "1.00 (max 1.00; 2 pairs) | 0.50 | 0.100, 0.200 |"
+        "1.00 (max 1.00; 2 pairs) | 0.50 | 0.100, 0.200 | incomplete (1 missing) |"
     ) in text
+    assert plain["verdict"] == {"state": "incomplete", "reasons": [missing[0]]}
     pair = "| fp32 seed 0 | bf16 seed 0 | precision | 5 (500) | 0.50 | 0.50 | -0.100 (yes) |"
     assert pair in text
     assert "comdefend residual-study ..." in text and "Hardware: a test machine." in text
@@ -278,8 +279,11 @@ def test_the_results_page_summarises_the_comparison(script: ModuleType, tmp_path
     assert done.returncode == 0, done.stderr
     text = (results / "README.md").read_text()
     assert "## training-precision" in text
-    assert "| plain | 5 (100 to 500) | 0.50 dB (2 pairs) | 1.00 dB (2 pairs) |" in text
-    assert "| residual-decoder-1 | 3 (100 to 300) | 0.25 dB (2 pairs) | 2.00 dB (2 pairs) |" in text
+    assert "| plain | 5 (100 to 500) | 0.50 dB (2 pairs) | 1.00 dB (2 pairs) | incomplete |" in text
+    assert (
+        "| residual-decoder-1 | 3 (100 to 300) | 0.25 dB (2 pairs) | 2.00 dB (2 pairs) "
+        "| incomplete |"
+    ) in text
     assert "In progress: 5 items still missing." in text
     (results / "unknown").mkdir()
     (results / "unknown" / "results.json").write_text('{"kind": "something else"}')
@@ -307,3 +311,43 @@ def test_training_time_of_a_run_with_untimed_sessions_is_unknown(
     assert notes == [
         "old: training time of plain unknown (1 of its 2 stops logged no time: an older log)"
     ]
+
+
+def test_the_verdict_reads_a_complete_design_by_its_rule(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    """Every run trained to the end and measured there: plain's precision gap is half its seed
+    gap and the end accuracies overlap (within); the decoder's bf16 run at seed 0 restores
+    none of what fp32 restores, with intervals apart (beyond), whatever its PSNR gap."""
+    ends = {
+        ("plain", "fp32", 0): "1100000000", ("plain", "bf16", 0): "1110000000",
+        ("plain", "fp32", 1): "1000000000", ("plain", "bf16", 1): "1100000000",
+        ("residual-decoder-1", "fp32", 0): "1111111111",
+        ("residual-decoder-1", "bf16", 0): "0000000000",
+        ("residual-decoder-1", "fp32", 1): "1111111110",
+        ("residual-decoder-1", "bf16", 1): "1111111100",
+    }  # fmt: skip
+    studies = []
+    for precision in ("fp32", "bf16"):
+        for seed in (0, 1):
+            study = tmp_path / f"{precision}-s{seed}"
+            for preset, curve in (("plain", plain_psnr), ("residual-decoder-1", decoder_psnr)):
+                psnr = curve(precision, seed)
+                write_log(study / "runs" / preset, preset, precision, seed, psnr, 500, [60.0])
+                write_points(study, preset, psnr, {500: (ends[preset, precision, seed], None)})
+            studies.append(study)
+    out = tmp_path / "out"
+    script.main(arguments(studies, out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing"] == []
+    comparisons = results["comparisons"]
+    assert comparisons["plain"]["verdict"] == {"state": "within seed spread", "reasons": []}
+    assert comparisons["residual-decoder-1"]["verdict"] == {
+        "state": "beyond seed spread",
+        "reasons": ["the end accuracies of fp32 seed 0 and bf16 seed 0 do not overlap"],
+    }
+    text = (out / "README.md").read_text()
+    assert "| 0.50 | 0.100, 0.100 | within seed spread |" in text
+    assert (
+        "| beyond seed spread: the end accuracies of fp32 seed 0 and bf16 seed 0 do not overlap |"
+    ) in text
