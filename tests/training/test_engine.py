@@ -279,6 +279,36 @@ def test_resume_with_fewer_iterations_is_refused(fashion_dir: Path, tmp_path: Pa
     assert (out / "summary.json").read_text() == summary_before
 
 
+def test_a_resume_on_other_kernels_is_logged_and_warned(
+    fashion_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Moved to a CPU of another capability, a run continues (it is still the same run), but
+    the resume event and a warning say that it no longer goes on bit for bit; a resume on the
+    same kernels says nothing."""
+    from comdefend.training import engine
+    from comdefend.training.logs import read_training_log
+
+    out = tmp_path / "run"
+    train(_config(out, 2), progress=False)
+    train(_config(out, 3), resume=True, progress=False)  # same machine: nothing said
+    here = engine.environment()
+    elsewhere = {**here, "cpu_capability": "OTHER" if here["cpu_capability"] != "OTHER" else "X"}
+    monkeypatch.setattr(engine, "environment", lambda: elsewhere)
+    with caplog.at_level("WARNING", logger="comdefend"):
+        train(_config(out, 4), resume=True, progress=False)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert "kernels_changed" not in resumes[0]
+    assert resumes[1]["kernels_changed"] == {
+        "from": f"cpu {here['cpu_capability']}",
+        "to": f"cpu {elsewhere['cpu_capability']}",
+    }
+    assert "resuming on other hardware" in caplog.text
+    log = read_training_log(out)
+    assert [iteration for iteration, _ in log.kernels] == [0, 2, 3]
+    assert log.last_kernels == f"cpu {elsewhere['cpu_capability']}"
+
+
 def test_old_run_folders_still_resume(fashion_dir: Path, tmp_path: Path) -> None:
     """A checkpoint written before recipes, stabilizers, data-parallel runs and precisions
     existed (no recipe, betas, stabilize, precision or world_size in it) resumes to the same

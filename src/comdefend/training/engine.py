@@ -833,6 +833,26 @@ class _Training:
                 "run is never shortened: its checkpoint and log are kept as they are)"
             )
 
+    def _note_other_kernels(self, event: dict[str, Any]) -> None:
+        """A resume on hardware with other kernels than the run's last session (another CPU
+        capability, a GPU) continues the run, but not bit for bit as it would have gone on
+        there: say so in the event and as a warning."""
+        from comdefend.training.logs import read_training_log, session_kernels
+
+        try:
+            before = read_training_log(self.run.path, running=True).last_kernels
+        except ComDefendError:
+            return  # no readable log: nothing to compare with
+        now = session_kernels(event)
+        if before is None or now is None or before == now:
+            return
+        event["kernels_changed"] = {"from": before, "to": now}
+        if self.processes.is_main:
+            logger.warning(
+                f"resuming on other hardware ({before} -> {now}): the run continues, but its "
+                "float results are no longer those an uninterrupted run would give there"
+            )
+
     def begin(self, progress: bool) -> None:
         """Wrap the model for data-parallel training, read the best so far, log the start (or
         resume) event and open the progress bar."""
@@ -857,8 +877,10 @@ class _Training:
         }
         if not self.resume:
             event["config"] = config.to_dict()
-        elif getattr(config, "stabilize", None) is not None:
-            event["stabilize"] = config.stabilize  # a resume may add or drop rollback
+        else:
+            if getattr(config, "stabilize", None) is not None:
+                event["stabilize"] = config.stabilize  # a resume may add or drop rollback
+            self._note_other_kernels(event)
         self.run.log(event)
 
         self.model.train()

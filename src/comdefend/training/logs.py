@@ -50,8 +50,16 @@ class TrainingLog:
     they are recorded). ``added_stabilizers`` lists stabilizers a resume turned on, as
     ``"NAME from ITERATION"``; ``rollbacks`` the ``(from, to)`` iterations of each rollback.
     A training session ends with one of :data:`SESSION_ENDS`; ``session_seconds`` sums the wall
-    time those events record.
+    time those events record. ``kernels`` lists, for every start and resume, the iteration and
+    the hardware whose kernels computed the session (:func:`session_kernels`; None where an
+    older log did not record it).
     """
+
+    @property
+    def last_kernels(self) -> str | None:
+        """The hardware of the latest session that recorded it."""
+        known = [kernels for _, kernels in self.kernels if kernels is not None]
+        return known[-1] if known else None
 
     name: str
     config: dict[str, Any]
@@ -63,6 +71,7 @@ class TrainingLog:
     rollbacks: list[tuple[int, int]] = field(default_factory=list)
     flagged: list[int] = field(default_factory=list)
     finished: bool = False  # the engine logged its ``done`` event
+    kernels: list[tuple[int, str | None]] = field(default_factory=list)
     session_seconds: float = 0.0  # summed over the sessions that ended and logged their time
     sessions_ended: int = 0
     untimed_sessions: int = 0  # sessions that ended without their time (older logs, divergence)
@@ -85,6 +94,21 @@ class TrainingLog:
         """The first collapse: the first evaluation the engine flagged, else (older logs, or a
         run without the flag) the first more than ``COLLAPSE_DB`` below the best before it."""
         return self.flagged[0] if self.flagged else first_collapse(self.psnr)
+
+
+def session_kernels(record: dict[str, Any]) -> str | None:
+    """The hardware whose kernels computed a training session, from its start or resume
+    record: the GPU's name on CUDA, else ``"cpu AVX512"``, ``"cpu AVX2"``, ... (torch's CPU
+    capability); None when the record does not say. Float results, and so a training continued
+    bit for bit, agree only between sessions of the same kernels."""
+    env = record.get("env")
+    if not isinstance(env, dict):
+        return None
+    if str(record.get("device", "")).startswith("cuda"):
+        name = env.get("cuda_device")
+        return f"cuda {name}" if name else None
+    capability = env.get("cpu_capability")
+    return f"cpu {capability}" if capability else None
 
 
 def log_file(path: str | os.PathLike[str]) -> Path:
@@ -126,6 +150,8 @@ def read_training_log(path: str | os.PathLike[str], running: bool = False) -> Tr
             raise UsageError(f"{log}:{number}: not a training log record")
         event = record.get("event")
         iteration = int(record.get("iteration", 0))
+        if event in ("start", "resume"):
+            record_log.kernels.append((iteration, session_kernels(record)))
         if event == "start" and config is None:
             config = dict(record.get("config") or {})
         elif event == "resume" and config is not None and "stabilize" in record:
@@ -160,4 +186,11 @@ def read_training_log(path: str | os.PathLike[str], running: bool = False) -> Tr
     return record_log
 
 
-__all__ = ["SESSION_ENDS", "TrainingLog", "first_collapse", "log_file", "read_training_log"]
+__all__ = [
+    "SESSION_ENDS",
+    "TrainingLog",
+    "first_collapse",
+    "log_file",
+    "read_training_log",
+    "session_kernels",
+]

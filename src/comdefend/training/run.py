@@ -241,8 +241,25 @@ def resolve_device(name: str) -> torch.device:
     return validation.resolve_device(name)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Processor") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment() -> dict[str, Any]:
-    """Hardware and versions, recorded with every run."""
+    """Hardware and versions, recorded with every run. ``cpu_capability`` is the instruction
+    set torch's CPU kernels use here (``AVX512``, ``AVX2``, ...): float results, and so a
+    training continued bit for bit, are the same only between machines of one capability."""
     import platform
 
     from comdefend import __version__
@@ -252,6 +269,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
