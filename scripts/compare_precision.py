@@ -83,14 +83,17 @@ class Run:
     end: dict[str, Any] | None
     last_measured: int | None
     identity: dict[str, Any] | None = field(default=None, repr=False)
+    kernels: str | None = None
+    control: bool = False  # a run repeated on other hardware (--hardware-control)
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return self.preset, self.precision, self.seed
+    def key(self) -> tuple[str, str, int, bool]:
+        return self.preset, self.precision, self.seed, self.control
 
     @property
     def label(self) -> str:
-        return f"{self.precision} seed {self.seed}"
+        label = f"{self.precision} seed {self.seed}"
+        return f"{label} ({self.kernels or 'hardware not recorded'})" if self.control else label
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -105,10 +108,30 @@ class Run:
             "psnr": {str(iteration): value for iteration, value in sorted(self.psnr.items())},
             "end": self.end,
             "last_measured_iteration": self.last_measured,
+            "kernels": self.kernels,
+            "hardware_control": self.control,
         }
 
 
-def read_run(study: Path, preset: str, until: int, notes: list[str]) -> Run | None:
+def run_kernels(log_kernels: list[tuple[int, str | None]], declared: str | None) -> str | None:
+    """The hardware a run trained on: ``declared`` (``--kernels``) when given, else the kernels
+    its sessions recorded (``"cpu AVX2"``; ``"cpu AVX512, then cpu AVX2 from 908"`` for a run
+    that moved), None when its log records none."""
+    if declared is not None:
+        return declared
+    known = [(iteration, kernels) for iteration, kernels in log_kernels if kernels is not None]
+    if not known or len(known) < len(log_kernels):
+        return None  # some session did not record its kernels
+    parts = [known[0][1]]
+    for (_, before), (iteration, kernels) in itertools.pairwise(known):
+        if kernels != before:
+            parts.append(f"then {kernels} from {iteration:,}")
+    return ", ".join(str(part) for part in parts)
+
+
+def read_run(
+    study: Path, preset: str, until: int, notes: list[str], declared: str | None = None
+) -> Run | None:
     """The run of ``preset`` in ``study``; None while its start record is not written yet.
     Its training time is that of the sessions that ended (unknown, with a note, when one of
     them logged no time)."""
@@ -145,14 +168,25 @@ def read_run(study: Path, preset: str, until: int, notes: list[str]) -> Run | No
         end=end,
         last_measured=last_measured,
         identity=None if points is None else points.identity,
+        kernels=run_kernels(log.kernels, declared),
     )
 
 
 def collect_runs(
-    studies: list[Path], presets: list[str], until: int, notes: list[str]
+    studies: list[Path],
+    presets: list[str],
+    until: int,
+    notes: list[str],
+    kernels: dict[str, str] | None = None,
+    controls: list[Path] | None = None,
 ) -> list[Run]:
-    """Every run of ``presets`` in ``studies``, refusing two of one (preset, precision, seed)
-    and points measured on different fooling sets."""
+    """Every run of ``presets`` in ``studies`` and in the hardware ``controls`` (runs that
+    repeat one of ``studies``' runs on other hardware), refusing two runs of one (preset,
+    precision, seed) among the studies or among the controls, and points measured on different
+    fooling sets. ``kernels`` names the hardware of a study whose logs do not record it."""
+    kernels = kernels or {}
+    controls = controls or []
+    studies = [*studies, *controls]
     runs: list[Run] = []
     for study in studies:
         if not study.is_dir():
@@ -163,17 +197,20 @@ def collect_runs(
             if not (study / RUNS_FOLDER / preset / "log.jsonl").is_file():
                 notes.append(f"{study.name}: no run of {preset} (skipped)")
                 continue
-            run = read_run(study, preset, until, notes)
+            run = read_run(study, preset, until, notes, kernels.get(study.name))
+            if run is not None:
+                run.control = study in controls
             if run is None:
                 notes.append(f"{study.name}: {preset} has not logged its start yet (skipped)")
                 continue
             runs.append(run)
-    seen: dict[tuple[str, str, int], Run] = {}
+    seen: dict[tuple[str, str, int, bool], Run] = {}
     for run in runs:
         if run.key in seen:
             raise UsageError(
                 f"two runs of {run.preset} at {run.precision}, seed {run.seed}: "
-                f"{seen[run.key].path} and {run.path}; pass one of them"
+                f"{seen[run.key].path} and {run.path}; pass one of them (a run repeated on "
+                "other hardware goes in --hardware-control)"
             )
         seen[run.key] = run
     for key, what in SHARED_IDENTITY:
@@ -200,8 +237,12 @@ def check_until(runs: list[Run], until: int) -> None:
         raise UsageError(f"no run has a held-out evaluation at or before --until {until:,}")
 
 
-def differs(a: Run, b: Run) -> str:
-    """What a pair of runs of one preset differs in: precision, seed or both."""
+def differs(a: Run, b: Run) -> str | None:
+    """What a pair of runs of one preset differs in: precision, seed or both; ``hardware``
+    for a hardware control and the run it repeats; None for any other pair with a control."""
+    if a.control or b.control:
+        same = (a.precision, a.seed) == (b.precision, b.seed)
+        return "hardware" if same and a.control != b.control else None
     if a.seed == b.seed:
         return "precision"
     return "seed" if a.precision == b.precision else "both"
@@ -254,7 +295,7 @@ def gap(pairs: list[tuple[Run, Run]], iterations: list[int]) -> dict[str, Any] |
 def compare_preset(runs: list[Run]) -> dict[str, Any]:
     """Every pair of a preset's runs, and the summary: the precision gap (same seed) against
     the seed gap (same precision), over the evaluations every run of those pairs logged."""
-    pairs = list(itertools.combinations(runs, 2))
+    pairs = [(a, b) for a, b in itertools.combinations(runs, 2) if differs(a, b) is not None]
     precision = [(a, b) for a, b in pairs if differs(a, b) == "precision"]
     seed = [(a, b) for a, b in pairs if differs(a, b) == "seed"]
     involved = {run.key: run for pair in precision + seed for run in pair}.values()
@@ -272,6 +313,17 @@ def compare_preset(runs: list[Run]) -> dict[str, Any]:
         if seed_db > 0:
             precision_db = summary["precision_gap"]["mean_abs_psnr_difference_db"]
             summary["precision_gap_over_seed_gap"] = precision_db / seed_db
+    hardware = [(a, b) for a, b in pairs if differs(a, b) == "hardware"]
+    if hardware:
+        runs_of = {run.key: run for pair in hardware for run in pair}.values()
+        common = sorted(set.intersection(*(set(run.psnr) for run in runs_of)))
+        common = [i for i in common if all(i in run.psnr for run in involved)]
+        summary["hardware_gap"] = {
+            "iterations": common,
+            "hardware_gap": gap(hardware, common),
+            "precision_gap": gap(precision, common),
+            "seed_gap": gap(seed, common),
+        }
     return {"pairs": [compare_pair(a, b) for a, b in pairs], "summary": summary}
 
 
@@ -279,8 +331,10 @@ def missing(
     runs: list[Run], presets: list[str], design: list[tuple[str, int]], until: int
 ) -> list[str]:
     """What the comparison still lacks: runs of the design, training up to ``until``, end
-    points, and pairs at the same seed or at the same precision."""
-    have = {run.key: run for run in runs}
+    points, and pairs at the same seed or at the same precision. Hardware controls are not
+    part of the design: what they lack is not missing."""
+    runs = [run for run in runs if not run.control]
+    have = {run.key[:3]: run for run in runs}
     lacking = []
     for preset in presets:
         for precision, seed in design:
@@ -386,12 +440,14 @@ def chart(path: Path, results: dict[str, Any]) -> None:
         for run in results["runs"]:
             if run["preset"] != name or not run["psnr"]:
                 continue
+            control = run.get("hardware_control", False)
+            label = f"{run['precision']} seed {run['seed']}"
             curve(
                 axes,
                 [int(iteration) for iteration in run["psnr"]],
                 list(run["psnr"].values()),
-                label=f"{run['precision']} seed {run['seed']}",
-                color=PRECISION_COLORS.get(run["precision"]),
+                label=f"{label} ({run['kernels'] or 'other hardware'})" if control else label,
+                color="tab:gray" if control else PRECISION_COLORS.get(run["precision"]),
             )
             axes.lines[-1].set_linestyle(SEED_STYLES[seeds.index(run["seed"]) % len(SEED_STYLES)])
         axes.set_title(name)
@@ -440,6 +496,7 @@ def preset_section(name: str, results: dict[str, Any]) -> list[str]:
         f"{_gap_text(summary['precision_gap'])}; between the seeds at the same precision "
         f"{_gap_text(summary['seed_gap'])}.",
         "",
+        *hardware_lines(summary.get("hardware_gap")),
     ]
     if comparison["pairs"]:
         lines += [
@@ -466,6 +523,24 @@ def preset_section(name: str, results: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def hardware_lines(entry: dict[str, Any] | None) -> list[str]:
+    """The hardware gap of a preset: a run repeated on other hardware against its original,
+    beside the precision and seed gaps over the same evaluations."""
+    if entry is None:
+        return []
+    iterations = entry["iterations"]
+    if not iterations:
+        return ["Hardware control: no evaluation shared with the other runs.", ""]
+    return [
+        f"Hardware control, over the {len(iterations)} evaluations from {iterations[0]:,} to "
+        f"{iterations[-1]:,} that every run logged: the same run repeated on other hardware "
+        f"differs by {_gap_text(entry['hardware_gap'])} dB; over those evaluations the "
+        f"precisions differ by {_gap_text(entry['precision_gap'])} and the seeds by "
+        f"{_gap_text(entry['seed_gap'])}.",
+        "",
+    ]
 
 
 def summary_rows(results: dict[str, Any]) -> list[str]:
@@ -588,7 +663,13 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     precisions = [precision.strip() for precision in args.precisions.split(",")]
     design = [(precision, seed) for precision in precisions for seed in seeds]
     notes: list[str] = []
-    runs = collect_runs(args.studies, presets, args.until, notes)
+    kernels = {}
+    for item in args.kernels:
+        study, sep, name = item.partition("=")
+        if not sep or not study or not name:
+            raise UsageError(f"--kernels takes STUDY=NAME (a study folder's name), got {item!r}")
+        kernels[study] = name
+    runs = collect_runs(args.studies, presets, args.until, notes, kernels, args.hardware_control)
     check_until(runs, args.until)
     order = [precision for precision, _ in design]
     runs.sort(
@@ -597,6 +678,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             order.index(run.precision) if run.precision in order else len(order),
             run.precision,
             run.seed,
+            run.control,
         )
     )
     fooling = {run.identity.get("fooling_set_sha256") for run in runs if run.identity}
@@ -611,6 +693,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "grid": grid(args.until),
         "presets": presets,
         "studies": [study.name for study in args.studies],
+        "hardware_controls": [study.name for study in args.hardware_control],
         "design": [{"precision": precision, "seed": seed} for precision, seed in design],
         "fooling_set_sha256": next(iter(fooling)) if fooling else None,
         "runs": [run.to_dict() for run in runs],
@@ -639,6 +722,16 @@ def parser() -> argparse.ArgumentParser:
         "--precisions", default="fp32,bf16", help="the design's precisions (for what is missing)"
     )
     parser.add_argument("--seeds", default="0,1", help="the design's seeds (for what is missing)")
+    parser.add_argument(
+        "--hardware-control", type=Path, action="append", default=[],
+        help="a study folder whose runs repeat runs of the studies on other hardware "
+        "(compared with them only: the hardware gap)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kernels", action="append", default=[], metavar="STUDY=NAME",
+        help="the hardware a study's runs trained on, where their logs do not record it "
+        "(e.g. 'residual-study-imagenet=cpu AVX512')",
+    )  # fmt: skip
     parser.add_argument("--command", default=None, help="the commands that made the runs")
     parser.add_argument("--hardware", default=None, help="where they ran, in words")
     return parser

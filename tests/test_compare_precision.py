@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 
+from comdefend.errors import UsageError
 from comdefend.evaluation.snapshots import PointsFile, SnapshotPoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,3 +352,59 @@ def test_the_verdict_reads_a_complete_design_by_its_rule(
     assert (
         "| beyond seed spread: the end accuracies of fp32 seed 0 and bf16 seed 0 do not overlap |"
     ) in text
+
+
+def test_a_run_repeated_on_other_hardware_gives_the_hardware_gap(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    """A hardware control repeats plain fp32 seed 0 to 300 on other kernels (0.3 dB off): it
+    pairs only with the run it repeats, leaves the precision and seed gaps and what is missing
+    as they were, and its gap stands beside theirs over the evaluations they share."""
+    studies = make_studies(tmp_path)
+    out, again = tmp_path / "out", tmp_path / "again"
+    script.main(arguments(studies, out))
+    before = json.loads((out / "results.json").read_text())
+    control = tmp_path / "study-avx2"
+    psnr = {i: v + 0.3 for i, v in plain_psnr("fp32", 0).items() if i <= 300}
+    write_log(control / "runs" / "plain", "plain", "fp32", 0, psnr, 300, [])
+    script.main(arguments(studies, again, "--hardware-control", str(control),
+                          "--kernels", "study-fp32-s0=cpu AVX512"))  # fmt: skip
+    results = json.loads((again / "results.json").read_text())
+    assert results["missing"] == before["missing"]
+    assert results["hardware_controls"] == ["study-avx2"]
+    summary = results["comparisons"]["plain"]["summary"]
+    old = before["comparisons"]["plain"]["summary"]
+    assert summary["precision_gap"] == old["precision_gap"]
+    assert summary["seed_gap"] == old["seed_gap"]
+    hardware = summary["hardware_gap"]
+    assert hardware["iterations"] == [100, 200, 300]
+    assert hardware["hardware_gap"]["mean_abs_psnr_difference_db"] == pytest.approx(0.3)
+    assert hardware["precision_gap"]["mean_abs_psnr_difference_db"] == pytest.approx(0.5)
+    assert hardware["seed_gap"]["mean_abs_psnr_difference_db"] == pytest.approx(1.0)
+    pairs = [p for p in results["comparisons"]["plain"]["pairs"] if p["differs_in"] == "hardware"]
+    assert [(p["a"], p["b"]) for p in pairs] == [
+        ("fp32 seed 0", "fp32 seed 0 (hardware not recorded)")
+    ]
+    runs = {(r["study"], r["preset"]): r for r in results["runs"]}
+    assert runs["study-fp32-s0", "plain"]["kernels"] == "cpu AVX512"
+    assert runs["study-avx2", "plain"]["hardware_control"] is True
+    assert "hardware_gap" not in results["comparisons"]["residual-decoder-1"]["summary"]
+    text = (again / "README.md").read_text()
+    assert "Hardware control, over the 3 evaluations from 100 to 300" in text
+    assert "differs by 0.30 (max 0.30; 1 pair) dB" in text
+    with pytest.raises(UsageError, match="--hardware-control"):
+        script.compare(*parsed(script, arguments([*studies, control], tmp_path / "refused")))
+
+
+def parsed(script: ModuleType, argv: list[str]) -> tuple:
+    return script.parser().parse_args(argv), argv
+
+
+def test_kernels_of_a_run_are_read_from_its_log(script: ModuleType) -> None:
+    assert script.run_kernels([(0, "cpu AVX512"), (900, "cpu AVX512")], None) == "cpu AVX512"
+    assert (
+        script.run_kernels([(0, "cpu AVX512"), (908, "cpu AVX2")], None)
+        == "cpu AVX512, then cpu AVX2 from 908"
+    )
+    assert script.run_kernels([(0, None), (908, "cpu AVX2")], None) is None
+    assert script.run_kernels([(0, None)], "cpu AVX512") == "cpu AVX512"
