@@ -586,6 +586,26 @@ def test_imagenet_protocol_end_to_end(
     assert (out / "fooling_set.safetensors").exists()
 
 
+def test_the_fooling_set_depends_on_neither_the_inference_batch_nor_the_seed(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    """--inference-batch is a speed setting and BIM ignores the seed: studies that differ only
+    in them make the same fooling set, byte for byte, and one study reuses another's."""
+    from comdefend.evaluation.residual_study import ADVERSARIAL_FILE, StudyMeasurer
+
+    made = {}
+    for name, changes in {
+        "batch 250, seed 0": {},
+        "batch 3, seed 0": {"inference_batch": 3},
+        "batch 250, seed 1": {"seed": 1},
+    }.items():
+        measurer = StudyMeasurer(_config(classifier_path, tmp_path / name, **changes))
+        made[name] = (measurer.identity, (tmp_path / name / ADVERSARIAL_FILE).read_bytes())
+    assert len({identity["fooling_set_sha256"] for identity, _ in made.values()}) == 1
+    assert len({content for _, content in made.values()}) == 1
+    assert len(StudyMeasurer(_config(classifier_path, tmp_path / "batch 3, seed 0")).adv) > 0
+
+
 @pytest.mark.slow
 def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
     experiment: Path, classifier_path: Path, tmp_path: Path

@@ -81,7 +81,10 @@ def residual_study_command(
         500, help="Held-out test images for the PSNR.", callback=non_negative_int_option
     ),
     inference_batch: int = typer.Option(
-        250, help="Images per forward pass when measuring.", callback=positive_int_option
+        250,
+        help="Images per forward pass when measuring (the fooling set is always made in "
+        "batches of 16).",
+        callback=positive_int_option,
     ),
     device: str = device_choice(),
     threads: int | None = threads_choice(),

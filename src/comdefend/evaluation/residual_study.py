@@ -89,6 +89,15 @@ from comdefend.validation import set_threads
 
 ADVERSARIAL_KIND = "residual-study-fooling-set"
 ADVERSARIAL_FILE = "fooling_set.safetensors"
+#: Images per batch when the fooling set is made and its images are classified. Fixed, not
+#: ``--inference-batch``: BIM steps along the sign of the gradient, which turns the rounding
+#: differences between batch sizes into whole steps (batches of 16 and of 256 gave fooling sets
+#: differing in 2.6% of their values on one CPU), and a speed setting must not change the test
+#: set. 16 is what every study made so far used.
+FOOLING_SET_BATCH = 16
+#: BIM is deterministic: the fooling set is made, and recorded, with this seed whatever the
+#: study's ``--seed``, so that studies at other seeds share one fooling set.
+FOOLING_SET_ATTACK_SEED = 0
 #: The study's BIM budget, 0.03 on [0, 1] images, in units of 1/255.
 STUDY_EPS = 7.65
 #: The chart's panels: preset-name prefix -> title (each also shows the plain model).
@@ -136,14 +145,15 @@ class ResidualStudyConfig:
         attack_eps: BIM L-inf budget in units of 1/255, in (0, 255] (default 7.65 = 0.03).
         attack_steps: BIM iterations.
         n: the first ``n`` test images are attacked.
-        seed: training seed (and the attack's, which is deterministic anyway).
+        seed: training seed (the fooling set does not depend on it: BIM is deterministic).
         data_dir: folder of ``dataset`` (else ``$COMDEFEND_DATA`` / defaults).
         train_dataset: what ComDefend trains on (``None``: ``dataset``; ``cifar10`` when
             ``dataset`` is ``imagenet``, as the study did).
         train_data_dir: folder of ``train_dataset`` (else ``$COMDEFEND_DATA`` / defaults).
         image_size: crop size of ``imagenet`` images (``None``: 224).
         eval_images: held-out images for the trainer's PSNR.
-        inference_batch: images per forward pass when attacking and measuring accuracy.
+        inference_batch: images per forward pass when measuring accuracy (the fooling set
+            is made in batches of :data:`FOOLING_SET_BATCH` whatever this is).
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: CPU threads for torch.
         precision: the training's arithmetic (``fp32``, ``bf16``, ...; see
@@ -309,6 +319,17 @@ def images_sha256(data: ImageSet) -> str:
     return tensors_sha256({"images": data.images, "labels": data.labels.to(torch.int64)})
 
 
+def fooling_attack(classifier: Classifier, config: ResidualStudyConfig) -> BIM:
+    """The BIM attack that makes the fooling set (the study's ``--attack-eps`` and
+    ``--attack-steps``; seed :data:`FOOLING_SET_ATTACK_SEED` whatever ``--seed``)."""
+    return BIM(
+        classifier,
+        eps=config.attack_eps / 255,
+        steps=config.attack_steps,
+        seed=FOOLING_SET_ATTACK_SEED,
+    )
+
+
 def make_adversarial_set(
     classifier: Classifier, data: ImageSet, config: ResidualStudyConfig, device: torch.device
 ) -> tuple[AdversarialSet, dict[str, Any]]:
@@ -316,25 +337,21 @@ def make_adversarial_set(
 
     Returns the set and the attack's settings.
     """
-    attack = BIM(
-        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
-    )
+    attack = fooling_attack(classifier, config)
     head = data.head(config.n)
     clean = head.float_images()
     labels = head.labels
-    correct = defended_correct(None, classifier, clean, labels, config.inference_batch)
+    correct = defended_correct(None, classifier, clean, labels, FOOLING_SET_BATCH)
     kept = torch.nonzero(correct).flatten()
     adversarial = torch.zeros((0, *clean.shape[1:]), dtype=torch.float32)
     fooled = torch.zeros(0, dtype=torch.bool)
     if kept.numel():
         chunks = [
             attack(clean[index].to(device), labels[index].to(device)).cpu()
-            for index in kept.split(config.inference_batch)
+            for index in kept.split(FOOLING_SET_BATCH)
         ]
         adversarial = torch.cat(chunks)
-        fooled = ~defended_correct(
-            None, classifier, adversarial, labels[kept], config.inference_batch
-        )
+        fooled = ~defended_correct(None, classifier, adversarial, labels[kept], FOOLING_SET_BATCH)
     chosen = kept[fooled]
     stats = {
         "attacked_images": len(head),
@@ -450,9 +467,7 @@ def fooling_set(
     exists (refused if made with other settings or images), else made and saved there.
 
     Raises :class:`UsageError` when the set is empty."""
-    attack = BIM(
-        classifier, eps=config.attack_eps / 255, steps=config.attack_steps, seed=config.seed
-    ).settings()
+    attack = fooling_attack(classifier, config).settings()
     identity = adversarial_identity(
         config, classifier_sha, attack, images_sha256(data.head(config.n))
     )
