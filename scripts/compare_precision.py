@@ -535,9 +535,9 @@ def hardware_lines(entry: dict[str, Any] | None) -> list[str]:
         return ["Hardware control: no evaluation shared with the other runs.", ""]
     return [
         f"Hardware control, over the {len(iterations)} evaluations from {iterations[0]:,} to "
-        f"{iterations[-1]:,} that every run logged: the same run repeated on other hardware "
-        f"differs by {_gap_text(entry['hardware_gap'])} dB; over those evaluations the "
-        f"precisions differ by {_gap_text(entry['precision_gap'])} and the seeds by "
+        f"{iterations[-1]:,} that every run logged, mean |PSNR difference| in dB: the same run "
+        f"repeated on other hardware {_gap_text(entry['hardware_gap'])}; the precisions at "
+        f"the same seed {_gap_text(entry['precision_gap'])}; the seeds at the same precision "
         f"{_gap_text(entry['seed_gap'])}.",
         "",
     ]

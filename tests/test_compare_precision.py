@@ -391,7 +391,7 @@ def test_a_run_repeated_on_other_hardware_gives_the_hardware_gap(
     assert "hardware_gap" not in results["comparisons"]["residual-decoder-1"]["summary"]
     text = (again / "README.md").read_text()
     assert "Hardware control, over the 3 evaluations from 100 to 300" in text
-    assert "differs by 0.30 (max 0.30; 1 pair) dB" in text
+    assert "repeated on other hardware 0.30 (max 0.30; 1 pair); the precisions" in text
     with pytest.raises(UsageError, match="--hardware-control"):
         script.compare(*parsed(script, arguments([*studies, control], tmp_path / "refused")))
 
