@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 from comdefend.evaluation.residual_study import POINTS_FOLDER, RUNS_FOLDER
@@ -37,10 +38,12 @@ def measured(study: Path, run: str) -> dict[int, str]:
     return {p["iteration"]: p["snapshot_sha256"] for p in data["points"]}
 
 
-def save(study: Path, dest: Path, snapshots: bool = True) -> list[str]:
+def save(study: Path, dest: Path, snapshots: bool | Collection[int] = True) -> list[str]:
     """Copy what continues the study into ``dest`` (replaced); returns the copied paths.
-    ``snapshots=False`` leaves the unmeasured snapshots behind: training is deterministic, so
-    retraining the run from the start with its seed makes them again, bit for bit."""
+    ``snapshots=False`` leaves the unmeasured snapshots behind (training is deterministic, so
+    retraining the run from the start with its seed makes them again, bit for bit, on a CPU of
+    the same kernels); a collection of iterations keeps only the unmeasured snapshots at
+    those iterations."""
     from comdefend.checkpoint import sha256_of
 
     if dest.exists():
@@ -63,7 +66,8 @@ def save(study: Path, dest: Path, snapshots: bool = True) -> list[str]:
             copy(run / "checkpoint.safetensors")
         points = measured(study, run.name)
         for iteration, path in list_snapshots(run) if snapshots else []:
-            if points.get(iteration) != sha256_of(path):
+            wanted = snapshots is True or iteration in snapshots
+            if wanted and points.get(iteration) != sha256_of(path):
                 copy(path)
     return copied
 
@@ -88,11 +92,26 @@ def main() -> None:
         "--no-snapshots", action="store_true",
         help="save: leave the unmeasured snapshots (retraining from the start remakes them)",
     )  # fmt: skip
+    parser.add_argument(
+        "--snapshots-at", default=None, metavar="ITERATIONS",
+        help="save: of the unmeasured snapshots keep only those at these iterations "
+        "(comma-separated), e.g. of runs that cannot be retrained on the next machine's kernels",
+    )  # fmt: skip
     args = parser.parse_args()
+    keep: bool | set[int] = not args.no_snapshots
+    if args.snapshots_at is not None:
+        try:
+            keep = {int(item) for item in args.snapshots_at.split(",")}
+        except ValueError:
+            raise SystemExit(
+                f"error: --snapshots-at takes comma-separated iterations, got {args.snapshots_at!r}"
+            ) from None
+        if args.no_snapshots:
+            raise SystemExit("error: --snapshots-at and --no-snapshots exclude each other")
     if not args.source.is_dir():
         raise SystemExit(f"error: {args.source} is not a folder")
     done = (
-        save(args.source, args.dest, snapshots=not args.no_snapshots)
+        save(args.source, args.dest, snapshots=keep)
         if args.action == "save"
         else restore(args.source, args.dest)
     )

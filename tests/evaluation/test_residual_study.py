@@ -653,4 +653,8 @@ def test_carrying_a_study_without_its_unmeasured_snapshots(
     assert "runs/plain/snapshots/iteration-000002.safetensors" in with_snapshots
     without = carry.save(study, tmp_path / "without", snapshots=False)
     assert not any("snapshots" in name for name in without)
+    named = carry.save(study, tmp_path / "named", snapshots={2})
+    assert "runs/plain/snapshots/iteration-000002.safetensors" in named
+    other = carry.save(study, tmp_path / "other", snapshots={4})
+    assert not any("snapshots" in name for name in other)
     assert {"runs/plain/log.jsonl", "runs/plain/checkpoint.safetensors"} <= set(without)
