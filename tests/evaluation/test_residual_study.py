@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -606,12 +607,8 @@ def test_the_fooling_set_depends_on_neither_the_inference_batch_nor_the_seed(
     assert len(StudyMeasurer(_config(classifier_path, tmp_path / "batch 3, seed 0")).adv) > 0
 
 
-@pytest.mark.slow
-def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
-    experiment: Path, classifier_path: Path, tmp_path: Path
-) -> None:
-    """scripts/carry_study.py: what travels continues the study; the fooling set is made
-    again, identical, so no point is measured again."""
+def _carry_study() -> ModuleType:
+    """scripts/carry_study.py, loaded as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -620,6 +617,16 @@ def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
     assert spec is not None and spec.loader is not None
     carry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(carry)
+    return carry
+
+
+@pytest.mark.slow
+def test_a_study_carried_to_another_folder_without_its_fooling_set_continues(
+    experiment: Path, classifier_path: Path, tmp_path: Path
+) -> None:
+    """scripts/carry_study.py: what travels continues the study; the fooling set is made
+    again, identical, so no point is measured again."""
+    carry = _carry_study()
     saved = tmp_path / "saved"
     copied = carry.save(experiment, saved)
     assert "fooling_set.safetensors" not in copied
@@ -637,15 +644,9 @@ def test_carrying_a_study_without_its_unmeasured_snapshots(
     classifier_path: Path, tmp_path: Path
 ) -> None:
     """carry_study.save(..., snapshots=False) leaves the unmeasured snapshots behind (the
-    default carries them), and keeps what resumes the training."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "carry_study", Path(__file__).parents[2] / "scripts" / "carry_study.py"
-    )
-    assert spec is not None and spec.loader is not None
-    carry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(carry)
+    default carries them), a set of iterations keeps only those, and what resumes the training
+    is kept either way."""
+    carry = _carry_study()
     study = tmp_path / "study"
     config = _config(classifier_path, study, presets="plain")
     run_residual_study(config, stage="train", progress=False, pause_at=2)
