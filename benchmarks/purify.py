@@ -15,6 +15,13 @@ shared machine are noise. The outputs must agree within 1/255 on at least 99.9% 
 ``torch.inference_mode``, chunk sizes, TorchScript freezing, one thread, a loop over patch
 positions; ``--compile`` adds ``torch.compile``), each against the same reference.
 
+Each case also reports a **ceiling**: the time of the pass's convolutions alone, each timed by
+itself on batches of 4, 16 and 64 inputs of its own shape and counted at its fastest, with every
+other operation free. The ceiling ratio (the reference's time over that time) is the most any
+path could gain over the reference without computing the convolutions faster than this CPU's
+kernels do; when it is below a target ratio, the target is out of reach on that CPU. It bounds
+the quiet measurement only: under ``--busy`` its own kernels share the cores too.
+
 ``--busy N`` measures everything a second time while N single-threaded processes spin a
 pure-Python loop (the cores shared with another job), and reports both: the loaded results follow
 the quiet ones, in the same format (``loaded_cases`` and ``loaded_ratio_*`` in ``--json``). The
@@ -310,6 +317,45 @@ class CaseResult:
     reference_median_seconds: float = 0.0
     reference_gflops_per_second: float = 0.0
     paths: dict[str, PathResult] = field(default_factory=dict)
+    ceiling_seconds: float = 0.0
+    ceiling_ratio: float = 0.0
+    ceiling_gflops_per_second: float = 0.0
+
+
+CEILING_BATCHES = (4, 16, 64)
+
+
+def convolution_seconds_per_input(
+    model: ComDefend, size: int, repeats: int = 3, batches: tuple[int, ...] = CEILING_BATCHES
+) -> list[tuple[str, float]]:
+    """Each convolution of ``model`` timed alone on ``size`` x ``size`` inputs of its own shape:
+    ``(name, seconds per input)`` at the fastest of ``batches`` (best of ``repeats`` calls)."""
+    timings = []
+    encoder, decoder = _convolutions(model.encoder), _convolutions(model.decoder)
+    with torch.no_grad():
+        for part, convs in (("encoder", encoder), ("decoder", decoder)):
+            for index, conv in enumerate(convs):
+                fastest = float("inf")
+                for batch in batches:
+                    x = torch.rand(batch, conv.in_channels, size, size)
+                    F.conv2d(x, conv.weight, conv.bias, padding=1)  # warm-up
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        F.conv2d(x, conv.weight, conv.bias, padding=1)
+                        fastest = min(fastest, (time.perf_counter() - started) / batch)
+                name = f"{part}.{index} ({conv.in_channels}->{conv.out_channels})"
+                timings.append((name, fastest))
+    return timings
+
+
+def _ceiling(case: CaseResult, model: ComDefend, images: torch.Tensor, patch: int | None) -> None:
+    """The convolutions alone, each at its fastest measured batch (see the module docstring)."""
+    size = patch or images.shape[-1]
+    inputs = images.shape[0] * (images.shape[-2] // size) * (images.shape[-1] // size)
+    per_input = sum(seconds for _, seconds in convolution_seconds_per_input(model, size))
+    case.ceiling_seconds = inputs * per_input
+    case.ceiling_ratio = case.reference_median_seconds / case.ceiling_seconds
+    case.ceiling_gflops_per_second = case.gflop_per_call / case.ceiling_seconds
 
 
 def _agreement(result: PathResult, output: torch.Tensor, reference: torch.Tensor) -> None:
@@ -359,6 +405,7 @@ def measure_case(
     all_reference = [t for result in case.paths.values() for t in result.reference_seconds]
     case.reference_median_seconds = statistics.median(all_reference)
     case.reference_gflops_per_second = case.gflop_per_call / case.reference_median_seconds
+    _ceiling(case, model, images, patch)
     return case
 
 
@@ -399,12 +446,18 @@ def print_cases(results: list[CaseResult]) -> None:
                 f"{'yes' if result.bit_identical else 'no'}"
                 + (f" (built in {result.build_seconds:.0f} s)" if result.build_seconds else "")
             )
+        print(
+            f"  {'ceiling: the convolutions alone, each at its fastest batch':62s} "
+            f"{case.ceiling_seconds:9.3f} {case.ceiling_ratio:6.2f} "
+            f"{case.ceiling_gflops_per_second:8.0f}"
+        )
 
 
 def print_verdict(label: str, results: list[CaseResult], agrees: bool) -> None:
     ratios = ", ".join(f"{case.name} {case.paths['library purify'].ratio:.2f}x" for case in results)
+    ceilings = ", ".join(f"{case.name} {case.ceiling_ratio:.2f}x" for case in results)
     print(
-        f"\n{label}: {ratios}; agreement within 1/255 on >= 99.9%: "
+        f"\n{label}: {ratios} (ceiling {ceilings}); agreement within 1/255 on >= 99.9%: "
         f"{'passed' if agrees else 'FAILED'}"
     )
 
@@ -486,6 +539,7 @@ def main() -> None:
             agrees = library.fraction_within_tolerance >= AGREEMENT_FRACTION
             agreement[prefix] = agreement[prefix] and agrees
             summary[f"{prefix}_{case.name}"] = library.ratio
+            summary[f"ceiling_{prefix}_{case.name}"] = case.ceiling_ratio
     ok = agreement["ratio"] and agreement["loaded_ratio"]
     summary["agreement_passed"] = ok
     if args.json:
