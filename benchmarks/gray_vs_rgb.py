@@ -61,7 +61,7 @@ def make(channels: int, condition: str, official: Path | None) -> tuple[ComDefen
     if condition == "float64":
         model, x = model.double(), x.double()
     if condition == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         x = x.contiguous(memory_format=torch.channels_last)
     return model, x
 

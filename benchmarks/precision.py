@@ -19,13 +19,14 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from comdefend import ComDefend, load_dataset
 from comdefend.attacks import PGD
 from comdefend.metrics import mean_psnr
-from comdefend.models.precision import precision_context
+from comdefend.models.precision import Precision, precision_context
 from comdefend.zoo import load_pretrained
 
 
@@ -59,9 +60,11 @@ def main() -> None:
     )
     print(f"PGD {args.eps:g}/255 on {len(x)} images: {time.perf_counter() - start:.0f} s")
 
-    precisions = ["fp32", "bf16"] + (["tf32"] if device.type == "cuda" else [])
+    precisions: list[Precision] = ["fp32", "bf16"]
+    if device.type == "cuda":
+        precisions.append("tf32")
 
-    def run(precision: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(precision: Precision, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs, codes = [], []
         model.config.precision = precision
         with torch.inference_mode(), precision_context(precision, device):
@@ -92,7 +95,7 @@ def main() -> None:
 
     reference, reference_code = run("fp32", x)
     reference_adv, _ = run("fp32", x_adv)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for precision in precisions:
         purified, code = run(precision, x)
         purified_adv, _ = run(precision, x_adv)

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,9 @@ def plain_forward(model: ComDefend, x: torch.Tensor) -> torch.Tensor:
     """conv, ELU, ..., conv -> sigmoid > threshold -> conv, ELU, ..., conv, sigmoid."""
     config = model.config
     h = x.flip(1) if config.channel_order == "BGR" else x
-    h = h + model.encoder.input_shift
+    shift = model.encoder.input_shift
+    assert isinstance(shift, torch.Tensor)
+    h = h + shift
     encoder, decoder = _convolutions(model.encoder), _convolutions(model.decoder)
     for index, conv in enumerate(encoder):
         h = F.conv2d(h, conv.weight, conv.bias, padding=1)
@@ -115,7 +118,7 @@ def reference_path(model: ComDefend, patch: int | None) -> Path_:
 
 
 def library_path(model: ComDefend, patch: int | None) -> Path_:
-    mode = "full" if patch is None else "patch"
+    mode: Literal["full", "patch"] = "full" if patch is None else "patch"
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -497,7 +500,7 @@ def main() -> None:
     model = load_model(args.model)
     cifar = load_dataset("cifar10", "sample").float_images()[: args.batch_32]
     large, large_source = imagenet_images(args.imagenet_dir, args.batch_224)
-    cases = []
+    cases: list[tuple[str, torch.Tensor, int | None]] = []
     if args.case in ("32", "both"):
         cases.append(("32x32", cifar, None))
     if args.case in ("224", "both"):

@@ -132,7 +132,7 @@ def minimal_loop(
 
 
 def trainer_run(
-    data_dir: str | None, iterations: int, batch: int, precision: str, options: dict[str, bool]
+    data_dir: str | None, iterations: int, batch: int, precision: str, options: dict[str, Any]
 ) -> Measurement:
     """``comdefend train``'s loop: one warm-up iteration and ``iterations`` more, rated by the
     trainer's own clock without its first iteration."""
@@ -159,7 +159,8 @@ def trainer_run(
 
 def peak(threads: int, clock_ghz: float | None, peak_gflops: float | None) -> dict[str, Any]:
     """The fp32 (and bf16) peak of ``threads`` cores, with the assumptions it rests on."""
-    flags, mhz = set(), None
+    flags: set[str] = set()
+    mhz: float | None = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

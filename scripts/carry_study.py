@@ -66,7 +66,7 @@ def save(study: Path, dest: Path, snapshots: bool | Collection[int] = True) -> l
             copy(run / "checkpoint.safetensors")
         points = measured(study, run.name)
         for iteration, path in list_snapshots(run) if snapshots else []:
-            wanted = snapshots is True or iteration in snapshots
+            wanted = snapshots is True or (snapshots is not False and iteration in snapshots)
             if wanted and points.get(iteration) != sha256_of(path):
                 copy(path)
     return copied
