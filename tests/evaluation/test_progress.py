@@ -179,3 +179,29 @@ def test_the_progress_file_is_named_when_it_cannot_be_written(
     assert error.value.filename == str(tmp_path / PROGRESS_FILE)
     assert error.value.errno == errno.ENOSPC and "comdefend-tmp" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_clean_scores_read_back_and_a_malformed_record_is_refused(tmp_path: Path) -> None:
+    from comdefend.evaluation.records import CleanRecord, DefenseScores
+
+    def record(correct: torch.Tensor) -> CleanRecord:
+        indices = torch.arange(4)
+        scores = DefenseScores(indices, correct, torch.rand(1, 4, dtype=torch.float64))
+        return CleanRecord([scores, scores], {"squeeze": torch.rand(4)})
+
+    path = _save(tmp_path)
+    progress = EvaluationProgress(tmp_path, _fingerprint(), resume=True)
+    assert progress.clean is None  # saved groups only, as older versions wrote them
+    clean = record(torch.tensor([[True, False, True, True]]))
+    progress.save_clean(clean, 2.0)
+    restored = EvaluationProgress(tmp_path, _fingerprint(), resume=True)
+    assert restored.clean is not None and restored.restored == 1
+    for saved, original in zip(restored.clean.defenses, clean.defenses, strict=True):
+        assert torch.equal(saved.correct, original.correct) and torch.equal(saved.mse, original.mse)
+    assert torch.equal(restored.clean.detector_scores["squeeze"], clean.detector_scores["squeeze"])
+    part = restored.clean.subset(torch.tensor([3, 1]))
+    assert part.defenses[0].correct.tolist() == [[True, False]]
+    assert part.defenses[0].indices.tolist() == [3, 1]
+
+    restored.save_clean(record(torch.ones(1, 4)), 3.0)  # float, not a per-image boolean record
+    _refused(path, "clean scores of none are not a per-image record")

@@ -115,3 +115,55 @@ def test_resume_refuses_changed_images_and_accepts_a_moved_folder(
     assert resumed["resumed_groups"] == 1
     assert _numbers(resumed) == _numbers(json.loads(json.dumps(reference, default=str)))
     assert not (out / PROGRESS_FILE).exists()
+
+
+def test_a_resume_restores_the_clean_scores_instead_of_purifying_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, classifier: str
+) -> None:
+    import comdefend.evaluation.harness as harness
+    from comdefend.evaluation.progress import EvaluationProgress
+    from comdefend.evaluation.scoring import Scorer
+
+    data = _folder(tmp_path / "imagenet")
+    defenses = ["none", "bits:4", "comdefend:comdefend-cifar10@noise=1"]  # randomized
+    out = tmp_path / "cut"
+    passes: list[int] = []  # the defenses scored without clean scores: the clean pass
+    real_score, real_group = Scorer.score, harness._craft_and_score_group
+
+    def counting(self: Scorer, index: int, *args: object, **kwargs: object) -> object:
+        if len(args) < 3 and kwargs.get("clean") is None:
+            passes.append(index)
+        return real_score(self, index, *args, **kwargs)  # type: ignore[arg-type]
+
+    def interrupted_at_the_second_group(*args: object, **kwargs: object) -> object:
+        if args[7] == 8:  # (ev, scorer, detectors, plan, shard, clean, attack, eps, ...)
+            raise KeyboardInterrupt
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Scorer, "score", counting)
+    reference = evaluate(_config(classifier, data, tmp_path / "whole", defenses=defenses))
+    assert passes == [0, 1, 2]
+    passes.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(harness, "_craft_and_score_group", interrupted_at_the_second_group)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(_config(classifier, data, out, defenses=defenses))
+    assert passes == [0, 1, 2]
+    saved = EvaluationProgress(out, json.loads(_header_fingerprint(out)), resume=True).clean
+    assert saved is not None and [s.correct.shape[1] for s in saved.defenses] == [3, 3, 3]
+    assert saved.defenses[2].correct.shape[0] > 1  # one row per draw of the randomized one
+
+    passes.clear()
+    resumed = evaluate(_config(classifier, data, out, defenses=defenses, resume=True)).to_dict()
+    assert resumed["resumed_groups"] == 1
+    assert passes == []  # the clean scores came from the progress file
+    assert resumed["work"]["images_purified"] < reference.to_dict()["work"]["images_purified"]
+    assert _numbers(resumed) == _numbers(json.loads(json.dumps(reference.to_dict(), default=str)))
+
+
+def _header_fingerprint(out: Path) -> str:
+    """The fingerprint stored in ``out``'s progress file (JSON)."""
+    from comdefend.checkpoint import load_checkpoint
+
+    _, metadata = load_checkpoint(out / PROGRESS_FILE, "evaluation-progress")
+    return json.dumps(metadata["fingerprint"])

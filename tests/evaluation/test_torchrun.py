@@ -102,6 +102,16 @@ def test_two_processes_resume_a_single_process_run(
     assert _same_parts(results) == _same_parts(reference)
 
 
+def _a_group_saved(path: Path) -> bool:
+    """The progress file lists a finished group (it is first written with the clean scores)."""
+    from comdefend.checkpoint import load_checkpoint
+
+    try:
+        return bool(load_checkpoint(path, "evaluation-progress")[1]["groups"])
+    except Exception:  # noqa: BLE001 (not there yet)
+        return False
+
+
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(line) for line in found.stdout.split()]
@@ -143,7 +153,7 @@ def test_a_killed_rank_or_launcher_resumes_to_the_single_process_report(
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not (out / PROGRESS_FILE).exists() and launcher.poll() is None:
+        while not _a_group_saved(out / PROGRESS_FILE) and launcher.poll() is None:
             assert time.monotonic() < deadline, "no group was saved"
             time.sleep(0.05)
         killed = launcher.poll() is None

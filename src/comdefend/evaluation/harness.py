@@ -604,12 +604,22 @@ def _evaluate(
         ev.device,
     )
 
-    own_clean = CleanRecord(
-        [scorer.score(i, shard.x, numbers) for i in range(len(ev.defenses))],
-        detectors.score(shard.x, ev.device),
-    )
-    clean_parts = [CleanRecord.from_bytes(b) for b in group.gather_bytes(own_clean.to_bytes())]
-    all_clean = CleanRecord.merge(clean_parts)
+    saved_clean = progress.clean if progress is not None else None
+    if saved_clean is not None and int(saved_clean.defenses[0].indices.numel()) != ev.n:
+        saved_clean = None  # not this run's images (the fingerprint makes this unlikely)
+    restored_clean = group.broadcast_bytes(saved_clean.to_bytes() if saved_clean else b"")
+    if restored_clean:  # a resume: the clean images are not purified again
+        all_clean = CleanRecord.from_bytes(restored_clean)
+        own_clean = all_clean.subset(positions)
+    else:
+        own_clean = CleanRecord(
+            [scorer.score(i, shard.x, numbers) for i in range(len(ev.defenses))],
+            detectors.score(shard.x, ev.device),
+        )
+        clean_parts = group.gather_bytes(own_clean.to_bytes())
+        all_clean = CleanRecord.merge([CleanRecord.from_bytes(b) for b in clean_parts])
+        if progress is not None:
+            progress.save_clean(all_clean, progress.elapsed_s + time.time() - started)
     detectors.finish_info(all_clean.detector_scores)
     clean_rows = []
     for spec, defense, scores in zip(config.defenses, ev.defenses, all_clean.defenses, strict=True):

@@ -3,8 +3,10 @@
 A full-test-set evaluation can run for hours on a CPU. After every (attack, eps) group, that is
 every threat model and defense of one attack at one budget, the harness rewrites
 ``PROGRESS_FILE`` in the report folder (atomically, safetensors: per-image correctness as
-tensors, the cells and settings as JSON metadata). ``evaluate --resume`` reads the finished
-groups back instead of recomputing them; the file is removed once the report is written.
+tensors, the cells and settings as JSON metadata). Before the first group, it saves every
+image's clean scores under each defense (the clean pass purifies every image once per defense, as
+costly as a group). ``evaluate --resume`` reads the clean scores and the finished groups back
+instead of recomputing them; the file is removed once the report is written.
 
 A run resumes only with the settings it started with: the progress file records a fingerprint
 (every setting that changes a number, the sha256 of the classifier's weights and of every other
@@ -35,6 +37,7 @@ import torch
 from comdefend.checkpoint import load_checkpoint, save_checkpoint
 from comdefend.data.datasets import tensors_sha256
 from comdefend.errors import CheckpointError, UsageError
+from comdefend.evaluation.records import CleanRecord, DefenseScores
 from comdefend.evaluation.scoring import accuracy_stats
 
 PROGRESS_FILE = "progress.safetensors"
@@ -105,6 +108,9 @@ class EvaluationProgress:
         self.groups: list[dict[str, Any]] = []
         self.correct: dict[str, torch.Tensor] = {}
         self.grid: dict[str, Any] = {}
+        #: every image's clean scores, saved once so that a resume does not purify the clean
+        #: images again (``None``: not saved yet, or a file of an older comdefend)
+        self.clean: CleanRecord | None = None
         self.elapsed_s = 0.0
         self.restored = 0
         if self.path is None or not self.path.exists():
@@ -131,6 +137,9 @@ class EvaluationProgress:
             expected = {f"grid/purified/{i}" for i in range(len(grid_specs))}
             for number, group in enumerate(self.groups):
                 expected |= self._check_group(number, group, tensors, defenses)
+            if metadata.get("clean") is not None:
+                self.clean, names = self._restore_clean(metadata["clean"], tensors, defenses)
+                expected |= names
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise self._damaged(f"incomplete record: {type(error).__name__} {error}") from None
         self.correct = {k: v for k, v in tensors.items() if k.startswith("correct/")}
@@ -205,6 +214,37 @@ class EvaluationProgress:
                 )
         return names
 
+    def _restore_clean(
+        self, meta: dict, tensors: dict[str, torch.Tensor], defenses: list[str]
+    ) -> tuple[CleanRecord, set[str]]:
+        """The saved clean scores, checked: one record per defense over the same images, each
+        image once in order, a boolean correctness and a float64 MSE per draw and image."""
+        if int(meta["defenses"]) != len(defenses):
+            raise self._damaged(f"clean scores of {meta['defenses']} defenses, not {len(defenses)}")
+        names: set[str] = set()
+        scores: list[DefenseScores] = []
+        for i in range(len(defenses)):
+            parts = [f"clean/defense/{i}/{name}" for name in ("indices", "correct", "mse")]
+            names.update(parts)
+            indices, correct, mse = (tensors[name] for name in parts)
+            n = int(indices.numel())
+            if (
+                not torch.equal(indices, torch.arange(n))
+                or correct.dtype != torch.bool
+                or correct.dim() != 2
+                or correct.shape[1] != n
+                or mse.dtype != torch.float64
+                or mse.shape != correct.shape
+                or (scores and n != int(scores[0].indices.numel()))
+            ):
+                raise self._damaged(f"the clean scores of {defenses[i]} are not a per-image record")
+            scores.append(DefenseScores(indices, correct, mse))
+        detectors = {}
+        for name in meta["detectors"]:
+            names.add(f"clean/detector/{name}")
+            detectors[name] = tensors[f"clean/detector/{name}"]
+        return CleanRecord(scores, detectors), names
+
     def keys(self) -> list[str]:
         """The :func:`group_key` of every finished group."""
         return [group["key"] for group in self.groups]
@@ -255,6 +295,19 @@ class EvaluationProgress:
         for (index, tm), tensor in correct.items():
             # clone: reused cells share one tensor, which safetensors will not write twice
             self.correct[f"correct/{number}/{index}/{tm}"] = tensor.clone()
+        self._write(grid, elapsed_s)
+
+    def save_clean(self, clean: CleanRecord, elapsed_s: float) -> None:
+        """Record every image's clean scores (``clean``, in image order) and rewrite the
+        progress file, so that a resume restores them instead of purifying the clean images
+        again; nothing to do without a report folder."""
+        self.clean = clean
+        if self.path is not None:
+            self._write(self.grid, elapsed_s)
+
+    def _write(self, grid: dict[str, Any], elapsed_s: float) -> None:
+        assert self.path is not None
+        self.grid = grid
         tensors = dict(self.correct)
         for name in ("clean", "adversarial", "difference"):
             if name in grid:
@@ -262,11 +315,23 @@ class EvaluationProgress:
         specs = list(grid.get("purified", {}))
         for i, spec in enumerate(specs):
             tensors[f"grid/purified/{i}"] = grid["purified"][spec].clone()
+        clean = None
+        if self.clean is not None:
+            for i, scores in enumerate(self.clean.defenses):
+                for name in ("indices", "correct", "mse"):
+                    tensors[f"clean/defense/{i}/{name}"] = getattr(scores, name).clone()
+            for name, values in self.clean.detector_scores.items():
+                tensors[f"clean/detector/{name}"] = values.clone()
+            clean = {
+                "defenses": len(self.clean.defenses),
+                "detectors": list(self.clean.detector_scores),
+            }
         metadata: dict[str, Any] = {
             "kind": PROGRESS_KIND,
             "fingerprint": self.fingerprint,
             "groups": self.groups,
             "grid_purified": specs,
+            "clean": clean,
             "elapsed_s": elapsed_s,
             "tensors_sha256": tensors_sha256(tensors),
         }

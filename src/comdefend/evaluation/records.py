@@ -78,6 +78,11 @@ class DefenseScores:
             torch.cat([p.mse for p in parts], dim=1)[:, order],
         )
 
+    def subset(self, positions: torch.Tensor) -> DefenseScores:
+        """The scores of the images at ``positions`` (in that order) of a record over every
+        image in image order (``indices`` is ``0, 1, ..., n - 1``)."""
+        return DefenseScores(positions.clone(), self.correct[:, positions], self.mse[:, positions])
+
 
 @dataclass(frozen=True)
 class CellRecord:
@@ -265,6 +270,14 @@ class CleanRecord:
             for name in parts[0].detector_scores
         }
         return CleanRecord(defenses, scores)
+
+    def subset(self, positions: torch.Tensor) -> CleanRecord:
+        """The record of the images at ``positions`` (in that order), from a record over every
+        image in image order (what :meth:`merge` makes of every process's part)."""
+        return CleanRecord(
+            [scores.subset(positions) for scores in self.defenses],
+            {name: values[positions] for name, values in self.detector_scores.items()},
+        )
 
     def to_bytes(self) -> bytes:
         tensors: dict[str, torch.Tensor] = {}
