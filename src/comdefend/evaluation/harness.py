@@ -605,7 +605,7 @@ def _evaluate(
     )
 
     saved_clean = progress.clean if progress is not None else None
-    if saved_clean is not None and int(saved_clean.defenses[0].indices.numel()) != ev.n:
+    if saved_clean is not None and any(d.indices.numel() != ev.n for d in saved_clean.defenses):
         saved_clean = None  # not this run's images (the fingerprint makes this unlikely)
     restored_clean = group.broadcast_bytes(saved_clean.to_bytes() if saved_clean else b"")
     if restored_clean:  # a resume: the clean images are not purified again
