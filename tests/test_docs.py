@@ -11,13 +11,14 @@ are never run.
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import re
 import shlex
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from support import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -110,11 +111,7 @@ def test_every_block_is_run_or_marked(page: Path) -> None:
 
 
 def _hook(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, DOCS / "hooks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(DOCS / "hooks" / f"{name}.py")
 
 
 def test_cli_reference_is_generated_from_every_command() -> None:

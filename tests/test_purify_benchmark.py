@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,13 @@ from types import ModuleType
 
 import pytest
 
+from support import load_module
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "purify.py"
 
 
 def _benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("purify_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCHMARK, "purify_benchmark")
 
 
 def test_the_ceiling_times_every_convolution_of_the_pass() -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,13 @@ from types import ModuleType
 
 import pytest
 
+from support import load_module
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 
 
 def _benchmark() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCHMARK, "train_step_benchmark")
 
 
 def test_a_smoke_run_reports_every_path_against_the_eager_fp32_loop(cifar_dir: Path) -> None:

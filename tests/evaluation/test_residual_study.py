@@ -21,6 +21,7 @@ from comdefend.evaluation.residual_study import (
     run_residual_study,
 )
 from comdefend.models.classifiers import build_classifier, save_classifier
+from support import load_module
 
 
 def _app() -> typer.Typer:
@@ -609,15 +610,7 @@ def test_the_fooling_set_depends_on_neither_the_inference_batch_nor_the_seed(
 
 def _carry_study() -> ModuleType:
     """scripts/carry_study.py, loaded as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "carry_study", Path(__file__).parents[2] / "scripts" / "carry_study.py"
-    )
-    assert spec is not None and spec.loader is not None
-    carry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(carry)
-    return carry
+    return load_module(Path(__file__).parents[2] / "scripts" / "carry_study.py")
 
 
 @pytest.mark.slow

@@ -3,9 +3,7 @@ per-thread torch settings carried over; and the benchmark's busy processes, star
 
 from __future__ import annotations
 
-import importlib.util
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -18,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from comdefend import ComDefend, ComDefendConfig
 from comdefend.models import comdefend as comdefend_module
 from comdefend.models.parallel import run_chunks
+from support import load_module
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "purify.py"
 
@@ -181,12 +180,7 @@ def test_calls_from_several_threads(model: ComDefend) -> None:
 
 
 def _load_benchmark() -> object:
-    spec = importlib.util.spec_from_file_location("purify_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCHMARK, "purify_benchmark")
 
 
 @pytest.mark.parametrize("stop", ["return", "interrupt"])

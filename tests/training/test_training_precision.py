@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ from comdefend.training.trainer import (
     build_model,
     train,
 )
+from support import load_module
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -299,10 +299,7 @@ def test_cuda_precisions_resume_bit_identically(
 
 # -- scripts ------------------------------------------------------------------------------------
 def test_the_zoo_trainer_adds_the_precision_to_comdefend_commands_only() -> None:
-    spec = importlib.util.spec_from_file_location("train_zoo", REPO / "scripts" / "train_zoo.py")
-    assert spec is not None and spec.loader is not None
-    train_zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_zoo)
+    train_zoo = load_module(REPO / "scripts" / "train_zoo.py")
     purifier, _ = train_zoo.PLAN["comdefend-cifar10"]
     classifier, _ = train_zoo.PLAN["resnet20-cifar10"]
     assert train_zoo.with_precision(purifier, "bf16").endswith(" --precision bf16")

@@ -37,11 +37,12 @@ import torch
 from comdefend.checkpoint import load_checkpoint, save_checkpoint
 from comdefend.data.datasets import tensors_sha256
 from comdefend.errors import CheckpointError, UsageError
-from comdefend.evaluation.records import CleanRecord, DefenseScores
+from comdefend.evaluation.records import CleanRecord
 from comdefend.evaluation.scoring import accuracy_stats
 
 PROGRESS_FILE = "progress.safetensors"
 PROGRESS_KIND = "evaluation-progress"
+CLEAN_PREFIX = "clean/"  # the names of the clean scores' tensors in a progress file
 #: Settings that do not change any number: left out of the fingerprint. ``data_dir`` only says
 #: where the images lie; what they are is the fingerprint's ``data`` part. ``classifier`` only
 #: says where the model lies; what it is is the fingerprint's ``classifier`` part (its sha256).
@@ -221,12 +222,12 @@ class EvaluationProgress:
         image once in order, a boolean correctness and a float64 MSE per draw and image."""
         if int(meta["defenses"]) != len(defenses):
             raise self._damaged(f"clean scores of {meta['defenses']} defenses, not {len(defenses)}")
-        names: set[str] = set()
-        scores: list[DefenseScores] = []
-        for i in range(len(defenses)):
-            parts = [f"clean/defense/{i}/{name}" for name in ("indices", "correct", "mse")]
-            names.update(parts)
-            indices, correct, mse = (tensors[name] for name in parts)
+        try:
+            record = CleanRecord.from_tensors(tensors, meta, CLEAN_PREFIX)
+        except KeyError as error:
+            raise self._damaged(f"the clean scores lack the tensor {error}") from error
+        for i, scores in enumerate(record.defenses):
+            indices, correct, mse = scores.indices, scores.correct, scores.mse
             n = int(indices.numel())
             if (
                 not torch.equal(indices, torch.arange(n))
@@ -235,15 +236,10 @@ class EvaluationProgress:
                 or correct.shape[1] != n
                 or mse.dtype != torch.float64
                 or mse.shape != correct.shape
-                or (scores and n != int(scores[0].indices.numel()))
+                or n != int(record.defenses[0].indices.numel())
             ):
                 raise self._damaged(f"the clean scores of {defenses[i]} are not a per-image record")
-            scores.append(DefenseScores(indices, correct, mse))
-        detectors = {}
-        for name in meta["detectors"]:
-            names.add(f"clean/detector/{name}")
-            detectors[name] = tensors[f"clean/detector/{name}"]
-        return CleanRecord(scores, detectors), names
+        return record, set(record.tensors(CLEAN_PREFIX)[0])
 
     def keys(self) -> list[str]:
         """The :func:`group_key` of every finished group."""
@@ -317,15 +313,8 @@ class EvaluationProgress:
             tensors[f"grid/purified/{i}"] = grid["purified"][spec].clone()
         clean = None
         if self.clean is not None:
-            for i, scores in enumerate(self.clean.defenses):
-                for name in ("indices", "correct", "mse"):
-                    tensors[f"clean/defense/{i}/{name}"] = getattr(scores, name).clone()
-            for name, values in self.clean.detector_scores.items():
-                tensors[f"clean/detector/{name}"] = values.clone()
-            clean = {
-                "defenses": len(self.clean.defenses),
-                "detectors": list(self.clean.detector_scores),
-            }
+            clean_tensors, clean = self.clean.tensors(CLEAN_PREFIX)
+            tensors.update(clean_tensors)
         metadata: dict[str, Any] = {
             "kind": PROGRESS_KIND,
             "fingerprint": self.fingerprint,

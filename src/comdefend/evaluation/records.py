@@ -51,6 +51,9 @@ def _order(indices: torch.Tensor) -> torch.Tensor:
     return order
 
 
+SCORE_TENSORS = ("indices", "correct", "mse")  # a DefenseScores' tensors, in field order
+
+
 @dataclass(frozen=True)
 class DefenseScores:
     """Outcome of ``classifier(defense(images))`` on some of the evaluated images.
@@ -279,14 +282,32 @@ class CleanRecord:
             {name: values[positions] for name, values in self.detector_scores.items()},
         )
 
-    def to_bytes(self) -> bytes:
+    def tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, description)``: the record as named tensors (each name starting with
+        ``prefix``) and the JSON-able description that :meth:`from_tensors` reads back."""
         tensors: dict[str, torch.Tensor] = {}
         for i, scores in enumerate(self.defenses):
             for name in ("indices", "correct", "mse"):
-                tensors[f"defense/{i}/{name}"] = getattr(scores, name).clone()
+                # clone: a tensor shared by two names would not be written twice
+                tensors[f"{prefix}defense/{i}/{name}"] = getattr(scores, name).clone()
         for name, values in self.detector_scores.items():
-            tensors[f"detector/{name}"] = values.clone()
-        meta = {"defenses": len(self.defenses), "detectors": list(self.detector_scores)}
+            tensors[f"{prefix}detector/{name}"] = values.clone()
+        return tensors, {"defenses": len(self.defenses), "detectors": list(self.detector_scores)}
+
+    @staticmethod
+    def from_tensors(
+        tensors: dict[str, torch.Tensor], description: dict[str, Any], prefix: str = ""
+    ) -> CleanRecord:
+        """The record that :meth:`tensors` wrote (a missing tensor raises ``KeyError``)."""
+        defenses = [
+            DefenseScores(*(tensors[f"{prefix}defense/{i}/{name}"] for name in SCORE_TENSORS))
+            for i in range(int(description["defenses"]))
+        ]
+        detectors = {n: tensors[f"{prefix}detector/{n}"] for n in description["detectors"]}
+        return CleanRecord(defenses, detectors)
+
+    def to_bytes(self) -> bytes:
+        tensors, meta = self.tensors()
         return save_tensors(tensors, {"record": json.dumps(meta)})
 
     @staticmethod
@@ -295,14 +316,6 @@ class CleanRecord:
             tensors = load_tensors(data)
             header_size = int.from_bytes(data[:8], "little")
             meta = json.loads(json.loads(data[8 : 8 + header_size])["__metadata__"]["record"])
+            return CleanRecord.from_tensors(tensors, meta)
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(f"unreadable evaluation record ({error})") from error
-        defenses = [
-            DefenseScores(
-                tensors[f"defense/{i}/indices"],
-                tensors[f"defense/{i}/correct"],
-                tensors[f"defense/{i}/mse"],
-            )
-            for i in range(int(meta["defenses"]))
-        ]
-        return CleanRecord(defenses, {n: tensors[f"detector/{n}"] for n in meta["detectors"]})
