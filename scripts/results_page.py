@@ -28,6 +28,9 @@ PAGE = RESULTS / "README.md"
 README = REPO / "README.md"
 COMPARISON_KIND = "training-precision-comparison"  # scripts/compare_precision.py
 START, END = "<!-- results-at-a-glance:start -->", "<!-- results-at-a-glance:end -->"
+#: the L-inf budget (in /255) that papers quote most for CIFAR-10 and ImageNet; the glance
+#: tables show each evaluation's worst case at its budget nearest to it
+GLANCE_EPS = 8.0
 
 
 def load_sets(root: Path) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -213,12 +216,34 @@ def comparison_section(name: str, results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def glance_eps(budgets: list[float]) -> float:
+    """The budget a glance table shows: the one nearest :data:`GLANCE_EPS`, the smaller on a tie.
+
+    Example:
+        >>> glance_eps([2.0, 8.0, 16.0]), glance_eps([4.0, 12.0]), glance_eps([25.0, 2.0])
+        (8.0, 4.0, 2.0)
+    """
+    return min(budgets, key=lambda eps: (abs(eps - GLANCE_EPS), eps))
+
+
+def _authors_weights(results: dict[str, Any], spec: str) -> bool:
+    """Whether the defense ``spec`` ran the authors' released weights (``import-official``)."""
+    for defense in results["defenses"]:
+        if isinstance(defense, dict) and defense["spec"] == spec:
+            return str(defense.get("settings", {}).get("source", "")).startswith("official:")
+    return False
+
+
 def glance_rows(
-    sets: list[tuple[str, dict[str, Any], dict[str, Any]]], page_link: str = ""
+    sets: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    page_link: str = "",
+    authors_only: bool = False,
 ) -> list[str]:
     """One row per evaluation: undefended and ComDefend clean accuracy and the worst case over
-    the L-inf attacks at the first budget, per threat model; ``page_link`` leads to the results
-    page (empty on the page itself)."""
+    the L-inf attacks at the budget nearest :data:`GLANCE_EPS` (the smaller one on a tie), per
+    threat model; ``page_link`` leads to the results page (empty on the page itself).
+    ``authors_only`` (the README's short table): of the ComDefend models, only the authors'
+    released weights."""
     rows = [
         "| result set | images | classifier | threat model | defense | clean | worst case at "
         "eps (/255) |",
@@ -230,6 +255,8 @@ def glance_rows(
         n = int(results["config"]["n"])
         clean = {row["defense"]: row for row in results["clean"]}
         defenses = [d for d in _defense_specs(results) if d == "none" or d.startswith("comdefend")]
+        if authors_only:
+            defenses = [d for d in defenses if d == "none" or _authors_weights(results, d)]
         for threat_model in results["threat_models"]:
             worst = [
                 w for w in results["worst_case"]
@@ -237,7 +264,7 @@ def glance_rows(
             ]  # fmt: skip
             if not worst:
                 continue
-            eps = min(w["eps"] for w in worst)
+            eps = glance_eps([w["eps"] for w in worst])
             for defense in defenses:
                 row = next((w for w in worst if w["defense"] == defense and w["eps"] == eps), None)
                 if row is None or defense not in clean:
@@ -260,7 +287,8 @@ def page(sets: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
         "(`docs/results/<name>/results.json`, with the command, hardware and time in "
         "`provenance.json`) by `scripts/results_page.py`. Accuracies are in %, with 95% Wilson "
         "intervals over the images; the worst case is the lowest robust accuracy over the L-inf "
-        "attacks at a budget.",
+        "attacks at a budget (in the table at a glance: the evaluated budget nearest "
+        f"{GLANCE_EPS:g}/255).",
         "",
         "## At a glance",
         "",
@@ -287,9 +315,10 @@ def readme_with_glance(readme: str, sets: list[tuple[str, dict[str, Any], dict[s
         raise SystemExit(f"error: README.md lacks the markers {START} ... {END}")
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    table = "\n".join(glance_rows(sets, page_link="docs/results/README.md"))
+    table = "\n".join(glance_rows(sets, page_link="docs/results/README.md", authors_only=True))
     body = (
-        f"{START}\n{table}\n\nAll tables, with the commands that made them: "
+        f"{START}\n{table}\n\nNo defense and the authors' released weights; every defense "
+        "and model, with the commands that made them: "
         f"[docs/results/README.md](docs/results/README.md).\n{END}"
     )
     return head + body + tail

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support import load_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -342,3 +344,21 @@ def test_results_pages_are_generated_from_the_result_files(tmp_path: Path) -> No
     (results / "fm" / "results.json").write_text(json.dumps(data))
     stale = subprocess.run([*script, *arguments, "--check"], capture_output=True, text=True)
     assert stale.returncode == 1 and "out of date" in stale.stderr
+
+
+def test_the_table_at_a_glance_shows_the_budget_nearest_8() -> None:
+    """CIFAR-10 evaluated at 2, 8 and 16/255 is quoted at 8/255, not at its first budget."""
+    page = load_module(REPO / "scripts" / "results_page.py")
+    assert page.glance_eps([2.0, 8.0, 16.0]) == 8.0
+    assert page.glance_eps([4.0, 12.0]) == 4.0  # a tie goes to the smaller budget
+    assert page.glance_eps([25.0, 2.0]) == 2.0
+    cifar = json.loads(
+        (REPO / "docs" / "results" / "cifar10-test-10000" / "results.json").read_text()
+    )
+    rows = page.glance_rows([("cifar", cifar, {})])
+    assert len(rows) == 2 + 6 and all(row.endswith(" at 8 |") for row in rows[2:])
+    short = page.glance_rows([("cifar", cifar, {})], authors_only=True)
+    assert [row.split("|")[5].strip() for row in short[2:]] == [
+        "`none`",
+        "`comdefend:runs/official-rgb.safetensors`",  # the authors' weights, not the zoo's
+    ]
