@@ -239,7 +239,7 @@ class EvaluationProgress:
                 or n != int(record.defenses[0].indices.numel())
             ):
                 raise self._damaged(f"the clean scores of {defenses[i]} are not a per-image record")
-        return record, set(record.tensors(CLEAN_PREFIX)[0])
+        return record, set(record.named_tensors(CLEAN_PREFIX))
 
     def keys(self) -> list[str]:
         """The :func:`group_key` of every finished group."""

@@ -285,14 +285,19 @@ class CleanRecord:
     def tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, description)``: the record as named tensors (each name starting with
         ``prefix``) and the JSON-able description that :meth:`from_tensors` reads back."""
-        tensors: dict[str, torch.Tensor] = {}
-        for i, scores in enumerate(self.defenses):
-            for name in ("indices", "correct", "mse"):
-                # clone: a tensor shared by two names would not be written twice
-                tensors[f"{prefix}defense/{i}/{name}"] = getattr(scores, name).clone()
-        for name, values in self.detector_scores.items():
-            tensors[f"{prefix}detector/{name}"] = values.clone()
+        # clone: a tensor shared by two names would not be written twice
+        tensors = {name: values.clone() for name, values in self.named_tensors(prefix).items()}
         return tensors, {"defenses": len(self.defenses), "detectors": list(self.detector_scores)}
+
+    def named_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The record's tensors by the names :meth:`tensors` gives them (not copied)."""
+        named = {
+            f"{prefix}defense/{i}/{name}": getattr(scores, name)
+            for i, scores in enumerate(self.defenses)
+            for name in SCORE_TENSORS
+        }
+        named.update({f"{prefix}detector/{n}": v for n, v in self.detector_scores.items()})
+        return named
 
     @staticmethod
     def from_tensors(
