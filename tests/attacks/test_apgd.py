@@ -114,6 +114,48 @@ def test_restarts_only_retry_unbroken_examples_and_names() -> None:
         APGD(model, restarts=2, random_start=False)
 
 
+class _Sizes(nn.Module):
+    """A small fixed CNN that records how many images each call sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 10)
+        )
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("cls", [APGD, APGDDLR])
+def test_stop_when_fooled_keeps_the_outcome_and_drops_fooled_images(cls: type[APGD]) -> None:
+    model = _Sizes()
+    x = torch.rand(24, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    y[:4] = (y[:4] + 1) % 10  # wrong from the start
+    kwargs = {"eps": 0.03, "steps": 12, "seed": 2}
+    model.sizes.clear()
+    full = cls(model, **kwargs)(x, y)
+    full_sizes, model.sizes = model.sizes, []
+    stopped = cls(model, stop_when_fooled=True, **kwargs)(x, y)
+    with torch.no_grad():
+        fooled_full = model.net(full).argmax(dim=1) != y
+        fooled_stopped = model.net(stopped).argmax(dim=1) != y
+    assert 4 < int(fooled_full.sum()) < len(y)  # a mix, beyond the images wrong from the start
+    assert torch.equal(fooled_stopped, fooled_full)  # same trajectories until the first success
+    assert torch.allclose(stopped[~fooled_full], full[~fooled_full], atol=1e-6)
+    assert full_sizes.count(24) == 13 and model.sizes[0] == 24  # the start and 12 steps
+    assert model.sizes.count(24) == 1 and max(model.sizes[1:]) <= 20  # the 4 left at once
+    assert sum(model.sizes) < sum(full_sizes)
+    assert (stopped - x).abs().max() <= 0.03 + 1e-6
+    with pytest.raises(UsageError, match="stop_when_fooled"):
+        cls(model, stop_when_fooled=1)
+
+
 @pytest.fixture(scope="module")
 def fashion() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from comdefend import load_dataset

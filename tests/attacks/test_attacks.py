@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comdefend.attacks import ATTACKS, BIM, CW, FGSM, MIFGSM, PGD, Attack, DeepFool, make_attack
+from comdefend.attacks.linf import uniform_start
 from comdefend.errors import UsageError
 
 LINF = ["fgsm", "bim", "pgd", "mifgsm", "apgd-ce", "apgd-dlr"]
@@ -462,6 +463,54 @@ def test_mifgsm_without_momentum_is_bim() -> None:
     assert torch.equal(no_momentum, BIM(model, eps=8 / 255, alpha=1 / 255, steps=4)(x, y))
     with_momentum = MIFGSM(model, eps=8 / 255, alpha=1 / 255, steps=4, decay=1.0)(x, y)
     assert not torch.equal(with_momentum, no_momentum)
+
+
+ITERATIVE = {"bim": BIM, "pgd": PGD, "mifgsm": MIFGSM}
+
+
+@pytest.mark.parametrize("name", list(ITERATIVE))
+def test_stop_when_fooled_leaves_each_image_at_its_first_fooling_iterate(name: str) -> None:
+    # A fixed alpha: the k-step attack's output is then the k-th iterate of a longer one.
+    model = tiny_cnn(seed=3)
+    x, y = random_batch(n=16, seed=3)
+    kwargs = {"eps": 0.2, "alpha": 0.02, "seed": 1}
+    steps = 8
+    iterates = [ITERATIVE[name](model, steps=k, **kwargs)(x, y) for k in range(1, steps + 1)]
+    start = uniform_start(x, 0.2, torch.Generator().manual_seed(1)) if name == "pgd" else x
+    iterates.insert(0, start)  # PGD's 0-th iterate is its random start
+    with torch.no_grad():
+        fooled = torch.stack([model(it).argmax(dim=1) != y for it in iterates[:steps]])
+    expected = iterates[steps].clone()
+    for i in range(len(y)):
+        first = fooled[:, i].nonzero()
+        if len(first):
+            expected[i] = iterates[int(first[0])][i]
+    stopped = ITERATIVE[name](model, steps=steps, stop_when_fooled=True, **kwargs)(x, y)
+    assert torch.allclose(stopped, expected, atol=1e-6)
+    # a real mix: some images stop early, some are fooled only at the end, some never
+    assert 0 < int(fooled.any(dim=0).sum()) < len(y)
+    assert accuracy(model, stopped, y) <= accuracy(model, iterates[steps], y)
+
+
+@pytest.mark.parametrize("name", list(ITERATIVE))
+def test_stop_when_fooled_spends_no_steps_on_fooled_images(name: str) -> None:
+    recorder = _Recorder(tiny_cnn(seed=4))
+    x, y = random_batch(n=8, seed=4)
+    with torch.no_grad():
+        y = recorder.model(x).argmax(dim=1)
+    y[:3] = (y[:3] + 1) % 10  # three images the model gets wrong to begin with
+    attack = ITERATIVE[name](recorder, eps=1 / 255, steps=5, stop_when_fooled=True)
+    x_adv = attack(x, y)
+    sizes = [len(batch) for batch in recorder.seen]
+    assert sizes[0] == 8 and all(size <= 5 for size in sizes[1:])
+    if name != "pgd":  # no random start: the misclassified images come back untouched
+        assert torch.equal(x_adv[:3], x[:3])
+    assert attack.settings()["stop_when_fooled"] is True
+
+
+def test_stop_when_fooled_must_be_a_bool() -> None:
+    with pytest.raises(UsageError, match="stop_when_fooled"):
+        BIM(nn.Linear(2, 2), stop_when_fooled="yes")
 
 
 class _Recorder(nn.Module):

@@ -100,6 +100,7 @@ FLOAT_REL_TOL = 1e-4 if torch.backends.cpu.get_cpu_capability() == GOLDEN_CPU_CA
 #: run had (a run that differs from it must not compare equal).
 ADDED_CONFIG = {"precision": None, "image_size": None}
 ADDED_DEFENSE_SETTINGS = {"precision": "fp32"}
+ADDED_ATTACK_SETTINGS = {"stop_when_fooled": False}
 
 
 def _without_added(values: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +109,14 @@ def _without_added(values: dict[str, Any], added: dict[str, Any]) -> dict[str, A
 
 def comparable(results: dict[str, Any]) -> dict[str, Any]:
     """The parts of ``results`` an engine change must leave identical (JSON round trip)."""
-    cells = [{k: v for k, v in cell.items() if k != "seconds"} for cell in results["cells"]]
+    cells = [
+        {
+            k: _without_added(v, ADDED_ATTACK_SETTINGS) if k == "attack_settings" else v
+            for k, v in cell.items()
+            if k != "seconds"
+        }
+        for cell in results["cells"]
+    ]
     config = {k: v for k, v in results["config"].items() if k not in ("out", "force", "resume")}
     kept = {
         "config": _without_added(config, ADDED_CONFIG),

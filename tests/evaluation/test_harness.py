@@ -207,6 +207,14 @@ def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: 
         ({"--eps": "300"}, "[0, 255]"),
         ({"--dataset": "cifar10"}, "fashion-mnist"),
         ({"--n": "0"}, "--images must be an integer >= 1"),
+        (
+            {
+                "--attack": "bim",
+                "--defense": "jpeg:75",
+                "--attack-param": "bim.stop_when_fooled=true",
+            },
+            "bim.stop_when_fooled stops on the attacker's model, which under oblivious",
+        ),
     ],
 )
 def test_bad_inputs_exit_with_message(
@@ -250,6 +258,25 @@ def test_validate_config_normalises() -> None:
     assert config.threat_models == ["oblivious", "bpda"]
     with pytest.raises(UsageError, match="1/255"):
         validate_config(EvaluationConfig(dataset="fashion-mnist", classifier="x", eps=[-1]))
+
+
+def test_stop_when_fooled_is_refused_where_the_attacker_does_not_see_the_defense() -> None:
+    def config(threat_models: list[str], defenses: list[str]) -> EvaluationConfig:
+        return EvaluationConfig(
+            dataset="fashion-mnist",
+            classifier="x",
+            attacks=["pgd", "fgsm"],
+            defenses=defenses,
+            threat_models=threat_models,
+            attack_params={"pgd": {"stop_when_fooled": True}},
+        )
+
+    for threat_models in (["bpda"], ["bpda", "bpda+eot"]):  # forward = the defense itself
+        validate_config(config(threat_models, ["none", "jpeg:75"]))
+    validate_config(config(["oblivious"], ["none"]))  # no defense: the attacker's model is it
+    for threat_models in (["oblivious"], ["relaxed"], ["bpda", "oblivious"]):
+        with pytest.raises(UsageError, match="pgd.stop_when_fooled"):
+            validate_config(config(threat_models, ["none", "jpeg:75"]))
 
 
 def _timeless(results: dict) -> str:

@@ -12,6 +12,7 @@ instead of returning ``x`` unchanged: attack
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,6 +72,55 @@ class _LinfAttack(Attack):
         raise NotImplementedError
 
 
+class _IterativeLinfAttack(_LinfAttack):
+    """The loop BIM, PGD and MI-FGSM share: ``steps`` signed steps of size ``alpha``, each
+    projected onto the ``eps`` ball, optionally leaving every image at its first fooling iterate.
+    """
+
+    steps: int
+    alpha: float
+
+    def __init__(
+        self, model: nn.Module, eps: float, *, stop_when_fooled: Any = False, seed: int = 0
+    ) -> None:
+        super().__init__(model, eps, seed=seed)
+        if not isinstance(stop_when_fooled, bool):
+            raise UsageError(f"stop_when_fooled must be True or False, got {stop_when_fooled!r}")
+        self.stop_when_fooled = stop_when_fooled
+
+    def _descend(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_adv: torch.Tensor,
+        direction: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    ) -> torch.Tensor:
+        """Take the steps from ``x_adv``; ``direction(grad, rows)`` turns the loss gradient of
+        ``rows`` (``None``: every row) into the step direction (its sign is taken).
+
+        With :attr:`stop_when_fooled`, each step first drops the images the model already
+        misclassifies (read from the same forward pass as the gradient, so it costs nothing):
+        they keep that iterate, and the rest of the loop runs on fewer images.
+        """
+        if not self.stop_when_fooled:
+            for _ in range(self.steps):
+                grad, _ = self._loss_grad(x_adv, y)
+                step = self.alpha * direction(grad, None).sign()
+                x_adv = project_linf(x_adv + step, x, self.eps)
+            return x_adv
+        x_adv = x_adv.clone()
+        rows = torch.arange(x.shape[0], device=x.device)
+        for _ in range(self.steps):
+            grad, logits = self._loss_grad(x_adv[rows], y[rows])
+            correct = logits.argmax(dim=1) == y[rows]
+            rows, grad = rows[correct], grad[correct]
+            if rows.numel() == 0:
+                break
+            step = self.alpha * direction(grad, rows).sign()
+            x_adv[rows] = project_linf(x_adv[rows] + step, x[rows], self.eps)
+        return x_adv
+
+
 class FGSM(_LinfAttack):
     r"""Fast Gradient Sign Method (Goodfellow et al., 2015): one step of size ``eps``.
 
@@ -107,7 +157,7 @@ class FGSM(_LinfAttack):
         return project_linf(x + self.eps * grad.sign(), x, self.eps)
 
 
-class BIM(_LinfAttack):
+class BIM(_IterativeLinfAttack):
     r"""Basic Iterative Method / I-FGSM (Kurakin et al., 2017): FGSM steps of size ``alpha``.
 
     Starts at ``x`` (no random start); after every step the iterate is projected back onto the
@@ -122,6 +172,12 @@ class BIM(_LinfAttack):
             10 steps) this is 2/255, torchattacks' default; with ``steps = 1`` it is clipped to
             the ball and BIM reduces to FGSM.
         steps: number of iterations (>= 1).
+        stop_when_fooled: leave each image at its first iterate the model misclassifies
+            (checked on every step's forward pass; the last iterate is returned unchecked)
+            instead of stepping on. Only ever lowers the accuracy on the attacked model, and
+            saves the steps of images already fooled (those the model gets wrong to begin with
+            take none): use it when the attacked model is the evaluated one (a BPDA or EOT view
+            of the defense), not to craft transfer examples on an undefended classifier.
         seed: unused (BIM is deterministic); kept for a uniform API.
 
     Shape:
@@ -142,27 +198,29 @@ class BIM(_LinfAttack):
         eps: float = 8 / 255,
         alpha: float | None = None,
         steps: int = 10,
+        stop_when_fooled: bool = False,
         *,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, eps, seed=seed)
+        super().__init__(model, eps, stop_when_fooled=stop_when_fooled, seed=seed)
         self.steps = check_int("steps", steps)
         self.alpha = (
             2.5 * self.eps / self.steps if alpha is None else check_real("alpha", alpha, low=0.0)
         )
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps}
+        return {
+            "eps": self.eps,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "stop_when_fooled": self.stop_when_fooled,
+        }
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = x.clone()
-        for _ in range(self.steps):
-            grad, _ = self._loss_grad(x_adv, y)
-            x_adv = project_linf(x_adv + self.alpha * grad.sign(), x, self.eps)
-        return x_adv
+        return self._descend(x, y, x.clone(), lambda grad, rows: grad)
 
 
-class PGD(_LinfAttack):
+class PGD(_IterativeLinfAttack):
     r"""Projected Gradient Descent, L-inf (Madry et al., 2018), with random restarts.
 
     Each restart starts at a uniform random point of the ``eps`` ball (clipped to [0, 1]) when
@@ -180,6 +238,12 @@ class PGD(_LinfAttack):
         steps: iterations per restart (>= 1).
         random_start: start from a uniform random point of the ball instead of ``x``.
         restarts: number of runs (>= 1); more than one needs ``random_start``.
+        stop_when_fooled: leave each image at its first iterate the model misclassifies
+            (checked on every step's forward pass; the last iterate is returned unchecked)
+            instead of stepping on. Only ever lowers the accuracy on the attacked model, and
+            saves the steps of images already fooled (those the model gets wrong to begin with
+            take none): use it when the attacked model is the evaluated one (a BPDA or EOT view
+            of the defense), not to craft transfer examples on an undefended classifier.
         seed: seed of the random starts.
 
     Shape:
@@ -204,10 +268,11 @@ class PGD(_LinfAttack):
         steps: int = 10,
         random_start: bool = True,
         restarts: int = 1,
+        stop_when_fooled: bool = False,
         *,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, eps, seed=seed)
+        super().__init__(model, eps, stop_when_fooled=stop_when_fooled, seed=seed)
         self.steps = check_int("steps", steps)
         self.alpha = (
             2.5 * self.eps / self.steps if alpha is None else check_real("alpha", alpha, low=0.0)
@@ -221,6 +286,7 @@ class PGD(_LinfAttack):
             "steps": self.steps,
             "random_start": self.random_start,
             "restarts": self.restarts,
+            "stop_when_fooled": self.stop_when_fooled,
         }
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -250,17 +316,11 @@ class PGD(_LinfAttack):
     def _one_run(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        if self.random_start:
-            x_adv = uniform_start(x, self.eps, generator)
-        else:
-            x_adv = x.clone()
-        for _ in range(self.steps):
-            grad, _ = self._loss_grad(x_adv, y)
-            x_adv = project_linf(x_adv + self.alpha * grad.sign(), x, self.eps)
-        return x_adv
+        start = uniform_start(x, self.eps, generator) if self.random_start else x.clone()
+        return self._descend(x, y, start, lambda grad, rows: grad)
 
 
-class MIFGSM(_LinfAttack):
+class MIFGSM(_IterativeLinfAttack):
     r"""Momentum Iterative FGSM (Dong et al., 2018), untargeted.
 
     Accumulates, per example, ``g <- decay * g + grad / mean(|grad|)`` (the gradient normalised
@@ -275,6 +335,12 @@ class MIFGSM(_LinfAttack):
             steps add up to exactly ``eps``.
         steps: number of iterations (>= 1).
         decay: momentum decay factor ``mu`` (>= 0; 0 gives I-FGSM).
+        stop_when_fooled: leave each image at its first iterate the model misclassifies
+            (checked on every step's forward pass; the last iterate is returned unchecked)
+            instead of stepping on. Only ever lowers the accuracy on the attacked model, and
+            saves the steps of images already fooled (those the model gets wrong to begin with
+            take none): use it when the attacked model is the evaluated one (a BPDA or EOT view
+            of the defense), not to craft transfer examples on an undefended classifier.
         seed: unused (MI-FGSM is deterministic); kept for a uniform API.
 
     Shape:
@@ -296,23 +362,35 @@ class MIFGSM(_LinfAttack):
         alpha: float | None = None,
         steps: int = 10,
         decay: float = 1.0,
+        stop_when_fooled: bool = False,
         *,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, eps, seed=seed)
+        super().__init__(model, eps, stop_when_fooled=stop_when_fooled, seed=seed)
         self.steps = check_int("steps", steps)
         self.alpha = self.eps / self.steps if alpha is None else check_real("alpha", alpha, low=0.0)
         self.decay = check_real("decay", decay, low=0.0)
 
     def _hyperparameters(self) -> dict[str, Any]:
-        return {"eps": self.eps, "alpha": self.alpha, "steps": self.steps, "decay": self.decay}
+        return {
+            "eps": self.eps,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "decay": self.decay,
+            "stop_when_fooled": self.stop_when_fooled,
+        }
 
     def _run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = x.clone()
         momentum = torch.zeros_like(x)
-        for _ in range(self.steps):
-            grad, _ = self._loss_grad(x_adv, y)
+
+        def direction(grad: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            nonlocal momentum
             l1 = grad.abs().mean(dim=(1, 2, 3), keepdim=True)
-            momentum = self.decay * momentum + grad / l1.clamp_min(torch.finfo(grad.dtype).tiny)
-            x_adv = project_linf(x_adv + self.alpha * momentum.sign(), x, self.eps)
-        return x_adv
+            normalised = grad / l1.clamp_min(torch.finfo(grad.dtype).tiny)
+            if rows is None:
+                momentum = self.decay * momentum + normalised
+                return momentum
+            momentum[rows] = self.decay * momentum[rows] + normalised
+            return momentum[rows]
+
+        return self._descend(x, y, x.clone(), direction)

@@ -140,6 +140,7 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
         if name.lower() not in attacks:
             raise UsageError(f"parameters given for attack {name!r}, which is not evaluated")
     tms = check_threat_models(config.threat_models)
+    _check_stop_when_fooled(config, tms)
     eps: list[float] = []
     for value in config.eps:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -183,6 +184,33 @@ def validate_config(config: EvaluationConfig) -> EvaluationConfig:
             "precision": precision,
         }
     )
+
+
+#: Threat models whose attacker sees the defense's own forward pass (``relaxed`` changes it,
+#: ``oblivious`` leaves the defense out), so that an image that fools the attacker's model
+#: fools the defended classifier too.
+EXACT_FORWARD_THREAT_MODELS = ("bpda", "bpda+eot")
+
+
+def _check_stop_when_fooled(config: EvaluationConfig, threat_models: list[str]) -> None:
+    """Refuse ``stop_when_fooled`` where it would weaken an attack without saying so.
+
+    It stops each image as soon as the attacker's model misclassifies it; under ``oblivious``
+    (the undefended classifier) or ``relaxed`` (the defense's sigmoid view) that model is not
+    the defended classifier, so the examples would stop short of fooling the defense.
+    """
+    stopping = sorted(
+        name for name, params in config.attack_params.items() if params.get("stop_when_fooled")
+    )
+    defended = [d for d in config.defenses if d.strip().lower() != "none"]
+    weakened = [t for t in threat_models if t not in EXACT_FORWARD_THREAT_MODELS]
+    if stopping and defended and weakened:
+        raise UsageError(
+            f"{', '.join(stopping)}.stop_when_fooled stops on the attacker's model, which under "
+            f"{' and '.join(weakened)} is not the defended classifier: use it with "
+            f"--threat-model {','.join(EXACT_FORWARD_THREAT_MODELS)} only (run "
+            f"{' and '.join(weakened)} separately, without it)"
+        )
 
 
 def _check_out_folder(config: EvaluationConfig) -> None:
