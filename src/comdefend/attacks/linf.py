@@ -238,12 +238,7 @@ class PGD(_IterativeLinfAttack):
         steps: iterations per restart (>= 1).
         random_start: start from a uniform random point of the ball instead of ``x``.
         restarts: number of runs (>= 1); more than one needs ``random_start``.
-        stop_when_fooled: leave each image at its first iterate the model misclassifies
-            (checked on every step's forward pass; the last iterate is returned unchecked)
-            instead of stepping on. Only ever lowers the accuracy on the attacked model, and
-            saves the steps of images already fooled (those the model gets wrong to begin with
-            take none): use it when the attacked model is the evaluated one (a BPDA or EOT view
-            of the defense), not to craft transfer examples on an undefended classifier.
+        stop_when_fooled: leave each image at its first fooling iterate (see :class:`BIM`).
         seed: seed of the random starts.
 
     Shape:
@@ -335,12 +330,7 @@ class MIFGSM(_IterativeLinfAttack):
             steps add up to exactly ``eps``.
         steps: number of iterations (>= 1).
         decay: momentum decay factor ``mu`` (>= 0; 0 gives I-FGSM).
-        stop_when_fooled: leave each image at its first iterate the model misclassifies
-            (checked on every step's forward pass; the last iterate is returned unchecked)
-            instead of stepping on. Only ever lowers the accuracy on the attacked model, and
-            saves the steps of images already fooled (those the model gets wrong to begin with
-            take none): use it when the attacked model is the evaluated one (a BPDA or EOT view
-            of the defense), not to craft transfer examples on an undefended classifier.
+        stop_when_fooled: leave each image at its first fooling iterate (see :class:`BIM`).
         seed: unused (MI-FGSM is deterministic); kept for a uniform API.
 
     Shape:
