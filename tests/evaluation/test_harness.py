@@ -350,6 +350,10 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "resumed: 2 (attack, eps) groups read back" in result.output
+    # without a bar, a status line says what each saved group brings (a log of a background run)
+    assert "saved pgd at 4/255: group 3 of 4," in result.output
+    assert "saved pgd at 16/255: group 4 of 4," in result.output
+    assert "saved fgsm" not in result.output  # read back, not saved again
     assert calls == [("pgd", 4.0), ("pgd", 16.0)]  # only the unfinished groups were computed
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["resumed_groups"] == 2

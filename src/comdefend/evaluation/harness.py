@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from comdefend.console import logger
 from comdefend.data.datasets import DATASETS, ImageSet
 from comdefend.defenses import (
     ComDefendDefense,
@@ -653,7 +654,7 @@ def _evaluate(
         unit="cell",
         enabled=config.progress and group.is_main,
     )
-    for attack, eps_label, eps_value in groups:
+    for number, (attack, eps_label, eps_value) in enumerate(groups, start=1):
         finished: tuple[list[CellResult], dict[tuple[int, str], torch.Tensor], Any] | None
         if group_key(attack, eps_label) in restored:
             saved = progress.finished(attack, eps_label) if progress else None
@@ -703,6 +704,8 @@ def _evaluate(
                     grid,
                     elapsed,
                 )
+                if not config.progress:  # a line per saved group where no bar shows progress
+                    logger.info(_saved_line(attack, eps_label, number, len(groups), elapsed))
         bar.update(len(plan))
         if finished is not None:
             group_cells, group_correct, detection_row = finished
@@ -755,6 +758,22 @@ def _evaluate(
     # every process returns rank 0's result
     text = group.broadcast_bytes(text)
     return result if result is not None else EvaluationResult.from_dict(json.loads(text))
+
+
+def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
+    """The status line of a saved group, e.g. for a run in the background with a log file.
+
+    Example:
+        >>> _saved_line("pgd", 8.0, 3, 12, 4000.0)
+        'saved pgd at 8/255: group 3 of 12, 1 h 7 min of evaluation so far (--resume continues)'
+    """
+    budget = "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
+    minutes = round(elapsed_s / 60)
+    spent = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    return (
+        f"saved {attack} {budget}: group {number} of {total}, {spent} of evaluation so far "
+        "(--resume continues)"
+    )
 
 
 def _environment(environment: Any) -> dict[str, Any]:
