@@ -186,6 +186,24 @@ def test_evaluate_json_prints_the_results(tmp_path: Path) -> None:
     assert refused.exit_code != 0 and "--out" in str(refused.exception or refused.output)
 
 
+def test_results_name_shipped_models_without_where_the_package_lives() -> None:
+    from pathlib import Path
+
+    import comdefend
+    from comdefend.evaluation.harness import EvaluationConfig, evaluate
+
+    config = EvaluationConfig(
+        dataset="fashion-mnist", split="sample", classifier="fashion-cnn",
+        defenses=["none", "comdefend:comdefend-fashion-mnist"], attacks=["fgsm"], eps=[8], n=2,
+        progress=False,
+    )  # fmt: skip
+    results = evaluate(config).to_dict()
+    assert sorted(results["checkpoints"]) == ["zoo:comdefend-fashion-mnist", "zoo:fashion-cnn"]
+    weights = results["defenses"][1]["settings"]["weights"]
+    assert weights["path"] == "comdefend/zoo/weights/comdefend-fashion-mnist.safetensors"
+    assert str(Path(comdefend.__file__).parent) not in json.dumps(results)
+
+
 def test_records_serialize_tensors_of_any_memory_layout() -> None:
     # ImageNet images used to arrive as a transposed HWC view; their adversarials kept that
     # layout and safetensors refused to save the grid images of a progress record.

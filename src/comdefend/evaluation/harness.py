@@ -798,15 +798,17 @@ def _defense_checkpoints(ev: _Evaluator) -> dict[str, str]:
 
 
 def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
-    """results.json's ``checkpoints``: the sha256 of every model, by its reference (the
-    classifier's file as written or its zoo path; a factory or module by its name)."""
+    """results.json's ``checkpoints``: the sha256 of every model, by its reference (a file as
+    written, a shipped model as ``zoo:NAME``; a factory or module by its name)."""
     info, weights = ev.resolved.info, ev.resolved.weights
-    hashes: dict[str, str] = {}
-    if weights is not None:
-        hashes[weights.source if weights.kind == "file" else str(weights.path)] = weights.sha256
-    elif info.sha256 is not None:
-        hashes[config.classifier] = info.sha256
-    return {**hashes, **_defense_checkpoints(ev), **_user_defense_hashes(ev)}
+    refs = [weights] if weights is not None else []
+    refs += [r for d in ev.defenses for r in _checkpoint_refs(d)]
+    hashes = {
+        (ref.source if ref.kind == "file" else f"zoo:{ref.zoo_name}"): ref.sha256 for ref in refs
+    }
+    if weights is None and info.sha256 is not None:
+        hashes = {config.classifier: info.sha256, **hashes}
+    return {**hashes, **_user_defense_hashes(ev)}
 
 
 def _fingerprint_checkpoints(ev: _Evaluator) -> dict[str, str]:

@@ -255,14 +255,28 @@ class WeightsRef:
     zoo_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (``path`` as a string)."""
+        """JSON-serialisable form: ``path`` as a string, a shipped model's relative to the
+        installed package (``comdefend/zoo/weights/NAME.safetensors``: where the package
+        lives is a detail of the machine, not of the model)."""
         return {
             "source": self.source,
             "kind": self.kind,
-            "path": str(self.path),
+            "path": self.recorded_path,
             "sha256": self.sha256,
             "zoo_name": self.zoo_name,
         }
+
+    @property
+    def recorded_path(self) -> str:
+        """The path results record: a file's absolute path, a shipped model's in the package.
+
+        Example:
+            >>> resolve_weights("fashion-cnn").recorded_path
+            'comdefend/zoo/weights/fashion-cnn.safetensors'
+        """
+        if self.kind == "zoo":
+            return f"comdefend/zoo/weights/{self.path.name}"
+        return str(self.path)
 
     def __fspath__(self) -> str:
         return str(self.path)
