@@ -162,6 +162,19 @@ def test_the_fingerprint_holds_the_images_not_their_folder(tmp_path: Path) -> No
         EvaluationProgress(tmp_path, _fingerprint(fewer), resume=True)
 
 
+def test_shipped_models_resume_wherever_the_package_lies(tmp_path: Path) -> None:
+    # progress files written before shipped models were named zoo:NAME held their package path
+    config = {"dataset": "imagenet", "defenses": DEFENSES, "n": 4}
+    data = {"test": _images().identity()}
+    old_path = "/old/venv/site-packages/comdefend/zoo/weights/m.safetensors"
+    progress = EvaluationProgress(tmp_path, fingerprint(config, {old_path: "ab"}, data), False)
+    progress.save_group("fgsm", 4.0, [], {}, None, {}, 1.0)
+    resumed = EvaluationProgress(tmp_path, fingerprint(config, {"zoo:m": "ab"}, data), True)
+    assert resumed.restored == 1
+    with pytest.raises(UsageError, match="differing: zoo:m"):
+        EvaluationProgress(tmp_path, fingerprint(config, {"zoo:m": "cd"}, data), True)
+
+
 def test_the_progress_file_is_named_when_it_cannot_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -791,24 +791,26 @@ def _user_defense_hashes(ev: _Evaluator) -> dict[str, str]:
     }
 
 
+def _reference(ref: WeightsRef) -> str:
+    """How results and the resume fingerprint name a model file: as written, or ``zoo:NAME``
+    for a shipped model (not by the path of the package that holds it)."""
+    return ref.source if ref.kind == "file" else f"zoo:{ref.zoo_name}"
+
+
 def _defense_checkpoints(ev: _Evaluator) -> dict[str, str]:
-    refs = [r for d in ev.defenses for r in _checkpoint_refs(d)]
-    # keyed as before WeightsRef: a file as written, a zoo model by its path
-    return {(ref.source if ref.kind == "file" else str(ref.path)): ref.sha256 for ref in refs}
+    return {_reference(r): r.sha256 for d in ev.defenses for r in _checkpoint_refs(d)}
 
 
 def _checkpoint_hashes(config: EvaluationConfig, ev: _Evaluator) -> dict[str, str]:
     """results.json's ``checkpoints``: the sha256 of every model, by its reference (a file as
     written, a shipped model as ``zoo:NAME``; a factory or module by its name)."""
     info, weights = ev.resolved.info, ev.resolved.weights
-    refs = [weights] if weights is not None else []
-    refs += [r for d in ev.defenses for r in _checkpoint_refs(d)]
-    hashes = {
-        (ref.source if ref.kind == "file" else f"zoo:{ref.zoo_name}"): ref.sha256 for ref in refs
-    }
-    if weights is None and info.sha256 is not None:
-        hashes = {config.classifier: info.sha256, **hashes}
-    return {**hashes, **_user_defense_hashes(ev)}
+    hashes: dict[str, str] = {}
+    if weights is not None:
+        hashes[_reference(weights)] = weights.sha256
+    elif info.sha256 is not None:
+        hashes[config.classifier] = info.sha256
+    return {**hashes, **_defense_checkpoints(ev), **_user_defense_hashes(ev)}
 
 
 def _fingerprint_checkpoints(ev: _Evaluator) -> dict[str, str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,30 @@ def fingerprint(
     )
 
 
+#: A shipped model's file as older progress files named it: its path inside the installed
+#: package, wherever that lay.
+_SHIPPED_FILE = re.compile(r"(?:^|[\\/])comdefend[\\/]zoo[\\/]weights[\\/]([^\\/]+)\.safetensors$")
+
+
+def _shipped_models_by_name(saved: Any) -> Any:
+    """``saved`` with its shipped models named ``zoo:NAME`` as today's fingerprints name them,
+    not by the path of the package that held them (so that a progress file written before,
+    or by an installation elsewhere, still resumes).
+
+    Example:
+        >>> old = {"checkpoints": {"/venv/lib/comdefend/zoo/weights/m.safetensors": "ab"}}
+        >>> _shipped_models_by_name(old)
+        {'checkpoints': {'zoo:m': 'ab'}}
+    """
+    if not isinstance(saved, dict) or not isinstance(saved.get("checkpoints"), dict):
+        return saved
+    named = {}
+    for key, digest in saved["checkpoints"].items():
+        match = _SHIPPED_FILE.search(key)
+        named[f"zoo:{match.group(1)}" if match else key] = digest
+    return {**saved, "checkpoints": named}
+
+
 def group_key(attack: str, eps: Any) -> str:
     """The name of an (attack, eps) group in the progress file."""
     return json.dumps([attack, eps])
@@ -127,7 +152,7 @@ class EvaluationProgress:
             reason = str(cause).splitlines()[0] if cause else "not an evaluation progress file"
             raise self._damaged(f"unreadable: {reason}") from None
         self._check_checksums(tensors, metadata)
-        saved = metadata.get("fingerprint")
+        saved = _shipped_models_by_name(metadata.get("fingerprint"))
         if saved != fingerprint:
             raise UsageError(_refusal(self.path.parent, saved, fingerprint))
         try:
