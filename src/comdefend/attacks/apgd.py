@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comdefend.attacks.base import check_int, check_real
+from comdefend.attacks.base import check_bool, check_int, check_real
 from comdefend.attacks.linf import _LinfAttack, check_restarts, project_linf, uniform_start
 from comdefend.errors import UsageError
 
@@ -136,9 +136,7 @@ class APGD(_LinfAttack):
         seed: int = 0,
     ) -> None:
         super().__init__(model, eps, seed=seed)
-        if not isinstance(stop_when_fooled, bool):
-            raise UsageError(f"stop_when_fooled must be True or False, got {stop_when_fooled!r}")
-        self.stop_when_fooled = stop_when_fooled
+        self.stop_when_fooled = check_bool("stop_when_fooled", stop_when_fooled)
         self.steps = check_int("steps", steps)
         self.random_start, self.restarts = check_restarts(random_start, restarts)
         self.rho = check_real("rho", rho, low=0.0, high=1.0)

@@ -248,6 +248,18 @@ def check_real(
     return number
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is True or False, else raise :class:`UsageError`.
+
+    Example:
+        >>> check_bool("random_start", True)
+        True
+    """
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_int(name: str, value: Any, *, low: int = 1) -> int:
     """Return ``value`` as an int, or raise :class:`UsageError` if it is not an int >= ``low``.
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comdefend.attacks.base import Attack, check_int, check_linf_eps, check_real
+from comdefend.attacks.base import Attack, check_bool, check_int, check_linf_eps, check_real
 from comdefend.errors import UsageError
 
 
@@ -48,8 +48,7 @@ def uniform_start(x: torch.Tensor, eps: float, generator: torch.Generator) -> to
 
 def check_restarts(random_start: Any, restarts: Any) -> tuple[bool, int]:
     """Validate ``random_start`` (a bool) and ``restarts`` (>= 1; > 1 needs a random start)."""
-    if not isinstance(random_start, bool):
-        raise UsageError(f"random_start must be True or False, got {random_start!r}")
+    random_start = check_bool("random_start", random_start)
     restarts = check_int("restarts", restarts)
     if restarts > 1 and not random_start:
         raise UsageError("restarts > 1 needs random_start=True (restarts would be identical)")
@@ -84,9 +83,7 @@ class _IterativeLinfAttack(_LinfAttack):
         self, model: nn.Module, eps: float, *, stop_when_fooled: Any = False, seed: int = 0
     ) -> None:
         super().__init__(model, eps, seed=seed)
-        if not isinstance(stop_when_fooled, bool):
-            raise UsageError(f"stop_when_fooled must be True or False, got {stop_when_fooled!r}")
-        self.stop_when_fooled = stop_when_fooled
+        self.stop_when_fooled = check_bool("stop_when_fooled", stop_when_fooled)
 
     def _descend(
         self,

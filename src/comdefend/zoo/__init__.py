@@ -274,8 +274,8 @@ class WeightsRef:
             >>> resolve_weights("fashion-cnn").recorded_path
             'comdefend/zoo/weights/fashion-cnn.safetensors'
         """
-        if self.kind == "zoo":
-            return f"comdefend/zoo/weights/{self.path.name}"
+        if self.kind == "zoo" and self.path.is_relative_to(ZOO_FOLDER):
+            return (Path("comdefend/zoo") / self.path.relative_to(ZOO_FOLDER)).as_posix()
         return str(self.path)
 
     def __fspath__(self) -> str:
