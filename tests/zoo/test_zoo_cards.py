@@ -240,6 +240,12 @@ def test_headline_prefers_adaptive_then_8_over_255_then_the_worst_attack(
     adaptive = dataclasses.replace(one, threat_model="bpda", source="other")
     assert headline([*found, adaptive]) == (adaptive, None)
     assert headline([m for m in found if m.metric == CLEAN]) is None
+    # Given the model's own dataset, its results there come before an adaptive number measured
+    # on another dataset; an adaptive number on its own dataset still comes first.
+    elsewhere = dataclasses.replace(adaptive, dataset="imagenet")
+    assert headline([*found, elsewhere], "fashion-mnist") == chosen
+    assert headline([*found, elsewhere]) == (elsewhere, None)
+    assert headline([*found, elsewhere, adaptive], "fashion-mnist") == (adaptive, None)
 
 
 # -- the commands ------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             listed = []
             for entry in entries:
-                chosen = headline(entry.card.measurements)
+                chosen = headline(entry.card.measurements, entry.dataset)
                 item = entry.to_dict()
                 item["headline"] = None if chosen is None else chosen[0].to_dict()
                 listed.append(item)

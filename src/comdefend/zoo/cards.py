@@ -495,24 +495,27 @@ def merge_measurements(
 # -- the headline and the card ---------------------------------------------------------------
 
 
-def headline(measurements: Iterable[Measurement]) -> tuple[Measurement, Measurement | None] | None:
+def headline(
+    measurements: Iterable[Measurement], dataset: str | None = None
+) -> tuple[Measurement, Measurement | None] | None:
     """The robust accuracy a list quotes, and the clean accuracy of the same run and defense.
 
-    An adaptive threat model (anything but ``oblivious``) comes first, then the budget closest
-    to 8/255, then the most images; within that run, defense and budget the lowest robust
-    accuracy (the worst case over attacks where the run has one). ``None`` when nothing robust
-    was measured.
+    Results on ``dataset`` (the model's own, when given) come first, then an adaptive threat
+    model (anything but ``oblivious``), then the budget closest to 8/255, then the most
+    images; within that run, defense and budget the lowest robust accuracy (the worst case
+    over attacks where the run has one). ``None`` when nothing robust was measured.
     """
     robust = [m for m in measurements if m.robust and not isinstance(m.eps, str)]
     if not robust:
         return None
 
     def group(m: Measurement) -> tuple[Any, ...]:
-        return (m.source, m.defense, m.classifier, m.threat_model, m.eps)
+        return (m.source, m.dataset, m.defense, m.classifier, m.threat_model, m.eps)
 
     def preference(m: Measurement) -> tuple[Any, ...]:
         eps = float(m.eps) if m.eps is not None and not isinstance(m.eps, str) else 0.0
-        return (m.threat_model == "oblivious", abs(eps - HEADLINE_EPS), -m.images)
+        foreign = dataset is not None and m.dataset != dataset
+        return (foreign, m.threat_model == "oblivious", abs(eps - HEADLINE_EPS), -m.images)
 
     best_group = group(min(robust, key=preference))
     members = [m for m in robust if group(m) == best_group]
@@ -533,7 +536,7 @@ def headline(measurements: Iterable[Measurement]) -> tuple[Measurement, Measurem
 def headline_text(entry: PretrainedEntry) -> str:
     """The compact column of ``comdefend zoo list``: ``58.9% (oblivious, worst of ... at 8/255,
     fashion-cnn, 10,000 images)`` or ``—``."""
-    chosen = headline(entry.card.measurements)
+    chosen = headline(entry.card.measurements, entry.dataset)
     if chosen is None:
         return "—"
     robust, _ = chosen
@@ -545,7 +548,7 @@ def headline_text(entry: PretrainedEntry) -> str:
 
 def clean_text(entry: PretrainedEntry) -> str:
     """The clean accuracy beside the headline, or ``—``."""
-    chosen = headline(entry.card.measurements)
+    chosen = headline(entry.card.measurements, entry.dataset)
     if chosen is None or chosen[1] is None:
         clean = [m for m in entry.card.measurements if m.metric == CLEAN]
         return max(clean, key=lambda m: m.images).percent(1) if clean else "—"
@@ -631,7 +634,7 @@ def card_dict(entry: PretrainedEntry, zoo: Sequence[PretrainedEntry] = ()) -> di
     sha256), ``measurements``, ``headline`` (``{"robust": ..., "clean": ...}`` or ``None``),
     ``not_measured`` (what is missing: ``robust``, ``adaptive``) and ``measure_command``.
     """
-    chosen = headline(entry.card.measurements)
+    chosen = headline(entry.card.measurements, entry.dataset)
     missing = []
     if chosen is None:
         missing.append("robust")
@@ -698,7 +701,7 @@ def render_card(entry: PretrainedEntry, zoo: Sequence[PretrainedEntry] = ()) -> 
         lines.append(f"  use: {card.intended_use}")
     lines.append("")
     lines.append("Measured accuracy (eps in units of 1/255 on images in [0, 1])")
-    chosen = headline(card.measurements)
+    chosen = headline(card.measurements, entry.dataset)
     if chosen is not None:
         robust, clean = chosen
         quoted = f"  headline: robust {robust.percent()} ({robust.condition()})"
