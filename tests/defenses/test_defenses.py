@@ -22,6 +22,7 @@ from comdefend.defenses import (
     Defense,
     Identity,
     MedianSmoothing,
+    adaptive,
     eot_grad,
     make_threat_model_defense,
     parse_defense,
@@ -298,6 +299,70 @@ def test_eot_averages_draws_and_reduces_gradient_variance() -> None:
         leaf = x.clone().requires_grad_(True)
         single.append(torch.autograd.grad(loss_fn(model(leaf)), leaf)[0])
     assert float(torch.stack(grads).var(0).sum()) < 0.5 * float(torch.stack(single).var(0).sum())
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_eot_recompute_gives_the_same_outputs_gradients_and_noise_stream(
+    tiny_comdefend: ComDefend, seeded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draw by draw: the same mean logits, the same input gradient and, after the backward
+    pass, the same state of every noise stream as the one-graph loop."""
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = smooth_images(3, channels=1, size=8), torch.tensor([0, 1, 2])
+
+    def attacker(recompute: bool) -> EOT:
+        # seeded: the defense's own generator; else PyTorch's global RNG (seed None)
+        noisy = ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=7 if seeded else None)
+        view = make_threat_model_defense(noisy, "bpda")
+        return EOT(DefendedClassifier(view, classifier), samples=4, recompute=recompute)
+
+    def run(model: EOT) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(1)
+        leaf = x.clone().requires_grad_(True)
+        logits = model(leaf)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), leaf)
+        with torch.no_grad():
+            after = model(x)  # the next draws: the streams must have continued alike
+        return logits.detach(), grad / grad.abs().max(), after
+
+    plain, redone = run(attacker(False)), run(attacker(True))
+    torch.testing.assert_close(redone[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(redone[1], plain[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(redone[2], plain[2], rtol=0, atol=0)
+    # without its random states the backward pass draws other noise: another gradient
+    monkeypatch.setattr(adaptive, "_restore_random_states", lambda states: None)
+    unrestored = run(attacker(True))
+    assert float((unrestored[1] - plain[1]).abs().max()) > 1e-2
+    assert make_threat_model_defense(
+        ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=1), "bpda+eot", classifier
+    ).settings()["recompute"]
+
+
+def test_eot_recompute_keeps_one_draw_of_activations() -> None:
+    """The one-graph loop keeps every draw's activations until the backward pass; the
+    recomputing one keeps none (the saved tensors of the autograd graph are counted)."""
+    wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model = DefendedClassifier(RandomShift(0.1), wide)
+    x = torch.rand(2, 1, 8, 8)
+    model(x)  # materialize the lazy layer
+
+    def saved_bytes(eot: EOT) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        leaf = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = eot(leaf)
+        out.sum().backward()
+        return total
+
+    one_graph, redone = saved_bytes(EOT(model, 8)), saved_bytes(EOT(model, 8, recompute=True))
+    assert redone * 4 < one_graph
 
 
 def test_eot_of_deterministic_module_is_the_module() -> None:
