@@ -591,6 +591,8 @@ def _evaluate(
     detectors = _fit_detectors(ev, detector_train)
     batches = Batches(ev.n, config.batch_size)
     numbers = group.shard(batches.count)
+    if group.is_main and (note := _uneven_split_note(ev.n, config.batch_size, group.world_size)):
+        logger.warning(note)
     positions = batches.indices(numbers)
     shard = _Shard(batches, numbers, positions, ev.x[positions])
     scorer = Scorer(
@@ -758,6 +760,33 @@ def _evaluate(
     # every process returns rank 0's result
     text = group.broadcast_bytes(text)
     return result if result is not None else EvaluationResult.from_dict(json.loads(text))
+
+
+def _uneven_split_note(images: int, batch_size: int, processes: int) -> str | None:
+    """A note when the batches do not split evenly over the processes (the busiest one then
+    sets the pace: 5 batches over 2 processes leave one idle a third of the time), with a batch
+    size that splits evenly; ``None`` when the split is even or cannot be bettered.
+
+    Example:
+        >>> print(_uneven_split_note(500, 100, 2))  # doctest: +NORMALIZE_WHITESPACE
+        note: 5 batches of 100 images over 2 processes: one process evaluates 3 batches,
+        another 2; --batch-size 84 makes 6 batches, 3 for each process
+        >>> _uneven_split_note(500, 50, 2) is None, _uneven_split_note(10_000, 100, 3) is None
+        (True, True)
+    """
+    count = -(-images // batch_size)
+    most, least = -(-count // processes), count // processes
+    if processes < 2 or count % processes == 0 or (most - least) * 10 < most:
+        return None  # even, or within 10% of even
+    rounds = most  # as many rounds as now, every process busy in each
+    size = -(-images // (rounds * processes))
+    if -(-images // size) != rounds * processes:
+        return None
+    return (
+        f"note: {count} batches of {batch_size} images over {processes} processes: one process "
+        f"evaluates {most} batches, another {least}; --batch-size {size} makes "
+        f"{rounds * processes} batches, {rounds} for each process"
+    )
 
 
 def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
