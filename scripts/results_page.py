@@ -234,6 +234,17 @@ def _authors_weights(results: dict[str, Any], spec: str) -> bool:
     return False
 
 
+def _attacked_as(results: dict[str, Any], defense: str, threat_model: str) -> frozenset[str]:
+    """The threat models ``defense``'s cells under ``threat_model`` were really attacked in
+    (``bpda+eot`` on a deterministic defense is ``bpda``; any adaptive one on ``none`` is
+    ``oblivious``)."""
+    return frozenset(
+        cell.get("effective_threat_model") or threat_model
+        for cell in results["cells"]
+        if cell["defense"] == defense and cell["threat_model"] == threat_model
+    )
+
+
 def glance_rows(
     sets: list[tuple[str, dict[str, Any], dict[str, Any]]],
     page_link: str = "",
@@ -243,7 +254,8 @@ def glance_rows(
     the L-inf attacks at the budget nearest :data:`GLANCE_EPS` (the smaller one on a tie), per
     threat model; ``page_link`` leads to the results page (empty on the page itself).
     ``authors_only`` (the README's short table): of the ComDefend models, only the authors'
-    released weights."""
+    released weights. A threat model that repeats an earlier one's attack on a defense
+    (``bpda+eot`` on a deterministic one) gets no second row."""
     rows = [
         "| result set | images | classifier | threat model | defense | clean | worst case at "
         "eps (/255) |",
@@ -257,6 +269,7 @@ def glance_rows(
         defenses = [d for d in _defense_specs(results) if d == "none" or d.startswith("comdefend")]
         if authors_only:
             defenses = [d for d in defenses if d == "none" or _authors_weights(results, d)]
+        shown: set[tuple[str, frozenset[str]]] = set()  # a repeated attack gets no second row
         for threat_model in results["threat_models"]:
             worst = [
                 w for w in results["worst_case"]
@@ -267,8 +280,10 @@ def glance_rows(
             eps = glance_eps([w["eps"] for w in worst])
             for defense in defenses:
                 row = next((w for w in worst if w["defense"] == defense and w["eps"] == eps), None)
-                if row is None or defense not in clean:
+                attacked = (defense, _attacked_as(results, defense, threat_model))
+                if row is None or defense not in clean or attacked in shown:
                     continue
+                shown.add(attacked)
                 rows.append(
                     f"| [{name}]({page_link}#{name}) | {n:,} | "
                     f"`{results['config']['classifier']}` | {threat_model} | `{defense}` | "

@@ -362,3 +362,11 @@ def test_the_table_at_a_glance_shows_the_budget_nearest_8() -> None:
         "`none`",
         "`comdefend:runs/official-rgb.safetensors`",  # the authors' weights, not the zoo's
     ]
+    # bpda+eot on a deterministic defense repeats bpda: one row under bpda, none under bpda+eot
+    golden = REPO / "tests" / "evaluation" / "golden" / "sample-threat-models.json"
+    rows = page.glance_rows([("sample", json.loads(golden.read_text()), {})])
+    shown = {(row.split("|")[4].strip(), row.split("|")[5].strip()) for row in rows[2:]}
+    assert ("bpda", "`comdefend:comdefend-fashion-mnist`") in shown
+    assert ("bpda+eot", "`comdefend:comdefend-fashion-mnist@noise=2`") in shown
+    assert ("bpda+eot", "`comdefend:comdefend-fashion-mnist`") not in shown
+    assert ("bpda+eot", "`none`") not in shown
