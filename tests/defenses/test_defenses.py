@@ -306,16 +306,17 @@ def test_eot_recompute_gives_the_same_outputs_gradients_and_noise_stream(
     tiny_comdefend: ComDefend, seeded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Draw by draw: the same mean logits, the same input gradient and, after the backward
-    pass, the same state of every noise stream as the one-graph loop."""
+    pass, the same state of every noise stream as the one-graph loop; kept and recomputed
+    draws agree bit for bit, so ``"auto"`` may pick either."""
     torch.manual_seed(0)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
     x, y = smooth_images(3, channels=1, size=8), torch.tensor([0, 1, 2])
 
-    def attacker(recompute: bool) -> EOT:
+    def attacker(recompute: bool | str) -> EOT:
         # seeded: the defense's own generator; else PyTorch's global RNG (seed None)
         noisy = ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=7 if seeded else None)
         view = make_threat_model_defense(noisy, "bpda")
-        return EOT(DefendedClassifier(view, classifier), samples=4, recompute=recompute)
+        return EOT(DefendedClassifier(view, classifier), samples=4, recompute=recompute)  # type: ignore[arg-type]
 
     def run(model: EOT) -> tuple[torch.Tensor, ...]:
         torch.manual_seed(1)
@@ -330,18 +331,26 @@ def test_eot_recompute_gives_the_same_outputs_gradients_and_noise_stream(
     torch.testing.assert_close(redone[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(redone[1], plain[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(redone[2], plain[2], rtol=0, atol=0)
+    for fits in (True, False):  # "auto" keeping the draws, or recomputing them
+        monkeypatch.setattr(adaptive, "_keeps_all_draws", lambda *args, fits=fits: fits)
+        for got, expected in zip(run(attacker("auto")), redone, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # without its random states the backward pass draws other noise: another gradient
     monkeypatch.setattr(adaptive, "_restore_random_states", lambda states: None)
     unrestored = run(attacker(True))
     assert float((unrestored[1] - plain[1]).abs().max()) > 1e-2
-    assert make_threat_model_defense(
+    model = make_threat_model_defense(
         ComDefendDefense(tiny_comdefend, noise_std=1.0, seed=1), "bpda+eot", classifier
-    ).settings()["recompute"]
+    )
+    assert model.settings()["recompute"] == "auto"
+    with pytest.raises(UsageError, match="recompute"):
+        EOT(classifier, 2, recompute="sometimes")  # type: ignore[arg-type]
 
 
-def test_eot_recompute_keeps_one_draw_of_activations() -> None:
+def test_eot_recompute_keeps_one_draw_of_activations(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-graph loop keeps every draw's activations until the backward pass; the
-    recomputing one keeps none (the saved tensors of the autograd graph are counted)."""
+    recomputing one keeps none (the saved tensors of the autograd graph are counted), and
+    ``"auto"`` recomputes only when the draws would not fit in the free memory."""
     wide = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     model = DefendedClassifier(RandomShift(0.1), wide)
     x = torch.rand(2, 1, 8, 8)
@@ -363,6 +372,19 @@ def test_eot_recompute_keeps_one_draw_of_activations() -> None:
 
     one_graph, redone = saved_bytes(EOT(model, 8)), saved_bytes(EOT(model, 8, recompute=True))
     assert redone * 4 < one_graph
+
+    def passes(free_bytes: int) -> int:
+        """Forward passes of the wrapped model in one forward and backward of "auto"."""
+        monkeypatch.setattr(adaptive, "_free_memory_bytes", lambda device: free_bytes)
+        calls = []
+        hook = model.register_forward_hook(lambda *args: calls.append(1))
+        saved_bytes(EOT(model, 8, recompute="auto"))
+        hook.remove()
+        return len(calls)
+
+    one_draw = 2 * 64 * 8 * 8 * 4  # the ReLU's output of one draw, in bytes
+    assert passes(100 * one_draw) == 8  # the draws fit: kept, no pass in the backward
+    assert passes(4 * one_draw) == 16  # they do not: every draw run again
 
 
 def test_eot_of_deterministic_module_is_the_module() -> None:

@@ -22,9 +22,10 @@ Threat models (:data:`THREAT_MODELS`), i.e. what the attacker differentiates thr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -163,15 +164,17 @@ class EOT(nn.Module):
         batched: run the K draws as one batch of ``K * N`` (faster on GPU, K times the
             activation memory at once). The module must then draw its randomness per sample,
             as ComDefend does. Default: a loop of K calls.
-        recompute: keep no draw's activations from the forward pass; the backward pass runs
-            the draws again one at a time, each on the random state its forward draw had (the
-            global RNG, the CUDA RNG of the input's device and every ``generator`` attribute of
-            the wrapped modules), so it computes the same gradient with the memory of one draw
-            for K more forward passes (about 4/3 of the time). Gradients then reach the input
-            only, not the module's parameters: for attacks (what
-            :func:`make_threat_model_defense` builds), not for training. Ignored with
-            ``batched``.
-
+        recompute: ``True``: keep no draw's activations from the forward pass; the backward
+            pass runs the draws again one at a time, each on the random state its forward draw
+            had (the global RNG, the CUDA RNG of the input's device and every ``generator``
+            attribute of the wrapped modules): the memory of one draw for K more forward
+            passes (about 4/3 of the time). ``"auto"``: keep the draws while all K fit in a
+            share of the free memory (measured on the first draw of each call), else
+            recompute; both give bit-identical outputs and gradients, so the choice never
+            changes a result. With ``True`` or ``"auto"`` gradients reach the input only, not
+            the module's parameters: for attacks (what :func:`make_threat_model_defense`
+            builds), not for training. ``False`` (default): one autograd graph of all draws.
+            Ignored with ``batched``.
     Shape:
         - Input: ``(N, ...)``.
         - Output: ``module(x)``'s shape.
@@ -182,7 +185,11 @@ class EOT(nn.Module):
     """
 
     def __init__(
-        self, module: nn.Module, samples: int = 8, batched: bool = False, recompute: bool = False
+        self,
+        module: nn.Module,
+        samples: int = 8,
+        batched: bool = False,
+        recompute: bool | Literal["auto"] = False,
     ) -> None:
         super().__init__()
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -190,7 +197,9 @@ class EOT(nn.Module):
         self.module = module
         self.samples = samples
         self.batched = bool(batched)
-        self.recompute = bool(recompute)
+        if recompute not in (True, False, "auto"):
+            raise UsageError(f"EOT recompute must be True, False or 'auto', got {recompute!r}")
+        self.recompute: bool | Literal["auto"] = recompute
 
     @property
     def name(self) -> str:
@@ -216,7 +225,7 @@ class EOT(nn.Module):
         if self.batched and k > 1:
             out = self.module(x.repeat(k, *([1] * (x.dim() - 1))))
             return out.reshape(k, x.shape[0], *out.shape[1:]).mean(0)
-        if self.recompute and k > 1 and torch.is_grad_enabled() and x.requires_grad:
+        if self.recompute is not False and k > 1 and torch.is_grad_enabled() and x.requires_grad:
             return cast(torch.Tensor, _DrawByDraw.apply(x, self))
         total = self.module(x)
         for _ in range(k - 1):
@@ -249,20 +258,71 @@ def _restore_random_states(states: list[tuple[Any, torch.Tensor]]) -> None:
             torch.cuda.set_rng_state(state, owner)
 
 
+#: ``EOT(recompute="auto")`` keeps the K draws' activations while they take at most this share
+#: of the free memory (divided among the processes of a torchrun on this machine).
+AUTO_RECOMPUTE_SHARE = 0.5
+
+
+def _free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory for activations on ``device``: CUDA's free memory, else the host's
+    ``MemAvailable`` (Linux); ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _keeps_all_draws(samples: int, one_draw_bytes: int, device: torch.device) -> bool:
+    free = _free_memory_bytes(device)
+    if free is None:
+        return False
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return samples * one_draw_bytes <= AUTO_RECOMPUTE_SHARE * free / processes
+
+
 class _DrawByDraw(torch.autograd.Function):
-    """:class:`EOT` with ``recompute``: the mean of K draws, whose backward pass runs each draw
-    again on its recorded random state and sums the input gradients (memory of one draw)."""
+    """:class:`EOT` with ``recompute``: the mean of K draws, each its own graph; the backward
+    pass sums the K input gradients in draw order, from the kept graphs or from the draws run
+    again on their recorded random states (the same operations either way: bit-identical)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, eot: EOT) -> torch.Tensor:
-        states = []
+        parameters = {p.data_ptr() for p in eot.module.parameters()}
+        states, graphs = [], []
+        keep = eot.recompute == "auto"
         total: torch.Tensor | None = None
-        for _ in range(eot.samples):
+        for draw in range(eot.samples):
             states.append(_random_states(eot.module, x.device))
-            out = eot.module(x)
+            if keep:
+                leaf = x.detach().requires_grad_(True)
+                saved = 0
+
+                def count(t: torch.Tensor) -> torch.Tensor:
+                    nonlocal saved
+                    if t.data_ptr() not in parameters:
+                        saved += t.numel() * t.element_size()
+                    return t
+
+                with (
+                    torch.enable_grad(),
+                    torch.autograd.graph.saved_tensors_hooks(count, lambda t: t),
+                ):
+                    out = eot.module(leaf)
+                graphs.append((leaf, out))
+                if draw == 0 and not _keeps_all_draws(eot.samples, saved, x.device):
+                    keep, graphs = False, []
+                out = out.detach()
+            else:
+                out = eot.module(x)
             total = out if total is None else total + out
         assert total is not None
-        ctx.eot, ctx.states = eot, states
+        ctx.eot, ctx.states, ctx.graphs = eot, states, graphs if keep else None
         ctx.save_for_backward(x)
         return total / eot.samples
 
@@ -270,9 +330,14 @@ class _DrawByDraw(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         eot: EOT = ctx.eot
-        now = _random_states(eot.module, x.device)
+        graphs, ctx.graphs = ctx.graphs, None
         grad = torch.zeros_like(x)
         share = grad_out / eot.samples
+        if graphs is not None:
+            for leaf, out in graphs:
+                grad += torch.autograd.grad(out, leaf, share)[0]
+            return grad, None
+        now = _random_states(eot.module, x.device)
         try:
             for states in ctx.states:
                 _restore_random_states(states)
@@ -390,9 +455,10 @@ def make_threat_model_defense(
     ``oblivious``: attack the undefended classifier). With ``classifier``, returns the attacker's
     complete model mapping images to logits: the classifier alone for ``oblivious``, else a
     :class:`DefendedClassifier` of the view, wrapped in :class:`EOT` for ``bpda+eot`` when the
-    defense is randomized (draw by draw in the backward pass, ``recompute``: the memory of
-    one draw, gradients for the input only). Since EOT must average classifier outputs,
-    ``bpda+eot`` on a randomized defense requires ``classifier``.
+    defense is randomized (``recompute="auto"``: draw by draw in the backward pass where the
+    draws would not fit in memory, the same result either way; gradients for the input
+    only). Since EOT must average classifier outputs, ``bpda+eot`` on a randomized defense
+    requires ``classifier``.
 
     Views: ComDefend runs its binarizer ``straight_through`` (``bpda``, ``bpda+eot``) or
     ``relaxed`` (``relaxed``) on a noise stream independent of the defense's (seed + 1);
@@ -438,5 +504,5 @@ def make_threat_model_defense(
         return view
     model: nn.Module = DefendedClassifier(view, classifier)
     if needs_eot:
-        model = EOT(model, eot_samples, recompute=True)
+        model = EOT(model, eot_samples, recompute="auto")
     return model
