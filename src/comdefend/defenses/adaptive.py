@@ -175,6 +175,7 @@ class EOT(nn.Module):
             the module's parameters: for attacks (what :func:`make_threat_model_defense`
             builds), not for training. ``False`` (default): one autograd graph of all draws.
             Ignored with ``batched``.
+
     Shape:
         - Input: ``(N, ...)``.
         - Output: ``module(x)``'s shape.
