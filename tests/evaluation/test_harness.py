@@ -372,3 +372,98 @@ def test_resume_and_force_checks(checkpoints: dict, tmp_path: Path) -> None:
         validate_config(_config(checkpoints, resume=True))
     # nothing to resume yet: a fresh run
     validate_config(_config(checkpoints, out=str(tmp_path / "new"), resume=True))
+
+
+def test_an_interrupted_group_resumes_from_its_saved_batches(
+    checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interruption inside an (attack, eps) group loses at most the batch in progress: the
+    finished batches of the group are read back, and the report equals an uninterrupted one."""
+    import comdefend.evaluation.harness as harness
+    from comdefend.evaluation.progress import BATCHES_FOLDER, PROGRESS_FILE
+
+    noisy = f"comdefend:{checkpoints['comdefend']}@noise=1.0"
+    settings = {
+        "n": 12,
+        "batch_size": 4,
+        "attacks": ["fgsm", "pgd"],
+        "eps": [8],
+        "defenses": ["none", "bits:4", noisy],
+        "threat_models": ["oblivious", "bpda"],
+    }
+    monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
+    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
+    assert not (tmp_path / "whole" / BATCHES_FOLDER).exists()
+
+    real_group = harness._craft_and_score_group
+    calls: list[tuple[str, list[int]]] = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append((str(args[6]), list(args[4].numbers)))  # type: ignore[attr-defined]
+        if len(calls) == 6:  # fgsm's 3 batches, then pgd's first two
+            raise KeyboardInterrupt
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_config(checkpoints, **settings, out=str(out)))
+    saved = sorted(p.name for p in (out / BATCHES_FOLDER).iterdir())
+    assert saved == ["pgd-8.0-batches-0-0.safetensors", "pgd-8.0-batches-1-1.safetensors"]
+    assert (out / PROGRESS_FILE).is_file()
+
+    calls.clear()
+    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
+    counted: list[list[int]] = []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        counted.append(list(args[4].numbers))  # type: ignore[attr-defined]
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness, "_craft_and_score_group", counting)
+    resumed = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
+    assert counted == [[2]]  # only pgd's last batch was computed
+    assert resumed["work"]["saved_batches_read_back"] == 2
+    assert _timeless(resumed) == _timeless(reference)
+    assert not (out / BATCHES_FOLDER).exists() and not (out / PROGRESS_FILE).exists()
+
+
+def test_saved_batches_are_checked_and_removed_without_resume(
+    checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import comdefend.evaluation.harness as harness
+    from comdefend.evaluation.progress import BATCHES_FOLDER
+
+    settings = {"n": 8, "batch_size": 4, "attacks": ["fgsm"], "eps": [8], "defenses": ["none"]}
+    monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
+    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
+    real_group = harness._craft_and_score_group
+    calls: list[list[int]] = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(list(args[4].numbers))  # type: ignore[attr-defined]
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    def run(resume: bool, force: bool = False) -> dict:
+        calls.clear()
+        config = _config(checkpoints, **settings, out=str(out), resume=resume, force=force)
+        return evaluate(config).to_dict()
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=False)
+    (saved,) = (out / BATCHES_FOLDER).iterdir()
+    # a damaged step is computed again (with a warning), never read as numbers
+    saved.write_bytes(saved.read_bytes()[:-9] + b"\x00" * 9)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=True)
+    assert calls == [[0], [1]]
+    # --force starts over: the steps of the replaced run are removed before any is saved
+    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
+    assert (out / BATCHES_FOLDER).exists()
+    forced = run(resume=False, force=True)
+    assert _timeless(forced) == _timeless(reference)
+    assert not (out / BATCHES_FOLDER).exists()

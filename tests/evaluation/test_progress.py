@@ -218,3 +218,73 @@ def test_the_clean_scores_read_back_and_a_malformed_record_is_refused(tmp_path: 
 
     restored.save_clean(record(torch.ones(1, 4)), 3.0)  # float, not a per-image boolean record
     _refused(path, "clean scores of none are not a per-image record")
+
+
+def _step_record(batches, numbers: list[int], correct: bool = True):  # noqa: ANN001, ANN202
+    from comdefend.evaluation.records import CellRecord, DefenseScores, GroupRecord
+
+    positions = batches.indices(numbers)
+    n = len(positions)
+    scores = DefenseScores(
+        positions,
+        torch.full((1, n), correct, dtype=torch.bool),
+        positions.double().unsqueeze(0),
+    )
+    zeros = torch.zeros(n, dtype=torch.float64)
+    cell = CellRecord(0, "oblivious", scores, zeros, zeros, "classifier", {"steps": 3}, 1.0)
+    return GroupRecord("fgsm", 8.0, [cell], positions)
+
+
+def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path: Path) -> None:
+    """Steps are keyed by their batch numbers: a resume with another number of processes takes
+    the ones it computes; another run's (another fingerprint), other step sizes and other groups
+    are not taken."""
+    from comdefend.evaluation.harness import _group_in_steps, _Shard
+    from comdefend.evaluation.progress import (
+        BATCHES_FOLDER,
+        BatchProgress,
+        fingerprint_sha256,
+        group_key,
+    )
+    from comdefend.evaluation.seeding import Batches
+
+    batches = Batches(10, 3)  # batches 0-3, the last of one image
+    x = torch.rand(10, 1, 2, 2)
+    computed: list[list[int]] = []
+
+    def compute(part: _Shard):  # noqa: ANN202
+        assert torch.equal(part.x, x[part.positions])
+        computed.append(part.numbers)
+        return _step_record(batches, part.numbers)
+
+    def shard(numbers: list[int]) -> _Shard:
+        positions = batches.indices(numbers)
+        return _Shard(batches, numbers, positions, x[positions])
+
+    key = group_key("fgsm", 8.0)
+    digest = fingerprint_sha256(_fingerprint())
+    store = BatchProgress(tmp_path, digest, resume=True)
+    whole = _group_in_steps(store, compute, shard([0, 1, 2, 3]), key, 1, lambda: 12.5)
+    assert computed == [[0], [1], [2], [3]]
+    assert torch.equal(whole.indices, torch.arange(10))
+    assert torch.equal(whole.cells[0].scores.mse[0], torch.arange(10).double())
+    assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4
+
+    computed.clear()  # the second of two processes: its batches are read back
+    second = _group_in_steps(store, compute, shard([2, 3]), key, 1, lambda: 13.0)
+    assert computed == [] and store.restored_batches == 2
+    assert torch.equal(second.indices, torch.arange(6, 10))
+    assert second.cells[0].attack_settings == {"steps": 3}
+    # steps of two batches, another group, another run, or no --resume: computed again
+    _group_in_steps(store, compute, shard([0, 1, 2, 3]), key, 2, lambda: 0.0)
+    _group_in_steps(store, compute, shard([0]), group_key("fgsm", 16.0), 1, lambda: 0.0)
+    _group_in_steps(BatchProgress(tmp_path, "other", True), compute, shard([1]), key, 1, float)
+    _group_in_steps(BatchProgress(tmp_path, digest, False), compute, shard([3]), key, 1, float)
+    assert computed == [[0, 1], [2, 3], [0], [1], [3]]
+    # the longest time a step of this run records
+    assert store.elapsed_s() == 12.5
+    assert BatchProgress(tmp_path, "other", resume=True).elapsed_s() == 0.0
+    store.clear(group_key("fgsm", 16.0))
+    assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4 + 2
+    store.clear(key)
+    assert not (tmp_path / BATCHES_FOLDER).exists()

@@ -256,6 +256,8 @@ def evaluate_command(
         typer.echo(f"note: {line}", err=True)
     if result.resumed_groups:
         typer.echo(f"resumed: {result.resumed_groups} (attack, eps) groups read back", err=as_json)
+    if steps := result.work.get("saved_batches_read_back"):
+        typer.echo(f"resumed: {steps} saved batches of an unfinished group read back", err=as_json)
     written = f"; wrote {', '.join(result.files)} to {out}" if out is not None else ""
     processes = f" by {result.processes} processes" if result.processes > 1 else ""
     typer.echo(

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -111,8 +111,10 @@ from comdefend.evaluation.inputs import (
 from comdefend.evaluation.planning import PlannedCell, eps_plan, plan_cells
 from comdefend.evaluation.progress import (
     PROGRESS_FILE,
+    BatchProgress,
     EvaluationProgress,
     fingerprint,
+    fingerprint_sha256,
     group_key,
 )
 from comdefend.evaluation.records import CellRecord, CleanRecord, GroupRecord
@@ -339,6 +341,89 @@ class _Shard:
     numbers: list[int]
     positions: torch.Tensor
     x: torch.Tensor
+
+
+def _batch_progress(
+    config: EvaluationConfig, group: ProcessGroup, progress: EvaluationProgress | None
+) -> BatchProgress:
+    """Every process's store of the finished batches of the group in progress.
+
+    Rank 0 knows the run's fingerprint and how long it already ran (the progress file, or a
+    later saved step); every process gets both. Without ``--resume`` the steps an earlier run
+    left are removed before any process saves one."""
+    state = b""
+    if group.is_main:
+        assert progress is not None
+        digest = fingerprint_sha256(progress.fingerprint)
+        store = BatchProgress(config.out, digest, config.resume)
+        if config.resume:
+            progress.elapsed_s = max(progress.elapsed_s, store.elapsed_s())
+        else:
+            store.clear()
+        state = json.dumps({"digest": digest, "elapsed_s": progress.elapsed_s}).encode()
+    shared = json.loads(group.broadcast_bytes(state))
+    store = BatchProgress(config.out, shared["digest"], config.resume)
+    store.base_elapsed_s = float(shared["elapsed_s"])
+    return store
+
+
+def _batches_per_step(scorer: Scorer, config: EvaluationConfig) -> int:
+    """Attack batches computed (and saved) together: enough images for one purification call
+    of the deterministic defenses (one batch on a CPU, except for small batches)."""
+    return max(1, scorer.batch_size // config.batch_size)
+
+
+def _group_step(
+    ev: _Evaluator,
+    scorer: Scorer,
+    detectors: Detectors,
+    plan: list[PlannedCell],
+    clean: CleanRecord,
+    group: tuple[str, float | str, float | None],
+    want_grid: bool,
+) -> Callable[[_Shard], GroupRecord]:
+    """:func:`_craft_and_score_group` of one group, as a function of the images (``clean``:
+    the clean scores of every image)."""
+    attack, eps_label, eps_value = group
+    return lambda part: _craft_and_score_group(
+        ev,
+        scorer,
+        detectors,
+        plan,
+        part,
+        clean.subset(part.positions),
+        attack,
+        eps_label,
+        eps_value,
+        want_grid,
+    )
+
+
+def _group_in_steps(
+    store: BatchProgress,
+    compute: Callable[[_Shard], GroupRecord],
+    shard: _Shard,
+    key: str,
+    batches_per_step: int,
+    elapsed_s: Callable[[], float],
+) -> GroupRecord:
+    """``compute`` over this process's images, ``batches_per_step`` batches at a time, each
+    step saved in ``store`` (and taken from it on resume): a group's record without losing more
+    than one step to an interruption. Seeds are per batch, so the steps give the numbers of one
+    call over the whole shard."""
+    if not shard.numbers:
+        return compute(shard)
+    parts = []
+    for start in range(0, len(shard.numbers), batches_per_step):
+        numbers = shard.numbers[start : start + batches_per_step]
+        record = store.load(key, numbers)
+        if record is None:
+            where = torch.isin(shard.positions, shard.batches.indices(numbers))
+            part = _Shard(shard.batches, numbers, shard.positions[where], shard.x[where])
+            record = compute(part)
+            store.save(key, numbers, record, elapsed_s())
+        parts.append(record)
+    return GroupRecord.merge(parts)
 
 
 def _craft_and_score_group(
@@ -585,6 +670,7 @@ def _evaluate(
         except ComDefendError as error:
             failure = error
     group.agree(failure)
+    batch_progress = _batch_progress(config, group, progress)
     restored = json.loads(
         group.broadcast_bytes(json.dumps(progress.keys() if progress else []).encode())
     )
@@ -670,17 +756,21 @@ def _evaluate(
                 )
         else:
             want_grid = attack == grid_attack and eps_label == grid_eps
-            own = _craft_and_score_group(
-                ev,
-                scorer,
-                detectors,
-                plan,
+            own = _group_in_steps(
+                batch_progress,
+                _group_step(
+                    ev,
+                    scorer,
+                    detectors,
+                    plan,
+                    all_clean,
+                    (attack, eps_label, eps_value),
+                    want_grid,
+                ),
                 shard,
-                own_clean,
-                attack,
-                eps_label,
-                eps_value,
-                want_grid,
+                group_key(attack, eps_label),
+                _batches_per_step(scorer, config),
+                lambda: batch_progress.base_elapsed_s + time.time() - started,
             )
             parts = [GroupRecord.from_bytes(b) for b in group.gather_bytes(own.to_bytes())]
             finished = None
@@ -706,6 +796,7 @@ def _evaluate(
                     grid,
                     elapsed,
                 )
+                batch_progress.clear(group_key(attack, eps_label))
                 if not config.progress:  # a line per saved group where no bar shows progress
                     logger.info(_saved_line(attack, eps_label, number, len(groups), elapsed))
         bar.update(len(plan))
@@ -717,8 +808,9 @@ def _evaluate(
             if detection_row is not None:
                 detection.append(detection_row)
     bar.close()
-    counts = [scorer.purified_images, scorer.reused_images]
+    counts = [scorer.purified_images, scorer.reused_images, batch_progress.restored_batches]
     work = [json.loads(b) for b in group.gather_bytes(json.dumps(counts).encode())]
+    batch_progress.clear()  # every group is in the progress file (each process's own folder)
 
     text, result = b"", None
     if group.is_main:
@@ -744,8 +836,9 @@ def _evaluate(
             resumed_groups=progress.restored,
             processes=group.world_size,
             work={  # this run's images (a resume counts only what it computed)
-                "images_purified": sum(purified for purified, _ in work),
-                "adversarial_images_unchanged_not_purified_again": sum(r for _, r in work),
+                "images_purified": sum(counts[0] for counts in work),
+                "adversarial_images_unchanged_not_purified_again": sum(c[1] for c in work),
+                "saved_batches_read_back": sum(c[2] for c in work),
             },
             skipped=[ROC_SKIPPED] if detectors.roc_skipped else [],
         )

@@ -6,7 +6,9 @@ every threat model and defense of one attack at one budget, the harness rewrites
 tensors, the cells and settings as JSON metadata). Before the first group, it saves every
 image's clean scores under each defense (the clean pass purifies every image once per defense, as
 costly as a group). ``evaluate --resume`` reads the clean scores and the finished groups back
-instead of recomputing them; the file is removed once the report is written.
+instead of recomputing them; the file is removed once the report is written. Inside the group
+in progress, each process also saves its finished batches (:class:`BatchProgress`), so that a
+group of several hours is not lost to an interruption.
 
 A run resumes only with the settings it started with: the progress file records a fingerprint
 (every setting that changes a number, the sha256 of the classifier's weights and of every other
@@ -16,7 +18,7 @@ images and the classifier count, not where they lie: the same images in a moved 
 folder resume, and so does the same classifier file moved or named another way (a zoo name for
 its path), while a changed image or a changed model (a retrained checkpoint, a factory that
 builds other weights) does not. Every random
-choice of the harness is seeded per group, so a resumed run gives the same numbers as an
+choice of the harness is seeded per batch, so a resumed run gives the same numbers as an
 uninterrupted one.
 
 The file is checked when read: a sha256 of its tensors and one of its metadata are stored in it,
@@ -29,16 +31,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_tensors
 
-from comdefend.checkpoint import load_checkpoint, save_checkpoint
+from comdefend.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from comdefend.data.datasets import tensors_sha256
 from comdefend.errors import CheckpointError, UsageError
-from comdefend.evaluation.records import CleanRecord
+from comdefend.evaluation.records import CleanRecord, GroupRecord, header_metadata
 from comdefend.evaluation.scoring import accuracy_stats
 
 PROGRESS_FILE = "progress.safetensors"
@@ -50,6 +55,8 @@ CLEAN_PREFIX = "clean/"  # the names of the clean scores' tensors in a progress 
 UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir", "classifier")
 #: Metadata keys not covered by the metadata checksum (itself, and what save_checkpoint adds).
 _UNCHECKSUMMED = ("metadata_sha256", "format_version")
+
+logger = logging.getLogger(__name__)
 
 
 def fingerprint(
@@ -429,3 +436,114 @@ def _image_changes(saved: Any, current: dict) -> list[str]:
             ]
             changes.append(f"{role} images' {' and '.join(changed) or 'identity'} changed")
     return changes
+
+
+#: The folder (in the report folder) of the batches of the group in progress.
+BATCHES_FOLDER = "progress-batches"
+BATCH_KIND = "evaluation-batches"
+
+
+def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
+    """A digest of a run's :func:`fingerprint` (its batch files carry it)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class BatchProgress:
+    """The finished batches of the (attack, eps) group in progress, one file per step.
+
+    A group of a large run takes hours (C&W on 1,000 ImageNet images, EOT on CIFAR-10): each
+    process saves what it finished of the group after every few batches, in
+    ``BATCHES_FOLDER`` of the report folder, so an interruption loses at most one step. A
+    resume takes a saved step only if the run's fingerprint (:func:`fingerprint_sha256`), the
+    group and the step's batch numbers are the same: every random choice is seeded per batch,
+    so a restored step holds what computing it again would give. A damaged or foreign file is
+    computed again, with a warning. Once the group is in the progress file its batch files are
+    removed.
+
+    Args:
+        folder: the report folder, or ``None`` (nothing is saved).
+        digest: :func:`fingerprint_sha256` of the run.
+        resume: take the steps an interrupted run saved; without it they are never read.
+    """
+
+    def __init__(self, folder: str | Path | None, digest: str, resume: bool) -> None:
+        self.folder = Path(folder) / BATCHES_FOLDER if folder is not None else None
+        self.digest = digest
+        self.resume = resume
+        #: batches taken from the folder so far
+        self.restored_batches = 0
+        #: how long the run had run when this process started (the report's elapsed time)
+        self.base_elapsed_s = 0.0
+
+    def _path(self, key: str, numbers: list[int]) -> Path:
+        assert self.folder is not None
+        attack, eps = json.loads(key)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{attack}-{eps}")
+        return self.folder / f"{name}-batches-{numbers[0]}-{numbers[-1]}.safetensors"
+
+    def load(self, key: str, numbers: list[int]) -> GroupRecord | None:
+        """The saved record of the batches ``numbers`` of group ``key``, or ``None``."""
+        if self.folder is None or not self.resume:
+            return None
+        path = self._path(key, numbers)
+        if not path.exists():
+            return None
+        try:
+            data = path.read_bytes()
+            meta = header_metadata(data)
+            if meta.get("kind") != BATCH_KIND or meta.get("fingerprint_sha256") != self.digest:
+                return None  # another run's (a resume with other settings is refused before)
+            if meta.get("group") != key or json.loads(meta["batches"]) != numbers:
+                return None
+            record = GroupRecord.from_bytes(data)
+            if tensors_sha256(load_tensors(data)) != meta.get("tensors_sha256"):
+                raise ValueError("its tensors do not match their checksum")
+        except (OSError, ValueError, KeyError, CheckpointError) as error:
+            logger.warning("%s: damaged, its batches are computed again (%s)", path, error)
+            return None
+        self.restored_batches += len(numbers)
+        return record
+
+    def save(self, key: str, numbers: list[int], record: GroupRecord, elapsed_s: float) -> None:
+        """Save the record of the batches ``numbers`` of group ``key`` (atomically)."""
+        if self.folder is None:
+            return
+        tensors = load_tensors(record.to_bytes())
+        extra = {
+            "kind": BATCH_KIND,
+            "fingerprint_sha256": self.digest,
+            "group": key,
+            "batches": json.dumps(numbers),
+            "elapsed_s": repr(float(elapsed_s)),
+            "tensors_sha256": tensors_sha256(tensors),
+        }
+        data = record.to_bytes(extra)
+        atomic_write(self._path(key, numbers), lambda tmp: tmp.write_bytes(data))
+
+    def elapsed_s(self) -> float:
+        """The longest run time a saved step of this run records (0 without any)."""
+        if self.folder is None or not self.resume or not self.folder.is_dir():
+            return 0.0
+        longest = 0.0
+        for path in self.folder.glob("*.safetensors"):
+            try:
+                meta = header_metadata(path.read_bytes())
+                if meta.get("fingerprint_sha256") == self.digest:
+                    longest = max(longest, float(meta["elapsed_s"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return longest
+
+    def clear(self, key: str | None = None) -> None:
+        """Remove the saved steps of group ``key`` (every group's: ``None``)."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        prefix = None
+        if key is not None:
+            attack, eps = json.loads(key)
+            prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{attack}-{eps}") + "-batches-"
+        for path in self.folder.glob("*.safetensors"):
+            if prefix is None or path.name.startswith(prefix):
+                path.unlink(missing_ok=True)
+        if key is None or not any(self.folder.iterdir()):
+            shutil.rmtree(self.folder, ignore_errors=True)

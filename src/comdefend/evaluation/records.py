@@ -30,6 +30,20 @@ from safetensors.torch import save as _save_tensors
 from comdefend.errors import CheckpointError
 
 
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of safetensors bytes (raises on bytes that are not safetensors).
+
+    Example:
+        >>> header_metadata(save_tensors({"a": torch.zeros(1)}, {"what": "example"}))
+        {'what': 'example'}
+    """
+    header_size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_size])["__metadata__"]
+    if not isinstance(metadata, dict):
+        raise ValueError("no metadata")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes of ``tensors``, each packed dense and row-major on the CPU first.
 
@@ -184,8 +198,9 @@ class GroupRecord:
         )
 
     # -- transport between processes (no pickle) -------------------------------------------
-    def to_bytes(self) -> bytes:
-        """safetensors bytes: the tensors, and the rest as JSON metadata."""
+    def to_bytes(self, extra: dict[str, str] | None = None) -> bytes:
+        """safetensors bytes: the tensors, and the rest as JSON metadata (with ``extra``'s
+        entries beside it, read back by :func:`header_metadata`)."""
         tensors: dict[str, torch.Tensor] = {"indices": self.indices.clone()}
         cells = []
         for number, cell in enumerate(self.cells):
@@ -213,16 +228,14 @@ class GroupRecord:
             "cells": cells,
             "detectors": list(self.detector_scores),
         }
-        return save_tensors(tensors, {"record": json.dumps(meta, default=str)})
+        return save_tensors(tensors, {**(extra or {}), "record": json.dumps(meta, default=str)})
 
     @staticmethod
     def from_bytes(data: bytes) -> GroupRecord:
         """Inverse of :meth:`to_bytes`."""
         try:
             tensors = load_tensors(data)
-            header_size = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_size])
-            meta = json.loads(header["__metadata__"]["record"])
+            meta = json.loads(header_metadata(data)["record"])
         except Exception as error:  # noqa: BLE001 - any corruption is reported the same way
             raise CheckpointError(f"unreadable evaluation record ({error})") from error
         cells = [

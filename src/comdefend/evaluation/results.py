@@ -294,7 +294,7 @@ class EvaluationResult:
         resumed_groups: (attack, eps) groups read back from an interrupted run.
         processes: processes that shared the images (torchrun).
         work: images purified by this run, and adversarial images left unchanged by the attack
-            (their clean result reused).
+            (their clean result reused), and saved batches of an unfinished group read back.
         skipped: what the report leaves out and why (missing optional packages).
         files: the files written into the report folder (empty without one).
         extra: keys of a ``results.json`` this version does not know, kept as read.
