@@ -467,3 +467,23 @@ def test_saved_batches_are_checked_and_removed_without_resume(
     forced = run(resume=False, force=True)
     assert _timeless(forced) == _timeless(reference)
     assert not (out / BATCHES_FOLDER).exists()
+
+
+def test_a_long_group_logs_where_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a progress bar, a group of hours says every few minutes how far it got."""
+    import comdefend.evaluation.harness as harness
+
+    lines: list[str] = []
+    monkeypatch.setattr(harness.logger, "info", lines.append)
+    monkeypatch.setattr(harness, "STATUS_EVERY_S", 0.0)
+    harness._step_status("cw", 8.0, 9, 9, enabled=True)(20, 50)
+    harness._step_status("deepfool", "min-norm", 7, 9, enabled=True, saved=False)(1, 5)
+    harness._step_status("cw", 8.0, 9, 9, enabled=True)(50, 50)  # the group's own line follows
+    harness._step_status("cw", 8.0, 9, 9, enabled=False)(20, 50)  # a progress bar shows it
+    assert lines == [
+        "cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)",
+        "deepfool (minimum norm) (group 7 of 9): 1 of 5 batches of this process",
+    ]
+    monkeypatch.setattr(harness, "STATUS_EVERY_S", 600.0)
+    harness._step_status("cw", 8.0, 9, 9, enabled=True)(20, 50)  # too soon after the start
+    assert len(lines) == 2

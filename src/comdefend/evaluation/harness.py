@@ -406,6 +406,7 @@ def _group_in_steps(
     key: str,
     batches_per_step: int,
     elapsed_s: Callable[[], float],
+    status: Callable[[int, int], None] | None = None,
 ) -> GroupRecord:
     """``compute`` over this process's images, ``batches_per_step`` batches at a time, each
     step saved in ``store`` (and taken from it on resume): a group's record without losing more
@@ -423,6 +424,8 @@ def _group_in_steps(
             record = compute(part)
             store.save(key, numbers, record, elapsed_s())
         parts.append(record)
+        if status is not None:
+            status(start + len(numbers), len(shard.numbers))
     return GroupRecord.merge(parts)
 
 
@@ -771,6 +774,14 @@ def _evaluate(
                 group_key(attack, eps_label),
                 _batches_per_step(scorer, config),
                 lambda: batch_progress.base_elapsed_s + time.time() - started,
+                _step_status(
+                    attack,
+                    eps_label,
+                    number,
+                    len(groups),
+                    group.is_main and not config.progress,
+                    config.out is not None,
+                ),
             )
             parts = [GroupRecord.from_bytes(b) for b in group.gather_bytes(own.to_bytes())]
             finished = None
@@ -880,6 +891,34 @@ def _uneven_split_note(images: int, batch_size: int, processes: int) -> str | No
         f"evaluates {most} batches, another {least}; --batch-size {size} makes "
         f"{rounds * processes} batches, {rounds} for each process"
     )
+
+
+#: Seconds between two status lines of the group in progress (runs without a progress bar).
+STATUS_EVERY_S = 600.0
+
+
+def _step_status(
+    attack: str, eps_label: Any, number: int, total: int, enabled: bool, saved: bool = True
+) -> Callable[[int, int], None]:
+    """A callback ``(batches done, batches)`` that logs where this process is in a group, at
+    most every ``STATUS_EVERY_S`` seconds: the log of a background run shows that a group of
+    hours is moving. Example of a line:
+    ``cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)``
+    """
+    budget = "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
+    kept = " (saved; --resume continues)" if saved else ""
+    last = time.monotonic()
+
+    def status(done: int, batches: int) -> None:
+        nonlocal last
+        if enabled and done < batches and time.monotonic() - last >= STATUS_EVERY_S:
+            last = time.monotonic()
+            logger.info(
+                f"{attack} {budget} (group {number} of {total}): {done} of {batches} batches "
+                f"of this process{kept}"
+            )
+
+    return status
 
 
 def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
