@@ -166,6 +166,9 @@ def test_cli_writes_all_files(checkpoints: dict, tmp_path: Path) -> None:
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # no bar: status lines say how far a run got (its log in the background)
+    assert "clean images: bits:4 scored (2 of 2 defenses" in result.output
+    assert "saved deepfool (minimum norm): group 3 of 3" in result.output
     for name in ("results.json", "results.csv", "report.md", "report.html", "grid.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
@@ -350,6 +353,7 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "resumed: 2 (attack, eps) groups read back" in result.output
+    assert "clean images:" not in result.output  # the saved clean scores were read back
     # without a bar, a status line says what each saved group brings (a log of a background run)
     assert "saved pgd at 4/255: group 3 of 4," in result.output
     assert "saved pgd at 16/255: group 4 of 4," in result.output

@@ -704,10 +704,15 @@ def _evaluate(
         all_clean = CleanRecord.from_bytes(restored_clean)
         own_clean = all_clean.subset(positions)
     else:
-        own_clean = CleanRecord(
-            [scorer.score(i, shard.x, numbers) for i in range(len(ev.defenses))],
-            detectors.score(shard.x, ev.device),
-        )
+        clean_scores = []
+        for index, spec in enumerate(config.defenses):
+            clean_scores.append(scorer.score(index, shard.x, numbers))
+            if group.is_main and not config.progress:  # a background run's log shows it moving
+                logger.info(
+                    f"clean images: {spec} scored ({index + 1} of {len(config.defenses)} "
+                    "defenses, this process's images)"
+                )
+        own_clean = CleanRecord(clean_scores, detectors.score(shard.x, ev.device))
         clean_parts = group.gather_bytes(own_clean.to_bytes())
         all_clean = CleanRecord.merge([CleanRecord.from_bytes(b) for b in clean_parts])
         if progress is not None:
