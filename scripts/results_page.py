@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from comdefend.evaluation.report import machines
 from comdefend.metrics import proportion_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +150,8 @@ def _provenance_lines(results: dict[str, Any], provenance: dict[str, Any]) -> li
     environment = results.get("environment") or {}
     if environment:
         facts.append(f"comdefend {environment.get('comdefend')}, torch {environment.get('torch')}")
+    if len(results.get("environments") or []) > 1:  # a run resumed on other machines
+        facts.append(f"computed on {machines(results['environments'])}")
     if provenance.get("date"):
         facts.append(f"run {provenance['date']}")
     if facts:

@@ -370,3 +370,17 @@ def test_the_table_at_a_glance_shows_the_budget_nearest_8() -> None:
     assert ("bpda+eot", "`comdefend:comdefend-fashion-mnist@noise=2`") in shown
     assert ("bpda+eot", "`comdefend:comdefend-fashion-mnist`") not in shown
     assert ("bpda+eot", "`none`") not in shown
+
+
+def test_a_result_of_several_machines_says_so() -> None:
+    """A run resumed on another machine names every machine under its command."""
+    page = load_module(REPO / "scripts" / "results_page.py")
+    epyc = {"comdefend": "0.1.0", "torch": "2.13.0", "cpu": "AMD EPYC", "cpu_capability": "AVX2"}
+    xeon = {**epyc, "cpu": "Intel Xeon", "cpu_capability": "AVX512"}
+    one = page._provenance_lines({"environment": epyc, "environments": [epyc]}, {})
+    two = page._provenance_lines({"environment": epyc, "environments": [xeon, epyc]}, {})
+    assert one == ["- comdefend 0.1.0, torch 2.13.0.", ""]
+    assert two == [
+        "- comdefend 0.1.0, torch 2.13.0; computed on Intel Xeon (AVX512); AMD EPYC (AVX2).",
+        "",
+    ]

@@ -491,3 +491,50 @@ def test_a_long_group_logs_where_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harness, "STATUS_EVERY_S", 600.0)
     harness._step_status("cw", 8.0, 9, 9, enabled=True)(20, 50)  # too soon after the start
     assert len(lines) == 2
+
+
+def test_a_run_resumed_on_other_kernels_names_every_machine(
+    checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run may go on on another kind of machine: it says so, and results.json lists both."""
+    import comdefend.evaluation.harness as harness
+    import comdefend.training.run as run
+
+    real_environment = run.environment
+
+    def machine(capability: str) -> object:
+        return lambda: {**real_environment(), "cpu_capability": capability, "cpu_threads": 2}
+
+    settings = {"n": 8, "batch_size": 4, "attacks": ["fgsm"], "eps": [8], "defenses": ["none"]}
+    monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
+    real_group = harness._craft_and_score_group
+    calls: list[int] = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_group(*args, **kwargs)  # type: ignore[arg-type]
+
+    out = tmp_path / "moved"
+    monkeypatch.setattr(run, "environment", machine("AVX512"))
+    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_config(checkpoints, **settings, out=str(out)))
+    warnings: list[str] = []
+    monkeypatch.setattr(harness.logger, "warning", warnings.append)
+    monkeypatch.setattr(run, "environment", machine("AVX2"))
+    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
+    result = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
+    assert [w for w in warnings if "other kernels" in w] == [
+        "parts of this evaluation were computed with other kernels "
+        f"(torch {torch.__version__} AVX512) than this machine's (torch {torch.__version__} AVX2):"
+        " their numbers can differ slightly from a run on one machine; results.json lists every "
+        'machine under "environments"'
+    ]
+    assert result["environment"]["cpu_capability"] == "AVX2"
+    assert [e["cpu_capability"] for e in result["environments"]] == ["AVX512", "AVX2"]
+    assert all("cpu_threads" not in e for e in result["environments"])
+    # a run on one machine names one
+    whole = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
+    assert whole["environments"] == [whole["environment"]]

@@ -263,7 +263,7 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
 
     key = group_key("fgsm", 8.0)
     digest = fingerprint_sha256(_fingerprint())
-    store = BatchProgress(tmp_path, digest, resume=True)
+    store = BatchProgress(tmp_path, digest, resume=True, environment={"cpu_capability": "AVX2"})
     whole = _group_in_steps(store, compute, shard([0, 1, 2, 3]), key, 1, lambda: 12.5)
     assert computed == [[0], [1], [2], [3]]
     assert torch.equal(whole.indices, torch.arange(10))
@@ -273,6 +273,7 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
     computed.clear()  # the second of two processes: its batches are read back
     second = _group_in_steps(store, compute, shard([2, 3]), key, 1, lambda: 13.0)
     assert computed == [] and store.restored_batches == 2
+    assert store.environments == [{"cpu_capability": "AVX2"}]  # the machine of those steps
     assert torch.equal(second.indices, torch.arange(6, 10))
     assert second.cells[0].attack_settings == {"steps": 3}
     # steps of two batches, another group, another run, or no --resume: computed again

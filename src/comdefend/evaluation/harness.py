@@ -113,9 +113,11 @@ from comdefend.evaluation.progress import (
     PROGRESS_FILE,
     BatchProgress,
     EvaluationProgress,
+    add_environments,
     fingerprint,
     fingerprint_sha256,
     group_key,
+    kernel_change,
 )
 from comdefend.evaluation.records import CellRecord, CleanRecord, GroupRecord
 from comdefend.evaluation.results import (
@@ -350,21 +352,33 @@ def _batch_progress(
 
     Rank 0 knows the run's fingerprint and how long it already ran (the progress file, or a
     later saved step); every process gets both. Without ``--resume`` the steps an earlier run
-    left are removed before any process saves one."""
+    left are removed before any process saves one. The machines of every process are recorded
+    in the progress file, with a warning if earlier parts of the run had other kernels."""
+    from comdefend.training.run import environment
+
+    here = _environment(environment)
+    machines = add_environments([], [json.loads(b) for b in group.gather_bytes(_json(here))])
     state = b""
     if group.is_main:
         assert progress is not None
+        if config.resume and (warning := kernel_change(progress.environments, machines)):
+            logger.warning(warning)
+        progress.add_environments(machines)
         digest = fingerprint_sha256(progress.fingerprint)
         store = BatchProgress(config.out, digest, config.resume)
         if config.resume:
             progress.elapsed_s = max(progress.elapsed_s, store.elapsed_s())
         else:
             store.clear()
-        state = json.dumps({"digest": digest, "elapsed_s": progress.elapsed_s}).encode()
+        state = _json({"digest": digest, "elapsed_s": progress.elapsed_s})
     shared = json.loads(group.broadcast_bytes(state))
-    store = BatchProgress(config.out, shared["digest"], config.resume)
+    store = BatchProgress(config.out, shared["digest"], config.resume, here)
     store.base_elapsed_s = float(shared["elapsed_s"])
     return store
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True).encode()
 
 
 def _batches_per_step(scorer: Scorer, config: EvaluationConfig) -> int:
@@ -824,7 +838,12 @@ def _evaluate(
             if detection_row is not None:
                 detection.append(detection_row)
     bar.close()
-    counts = [scorer.purified_images, scorer.reused_images, batch_progress.restored_batches]
+    counts = [
+        scorer.purified_images,
+        scorer.reused_images,
+        batch_progress.restored_batches,
+        batch_progress.environments,
+    ]
     work = [json.loads(b) for b in group.gather_bytes(json.dumps(counts).encode())]
     batch_progress.clear()  # every group is in the progress file (each process's own folder)
 
@@ -837,6 +856,9 @@ def _evaluate(
                 classifier=ev.resolved.info,
                 checkpoints=_checkpoint_hashes(config, ev),
                 environment=_environment(environment),
+                environments=add_environments(
+                    progress.environments, [e for c in work for e in c[3]]
+                ),
             ),
             dataset=DatasetInfo(config.dataset, config.split, ev.n, ev.data_source),
             defenses=[

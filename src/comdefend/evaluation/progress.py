@@ -146,6 +146,8 @@ class EvaluationProgress:
         self.clean: CleanRecord | None = None
         self.elapsed_s = 0.0
         self.restored = 0
+        #: every machine that ran this evaluation so far (:func:`add_environments`)
+        self.environments: list[dict[str, Any]] = []
         if self.path is None or not self.path.exists():
             return
         if not resume:  # --force: the interrupted run is replaced
@@ -165,6 +167,7 @@ class EvaluationProgress:
         try:
             self.groups = list(metadata["groups"])
             self.elapsed_s = float(metadata["elapsed_s"])
+            self.environments = [dict(e) for e in metadata.get("environments") or []]
             grid_specs = list(metadata["grid_purified"])
             defenses = list(fingerprint.get("config", {}).get("defenses", []))
             expected = {f"grid/purified/{i}" for i in range(len(grid_specs))}
@@ -354,6 +357,7 @@ class EvaluationProgress:
             "grid_purified": specs,
             "clean": clean,
             "elapsed_s": elapsed_s,
+            "environments": self.environments,
             "tensors_sha256": tensors_sha256(tensors),
         }
         metadata["metadata_sha256"] = _metadata_sha256(metadata)
@@ -363,10 +367,62 @@ class EvaluationProgress:
             # named by the progress file, not the temporary file it is written through
             raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
 
+    def add_environments(self, environments: list[dict[str, Any]]) -> None:
+        """Record the machines of this run's processes (written with the next save)."""
+        self.environments = add_environments(self.environments, environments)
+
     def clear(self) -> None:
         """The report is written: the progress file is no longer needed."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+#: The parts of an environment that change float results: torch's kernels.
+KERNEL_KEYS = ("torch", "cpu_capability", "cuda_device")
+
+
+def add_environments(
+    known: list[dict[str, Any]], new: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``known`` followed by the environments of ``new`` it lacks (first seen first).
+
+    Example:
+        >>> add_environments([{"cpu": "a"}], [{"cpu": "b"}, {"cpu": "a"}])
+        [{'cpu': 'a'}, {'cpu': 'b'}]
+    """
+    merged = list(known)
+    for environment in new:
+        if environment not in merged:
+            merged.append(environment)
+    return merged
+
+
+def kernel_change(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> str | None:
+    """A warning if a part of the run was computed with other kernels than this machine's
+    (``None`` if not): a resume on another kind of machine goes on, but its numbers can differ
+    slightly from those of a run on one machine.
+
+    Example:
+        >>> avx512 = {"torch": "2.13.0", "cpu_capability": "AVX512"}
+        >>> kernel_change([avx512], [avx512]) is None
+        True
+        >>> kernel_change([avx512], [{**avx512, "cpu_capability": "AVX2"}])[:80]
+        'parts of this evaluation were computed with other kernels (torch 2.13.0 AVX512) '
+    """
+
+    def kernels(environment: dict[str, Any]) -> str:
+        named = {**environment, "torch": f"torch {environment.get('torch')}"}
+        return " ".join(str(named[k]) for k in KERNEL_KEYS if environment.get(k))
+
+    here = {kernels(e) for e in current}
+    other = sorted({kernels(e) for e in saved} - here)
+    if not other:
+        return None
+    return (
+        f"parts of this evaluation were computed with other kernels ({', '.join(other)}) than "
+        f"this machine's ({', '.join(sorted(here))}): their numbers can differ slightly from a "
+        'run on one machine; results.json lists every machine under "environments"'
+    )
 
 
 def _metadata_sha256(metadata: dict[str, Any]) -> str:
@@ -466,10 +522,20 @@ class BatchProgress:
         resume: take the steps an interrupted run saved; without it they are never read.
     """
 
-    def __init__(self, folder: str | Path | None, digest: str, resume: bool) -> None:
+    def __init__(
+        self,
+        folder: str | Path | None,
+        digest: str,
+        resume: bool,
+        environment: dict[str, Any] | None = None,
+    ) -> None:
         self.folder = Path(folder) / BATCHES_FOLDER if folder is not None else None
         self.digest = digest
         self.resume = resume
+        #: this process's machine, written into its steps
+        self.environment = dict(environment or {})
+        #: the machines of the steps read back
+        self.environments: list[dict[str, Any]] = []
         #: batches taken from the folder so far
         self.restored_batches = 0
         #: how long the run had run when this process started (the report's elapsed time)
@@ -498,10 +564,13 @@ class BatchProgress:
             record = GroupRecord.from_bytes(data)
             if tensors_sha256(load_tensors(data)) != meta.get("tensors_sha256"):
                 raise ValueError("its tensors do not match their checksum")
+            computed_on = json.loads(meta.get("environment", "{}"))
         except (OSError, ValueError, KeyError, CheckpointError) as error:
             logger.warning("%s: damaged, its batches are computed again (%s)", path, error)
             return None
         self.restored_batches += len(numbers)
+        if computed_on:
+            self.environments = add_environments(self.environments, [computed_on])
         return record
 
     def save(self, key: str, numbers: list[int], record: GroupRecord, elapsed_s: float) -> None:
@@ -515,6 +584,7 @@ class BatchProgress:
             "group": key,
             "batches": json.dumps(numbers),
             "elapsed_s": repr(float(elapsed_s)),
+            "environment": json.dumps(self.environment, sort_keys=True),
             "tensors_sha256": tensors_sha256(tensors),
         }
         data = record.to_bytes(extra)

@@ -181,9 +181,29 @@ def _settings_lines(result: EvaluationResult) -> list[str]:
         lines.append(f"attack {name}: {text}")
     env = result.provenance.environment
     lines.append(f"comdefend {env.get('comdefend')}, torch {env.get('torch')}")
+    if len(result.provenance.environments) > 1:  # a run resumed on other machines
+        lines.append(f"computed on {machines(result.provenance.environments)}")
     for path, digest in result.provenance.checkpoints.items():
         lines.append(f"sha256 {digest[:16]}… {path}")
     return lines
+
+
+def machines(environments: list[dict[str, Any]]) -> str:
+    """The machines of a run in a few words (CPU or GPU, torch's kernels).
+
+    Example:
+        >>> machines([{"cpu": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.13.0"},
+        ...           {"cpu": "Intel Xeon", "cpu_capability": "AVX512", "cuda_device": "H100"}])
+        'AMD EPYC (AVX2); H100'
+    """
+    names = []
+    for environment in environments:
+        name = environment.get("cuda_device") or (
+            f"{environment.get('cpu', 'a CPU')} ({environment.get('cpu_capability', '?')})"
+        )
+        if name not in names:
+            names.append(name)
+    return "; ".join(names)
 
 
 def _notes(result: EvaluationResult, tm: str) -> list[str]:

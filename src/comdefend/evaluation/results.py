@@ -118,12 +118,17 @@ class Provenance:
     Attributes:
         classifier: the evaluated classifier and its sha256.
         checkpoints: sha256 of every model file or user module, by its reference.
-        environment: versions and platform (``comdefend``, ``torch``, ``python``, ...).
+        environment: versions and platform (``comdefend``, ``torch``, ``python``, ...) of the
+            machine that finished the run.
+        environments: every machine that computed a part of the numbers (a run resumed
+            elsewhere has several: float kernels differ between CPU kinds and GPUs, so its
+            numbers can differ slightly from those of one machine).
     """
 
     classifier: ClassifierInfo
     checkpoints: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    environments: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ _KEYS = (
     "config",
     "eps_unit",
     "environment",
+    "environments",
     "checkpoints",
     "classifier",
     "dataset",
@@ -382,6 +388,7 @@ class EvaluationResult:
             "config": asdict(self.settings),
             "eps_unit": EPS_UNIT,
             "environment": dict(self.provenance.environment),
+            "environments": [dict(e) for e in self.provenance.environments],
             "checkpoints": dict(self.provenance.checkpoints),
             "classifier": self.provenance.classifier.to_dict(),
             "dataset": asdict(self.dataset),
@@ -426,6 +433,12 @@ class EvaluationResult:
                 classifier=ClassifierInfo.from_dict(data["classifier"]),
                 checkpoints=dict(data.get("checkpoints") or {}),
                 environment=dict(data.get("environment") or {}),
+                # results of earlier versions name only the machine that finished them
+                environments=[
+                    dict(e)
+                    for e in data.get("environments")
+                    or ([data["environment"]] if data.get("environment") else [])
+                ],
             ),
             dataset=_from_dict(DatasetInfo, data["dataset"]),
             defenses=[_from_dict(DefenseInfo, d) for d in data.get("defenses", [])],
