@@ -874,7 +874,7 @@ def _evaluate(
             resumed_groups=progress.restored,
             processes=group.world_size,
             work={  # this run's images (a resume counts only what it computed)
-                "images_purified": sum(counts[0] for counts in work),
+                "images_purified": sum(c[0] for c in work),
                 "adversarial_images_unchanged_not_purified_again": sum(c[1] for c in work),
                 "saved_batches_read_back": sum(c[2] for c in work),
             },
