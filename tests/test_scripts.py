@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support import load_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,3 +386,36 @@ def test_a_result_of_several_machines_says_so() -> None:
         "- comdefend 0.1.0, torch 2.13.0; computed on Intel Xeon (AVX512); AMD EPYC (AVX2).",
         "",
     ]
+
+
+def test_publishing_a_run_makes_the_folder_the_results_page_reads(tmp_path: Path) -> None:
+    """scripts/publish_results.py: the data without the checkout's path, the report rendered
+    from it (the published one is exactly that), the provenance from what the run recorded."""
+    publish = load_module(REPO / "scripts" / "publish_results.py")
+    published = REPO / "docs" / "results" / "cifar10-relaxed-500"
+    results = json.loads((published / "results.json").read_text())
+    run = tmp_path / "runs" / "relaxed"
+    run.mkdir(parents=True)
+    # as the run wrote it: the checkpoint named by its absolute path
+    local = json.loads(
+        json.dumps(results).replace('"runs/official-rgb', f'"{REPO}/runs/official-rgb')
+    )
+    assert local != results
+    (run / "results.json").write_text(json.dumps(local))
+    (run / "accuracy.png").write_bytes(b"png")
+    target = publish.publish(run, "relaxed", "comdefend evaluate ...", "notes", root=tmp_path)
+    assert json.loads((target / "results.json").read_text()) == results
+    assert (target / "report.md").read_text() == (published / "report.md").read_text()
+    assert (target / "accuracy.png").read_bytes() == b"png"
+    provenance = json.loads((target / "provenance.json").read_text())
+    stated = json.loads((published / "provenance.json").read_text())
+    assert provenance["wall_time"] == stated["wall_time"]  # from elapsed_s, not typed
+    assert provenance["command"] == "comdefend evaluate ..." and provenance["notes"] == "notes"
+    assert provenance["hardware"] == "AMD EPYC (AVX2), 2 torchrun processes"
+    # an existing publication is kept without --force; a run in progress is refused
+    with pytest.raises(SystemExit, match="exists"):
+        publish.publish(run, "relaxed", "c", root=tmp_path)
+    (run / "results.json").unlink()
+    (run / "progress.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="still in progress"):
+        publish.publish(run, "other", "c", root=tmp_path)
