@@ -167,7 +167,7 @@ def test_cli_writes_all_files(checkpoints: dict, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     # no bar: status lines say how far a run got (its log in the background)
-    assert "clean images: bits:4 scored (2 of 2 defenses" in result.output
+    assert "saved the clean images' scores:" in result.output
     assert "saved deepfool (minimum norm): group 3 of 3" in result.output
     for name in ("results.json", "results.csv", "report.md", "report.html", "grid.png"):
         assert (out / name).is_file(), name
@@ -353,7 +353,7 @@ def test_interrupted_evaluation_resumes_to_the_same_results(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "resumed: 2 (attack, eps) groups read back" in result.output
-    assert "clean images:" not in result.output  # the saved clean scores were read back
+    assert "saved the clean images" not in result.output  # the clean scores were read back
     # without a bar, a status line says what each saved group brings (a log of a background run)
     assert "saved pgd at 4/255: group 3 of 4," in result.output
     assert "saved pgd at 16/255: group 4 of 4," in result.output
@@ -480,16 +480,17 @@ def test_a_long_group_logs_where_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     monkeypatch.setattr(harness.logger, "info", lines.append)
     monkeypatch.setattr(harness, "STATUS_EVERY_S", 0.0)
-    harness._step_status("cw", 8.0, 9, 9, enabled=True)(20, 50)
-    harness._step_status("deepfool", "min-norm", 7, 9, enabled=True, saved=False)(1, 5)
-    harness._step_status("cw", 8.0, 9, 9, enabled=True)(50, 50)  # the group's own line follows
-    harness._step_status("cw", 8.0, 9, 9, enabled=False)(20, 50)  # a progress bar shows it
+    cw = f"cw {harness._budget(8.0)} (group 9 of 9)"
+    harness._step_status(cw, enabled=True)(20, 50)
+    harness._step_status(f"deepfool {harness._budget('min-norm')}", True, saved=False)(1, 5)
+    harness._step_status(cw, enabled=True)(50, 50)  # the group's own line follows
+    harness._step_status(cw, enabled=False)(20, 50)  # a progress bar shows it
     assert lines == [
         "cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)",
-        "deepfool (minimum norm) (group 7 of 9): 1 of 5 batches of this process",
+        "deepfool (minimum norm): 1 of 5 batches of this process",
     ]
     monkeypatch.setattr(harness, "STATUS_EVERY_S", 600.0)
-    harness._step_status("cw", 8.0, 9, 9, enabled=True)(20, 50)  # too soon after the start
+    harness._step_status(cw, enabled=True)(20, 50)  # too soon after the start
     assert len(lines) == 2
 
 
@@ -538,3 +539,42 @@ def test_a_run_resumed_on_other_kernels_names_every_machine(
     # a run on one machine names one
     whole = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
     assert whole["environments"] == [whole["environment"]]
+
+
+def test_an_interrupted_clean_pass_resumes_from_its_saved_batches(
+    checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean pass (every image through every defense) is saved batch by batch too."""
+    import comdefend.evaluation.harness as harness
+    from comdefend.evaluation.progress import BATCHES_FOLDER
+    from comdefend.evaluation.scoring import Scorer
+
+    settings = {
+        "n": 12,
+        "batch_size": 4,
+        "attacks": ["fgsm"],
+        "eps": [8],
+        "defenses": ["none", "bits:4"],
+    }
+    monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
+    reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
+    real_score = Scorer.score
+    calls: list[list[int]] = []
+
+    def interrupted(self: Scorer, index: int, images: object, numbers: list[int], *rest: object):  # noqa: ANN202
+        calls.append(numbers)
+        if len(calls) == 5:  # the clean pass: batch 0 and 1 under both defenses, then batch 2
+            raise KeyboardInterrupt
+        return real_score(self, index, images, numbers, *rest)  # type: ignore[arg-type]
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(Scorer, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_config(checkpoints, **settings, out=str(out)))
+    saved = sorted(p.name for p in (out / BATCHES_FOLDER).iterdir())
+    assert saved == ["clean-batches-0-0.safetensors", "clean-batches-1-1.safetensors"]
+    monkeypatch.setattr(Scorer, "score", real_score)
+    resumed = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
+    assert resumed["work"]["saved_batches_read_back"] == 2
+    assert _timeless(resumed) == _timeless(reference)
+    assert not (out / BATCHES_FOLDER).exists()

@@ -239,13 +239,14 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
     """Steps are keyed by their batch numbers: a resume with another number of processes takes
     the ones it computes; another run's (another fingerprint), other step sizes and other groups
     are not taken."""
-    from comdefend.evaluation.harness import _group_in_steps, _Shard
+    from comdefend.evaluation.harness import _in_steps, _Shard
     from comdefend.evaluation.progress import (
         BATCHES_FOLDER,
         BatchProgress,
         fingerprint_sha256,
         group_key,
     )
+    from comdefend.evaluation.records import GroupRecord
     from comdefend.evaluation.seeding import Batches
 
     batches = Batches(10, 3)  # batches 0-3, the last of one image
@@ -264,23 +265,27 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
     key = group_key("fgsm", 8.0)
     digest = fingerprint_sha256(_fingerprint())
     store = BatchProgress(tmp_path, digest, resume=True, environment={"cpu_capability": "AVX2"})
-    whole = _group_in_steps(store, compute, shard([0, 1, 2, 3]), key, 1, lambda: 12.5)
+    whole = _in_steps(store, compute, shard([0, 1, 2, 3]), key, 1, lambda: 12.5, GroupRecord)
     assert computed == [[0], [1], [2], [3]]
     assert torch.equal(whole.indices, torch.arange(10))
     assert torch.equal(whole.cells[0].scores.mse[0], torch.arange(10).double())
     assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4
 
     computed.clear()  # the second of two processes: its batches are read back
-    second = _group_in_steps(store, compute, shard([2, 3]), key, 1, lambda: 13.0)
+    second = _in_steps(store, compute, shard([2, 3]), key, 1, lambda: 13.0, GroupRecord)
     assert computed == [] and store.restored_batches == 2
     assert store.environments == [{"cpu_capability": "AVX2"}]  # the machine of those steps
     assert torch.equal(second.indices, torch.arange(6, 10))
     assert second.cells[0].attack_settings == {"steps": 3}
     # steps of two batches, another group, another run, or no --resume: computed again
-    _group_in_steps(store, compute, shard([0, 1, 2, 3]), key, 2, lambda: 0.0)
-    _group_in_steps(store, compute, shard([0]), group_key("fgsm", 16.0), 1, lambda: 0.0)
-    _group_in_steps(BatchProgress(tmp_path, "other", True), compute, shard([1]), key, 1, float)
-    _group_in_steps(BatchProgress(tmp_path, digest, False), compute, shard([3]), key, 1, float)
+    _in_steps(store, compute, shard([0, 1, 2, 3]), key, 2, lambda: 0.0, GroupRecord)
+    _in_steps(store, compute, shard([0]), group_key("fgsm", 16.0), 1, lambda: 0.0, GroupRecord)
+    _in_steps(
+        BatchProgress(tmp_path, "other", True), compute, shard([1]), key, 1, float, GroupRecord
+    )
+    _in_steps(
+        BatchProgress(tmp_path, digest, False), compute, shard([3]), key, 1, float, GroupRecord
+    )
     assert computed == [[0, 1], [2, 3], [0], [1], [3]]
     # the longest time a step of this run records
     assert store.elapsed_s() == 12.5

@@ -66,7 +66,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -110,6 +110,7 @@ from comdefend.evaluation.inputs import (
 )
 from comdefend.evaluation.planning import PlannedCell, eps_plan, plan_cells
 from comdefend.evaluation.progress import (
+    CLEAN_KEY,
     PROGRESS_FILE,
     BatchProgress,
     EvaluationProgress,
@@ -364,6 +365,7 @@ def _batch_progress(
         if config.resume and (warning := kernel_change(progress.environments, machines)):
             logger.warning(warning)
         progress.add_environments(machines)
+        progress.begin()
         digest = fingerprint_sha256(progress.fingerprint)
         store = BatchProgress(config.out, digest, config.resume)
         if config.resume:
@@ -413,25 +415,29 @@ def _group_step(
     )
 
 
-def _group_in_steps(
+_Record = TypeVar("_Record", GroupRecord, CleanRecord)
+
+
+def _in_steps(
     store: BatchProgress,
-    compute: Callable[[_Shard], GroupRecord],
+    compute: Callable[[_Shard], _Record],
     shard: _Shard,
     key: str,
     batches_per_step: int,
     elapsed_s: Callable[[], float],
+    kind: type[_Record],
     status: Callable[[int, int], None] | None = None,
-) -> GroupRecord:
+) -> _Record:
     """``compute`` over this process's images, ``batches_per_step`` batches at a time, each
-    step saved in ``store`` (and taken from it on resume): a group's record without losing more
-    than one step to an interruption. Seeds are per batch, so the steps give the numbers of one
-    call over the whole shard."""
+    step saved in ``store`` (and taken from it on resume): the record (a ``kind``) of the clean
+    pass or of a group without losing more than one step to an interruption. Seeds are per
+    batch, so the steps give the numbers of one call over the whole shard."""
     if not shard.numbers:
         return compute(shard)
     parts = []
     for start in range(0, len(shard.numbers), batches_per_step):
         numbers = shard.numbers[start : start + batches_per_step]
-        record = store.load(key, numbers)
+        record = store.load(key, numbers, kind)
         if record is None:
             where = torch.isin(shard.positions, shard.batches.indices(numbers))
             part = _Shard(shard.batches, numbers, shard.positions[where], shard.x[where])
@@ -440,7 +446,7 @@ def _group_in_steps(
         parts.append(record)
         if status is not None:
             status(start + len(numbers), len(shard.numbers))
-    return GroupRecord.merge(parts)
+    return kind.merge(parts)
 
 
 def _craft_and_score_group(
@@ -718,19 +724,27 @@ def _evaluate(
         all_clean = CleanRecord.from_bytes(restored_clean)
         own_clean = all_clean.subset(positions)
     else:
-        clean_scores = []
-        for index, spec in enumerate(config.defenses):
-            clean_scores.append(scorer.score(index, shard.x, numbers))
-            if group.is_main and not config.progress:  # a background run's log shows it moving
-                logger.info(
-                    f"clean images: {spec} scored ({index + 1} of {len(config.defenses)} "
-                    "defenses, this process's images)"
-                )
-        own_clean = CleanRecord(clean_scores, detectors.score(shard.x, ev.device))
+        own_clean = _in_steps(
+            batch_progress,
+            lambda part: CleanRecord(
+                [scorer.score(i, part.x, part.numbers) for i in range(len(ev.defenses))],
+                detectors.score(part.x, ev.device),
+            ),
+            shard,
+            CLEAN_KEY,
+            _batches_per_step(scorer, config),
+            lambda: batch_progress.base_elapsed_s + time.time() - started,
+            CleanRecord,
+            _step_status("clean images", group.is_main and not config.progress, bool(config.out)),
+        )
         clean_parts = group.gather_bytes(own_clean.to_bytes())
         all_clean = CleanRecord.merge([CleanRecord.from_bytes(b) for b in clean_parts])
         if progress is not None:
-            progress.save_clean(all_clean, progress.elapsed_s + time.time() - started)
+            elapsed = progress.elapsed_s + time.time() - started
+            progress.save_clean(all_clean, elapsed)
+            batch_progress.clear(CLEAN_KEY)
+            if not config.progress:
+                logger.info(f"saved the clean images' scores: {_spent(elapsed)} so far")
     detectors.finish_info(all_clean.detector_scores)
     clean_rows = []
     for spec, defense, scores in zip(config.defenses, ev.defenses, all_clean.defenses, strict=True):
@@ -778,7 +792,7 @@ def _evaluate(
                 )
         else:
             want_grid = attack == grid_attack and eps_label == grid_eps
-            own = _group_in_steps(
+            own = _in_steps(
                 batch_progress,
                 _group_step(
                     ev,
@@ -793,11 +807,9 @@ def _evaluate(
                 group_key(attack, eps_label),
                 _batches_per_step(scorer, config),
                 lambda: batch_progress.base_elapsed_s + time.time() - started,
+                GroupRecord,
                 _step_status(
-                    attack,
-                    eps_label,
-                    number,
-                    len(groups),
+                    f"{attack} {_budget(eps_label)} (group {number} of {len(groups)})",
                     group.is_main and not config.progress,
                     config.out is not None,
                 ),
@@ -924,15 +936,12 @@ def _uneven_split_note(images: int, batch_size: int, processes: int) -> str | No
 STATUS_EVERY_S = 600.0
 
 
-def _step_status(
-    attack: str, eps_label: Any, number: int, total: int, enabled: bool, saved: bool = True
-) -> Callable[[int, int], None]:
-    """A callback ``(batches done, batches)`` that logs where this process is in a group, at
-    most every ``STATUS_EVERY_S`` seconds: the log of a background run shows that a group of
-    hours is moving. Example of a line:
+def _step_status(label: str, enabled: bool, saved: bool = True) -> Callable[[int, int], None]:
+    """A callback ``(batches done, batches)`` that logs where this process is in the clean pass
+    or a group (``label``), at most every ``STATUS_EVERY_S`` seconds: the log of a background
+    run shows that a group of hours is moving. Example of a line:
     ``cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)``
     """
-    budget = "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
     kept = " (saved; --resume continues)" if saved else ""
     last = time.monotonic()
 
@@ -940,12 +949,19 @@ def _step_status(
         nonlocal last
         if enabled and done < batches and time.monotonic() - last >= STATUS_EVERY_S:
             last = time.monotonic()
-            logger.info(
-                f"{attack} {budget} (group {number} of {total}): {done} of {batches} batches "
-                f"of this process{kept}"
-            )
+            logger.info(f"{label}: {done} of {batches} batches of this process{kept}")
 
     return status
+
+
+def _budget(eps_label: Any) -> str:
+    return "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
+
+
+def _spent(elapsed_s: float) -> str:
+    minutes = round(elapsed_s / 60)
+    spent = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    return f"{spent} of evaluation"
 
 
 def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
@@ -955,12 +971,9 @@ def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s:
         >>> _saved_line("pgd", 8.0, 3, 12, 4000.0)
         'saved pgd at 8/255: group 3 of 12, 1 h 7 min of evaluation so far (--resume continues)'
     """
-    budget = "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
-    minutes = round(elapsed_s / 60)
-    spent = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
     return (
-        f"saved {attack} {budget}: group {number} of {total}, {spent} of evaluation so far "
-        "(--resume continues)"
+        f"saved {attack} {_budget(eps_label)}: group {number} of {total}, {_spent(elapsed_s)} "
+        "so far (--resume continues)"
     )
 
 

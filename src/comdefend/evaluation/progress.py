@@ -35,7 +35,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -367,6 +367,12 @@ class EvaluationProgress:
             # named by the progress file, not the temporary file it is written through
             raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
 
+    def begin(self) -> None:
+        """Write the file of a run that has none yet (its fingerprint, nothing finished): a run
+        interrupted in its clean pass resumes, and a resume with other settings is refused."""
+        if self.path is not None and not self.path.exists():
+            self._write(self.grid, self.elapsed_s)
+
     def add_environments(self, environments: list[dict[str, Any]]) -> None:
         """Record the machines of this run's processes (written with the next save)."""
         self.environments = add_environments(self.environments, environments)
@@ -497,6 +503,21 @@ def _image_changes(saved: Any, current: dict) -> list[str]:
 #: The folder (in the report folder) of the batches of the group in progress.
 BATCHES_FOLDER = "progress-batches"
 BATCH_KIND = "evaluation-batches"
+#: The key of the clean pass's batches (a group's key is :func:`group_key`).
+CLEAN_KEY = json.dumps(["clean"])
+
+_Record = TypeVar("_Record", GroupRecord, CleanRecord)
+
+
+def _step_name(key: str) -> str:
+    """The file name prefix of a key's steps (letters, digits, ``.``, ``_`` and ``-``).
+
+    Example:
+        >>> _step_name(group_key("apgd-ce", 8.0)), _step_name(CLEAN_KEY)
+        ('apgd-ce-8.0-batches-', 'clean-batches-')
+    """
+    text = "-".join(str(part) for part in json.loads(key))
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text) + "-batches-"
 
 
 def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
@@ -505,7 +526,8 @@ def fingerprint_sha256(fingerprint: dict[str, Any]) -> str:
 
 
 class BatchProgress:
-    """The finished batches of the (attack, eps) group in progress, one file per step.
+    """The finished batches of the clean pass or the (attack, eps) group in progress, one
+    file per step.
 
     A group of a large run takes hours (C&W on 1,000 ImageNet images, EOT on CIFAR-10): each
     process saves what it finished of the group after every few batches, in
@@ -543,12 +565,10 @@ class BatchProgress:
 
     def _path(self, key: str, numbers: list[int]) -> Path:
         assert self.folder is not None
-        attack, eps = json.loads(key)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{attack}-{eps}")
-        return self.folder / f"{name}-batches-{numbers[0]}-{numbers[-1]}.safetensors"
+        return self.folder / f"{_step_name(key)}{numbers[0]}-{numbers[-1]}.safetensors"
 
-    def load(self, key: str, numbers: list[int]) -> GroupRecord | None:
-        """The saved record of the batches ``numbers`` of group ``key``, or ``None``."""
+    def load(self, key: str, numbers: list[int], kind: type[_Record]) -> _Record | None:
+        """The saved record (a ``kind``) of the batches ``numbers`` of ``key``, or ``None``."""
         if self.folder is None or not self.resume:
             return None
         path = self._path(key, numbers)
@@ -561,7 +581,7 @@ class BatchProgress:
                 return None  # another run's (a resume with other settings is refused before)
             if meta.get("group") != key or json.loads(meta["batches"]) != numbers:
                 return None
-            record = GroupRecord.from_bytes(data)
+            record = kind.from_bytes(data)
             if tensors_sha256(load_tensors(data)) != meta.get("tensors_sha256"):
                 raise ValueError("its tensors do not match their checksum")
             computed_on = json.loads(meta.get("environment", "{}"))
@@ -573,8 +593,10 @@ class BatchProgress:
             self.environments = add_environments(self.environments, [computed_on])
         return record
 
-    def save(self, key: str, numbers: list[int], record: GroupRecord, elapsed_s: float) -> None:
-        """Save the record of the batches ``numbers`` of group ``key`` (atomically)."""
+    def save(
+        self, key: str, numbers: list[int], record: GroupRecord | CleanRecord, elapsed_s: float
+    ) -> None:
+        """Save the record of the batches ``numbers`` of ``key`` (atomically)."""
         if self.folder is None:
             return
         tensors = load_tensors(record.to_bytes())
@@ -608,10 +630,7 @@ class BatchProgress:
         """Remove the saved steps of group ``key`` (every group's: ``None``)."""
         if self.folder is None or not self.folder.is_dir():
             return
-        prefix = None
-        if key is not None:
-            attack, eps = json.loads(key)
-            prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{attack}-{eps}") + "-batches-"
+        prefix = _step_name(key) if key is not None else None
         for path in self.folder.glob("*.safetensors"):
             if prefix is None or path.name.startswith(prefix):
                 path.unlink(missing_ok=True)

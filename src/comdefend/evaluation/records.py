@@ -324,16 +324,17 @@ class CleanRecord:
         detectors = {n: tensors[f"{prefix}detector/{n}"] for n in description["detectors"]}
         return CleanRecord(defenses, detectors)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, extra: dict[str, str] | None = None) -> bytes:
+        """safetensors bytes (with ``extra``'s entries in the metadata)."""
         tensors, meta = self.tensors()
-        return save_tensors(tensors, {"record": json.dumps(meta)})
+        return save_tensors(tensors, {**(extra or {}), "record": json.dumps(meta)})
 
     @staticmethod
     def from_bytes(data: bytes) -> CleanRecord:
+        """Inverse of :meth:`to_bytes`."""
         try:
             tensors = load_tensors(data)
-            header_size = int.from_bytes(data[:8], "little")
-            meta = json.loads(json.loads(data[8 : 8 + header_size])["__metadata__"]["record"])
+            meta = json.loads(header_metadata(data)["record"])
             return CleanRecord.from_tensors(tensors, meta)
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(f"unreadable evaluation record ({error})") from error
