@@ -270,7 +270,7 @@ def test_interrupt_of_evaluate_and_of_a_plain_command(
     out = tmp_path / "report"
     monkeypatch.setattr(harness, "evaluate", _interrupting(out / "progress.safetensors"))
     code, _, err = run(capsys, "evaluate", "--dataset", "cifar10", "-c", "x.pt", "-o", str(out))
-    assert code == 130 and "every finished (attack, eps) group is saved" in err
+    assert code == 130 and "every finished batch and (attack, eps) group is saved" in err
 
     monkeypatch.setattr(comdefend_module.ComDefend, "from_checkpoint", _interrupting())
     code, _, err = run(capsys, "purify", str(images), "-m", str(gray_model), "-o", str(out))

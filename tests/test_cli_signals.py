@@ -86,8 +86,8 @@ def test_sigterm_during_evaluate_prints_the_resume_hint(tmp_path: Path) -> None:
     assert code == 130, err
     assert "Traceback" not in err
     assert err.strip() == (
-        f"interrupted: every finished (attack, eps) group is saved in {out}; the same command "
-        "with --resume continues"
+        f"interrupted: every finished batch and (attack, eps) group is saved in {out}; the same "
+        "command with --resume continues"
     )
 
 

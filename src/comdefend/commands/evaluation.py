@@ -244,7 +244,7 @@ def evaluate_command(
         precision=precision,
         image_size=image_size,
     )
-    kept = "every finished (attack, eps) group is saved"
+    kept = "every finished batch and (attack, eps) group is saved"
     saved = resume_message(out, kept, out / "progress.safetensors") if out else lambda: ""
     with interrupt_message(saved):
         result = evaluate(config)
