@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from comdefend.errors import UsageError
 from comdefend.evaluation.harness import EvaluationConfig, evaluate, validate_config
+from comdefend.evaluation.harness import _craft_and_score_group as _REAL_GROUP
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FAST_PGD = {"pgd": {"steps": 3}, "bim": {"steps": 3}}
@@ -378,6 +379,25 @@ def test_resume_and_force_checks(checkpoints: dict, tmp_path: Path) -> None:
     validate_config(_config(checkpoints, out=str(tmp_path / "new"), resume=True))
 
 
+def _group_calls(
+    monkeypatch: pytest.MonkeyPatch, stop_at: int | None = None
+) -> list[tuple[str, list[int]]]:
+    """Record ``(attack, batch numbers)`` of every step the harness computes, raising
+    KeyboardInterrupt at call ``stop_at``: the returned list fills as the run goes."""
+    import comdefend.evaluation.harness as harness
+
+    calls: list[tuple[str, list[int]]] = []
+
+    def step(*args: object, **kwargs: object) -> object:
+        calls.append((str(args[6]), list(args[4].numbers)))  # type: ignore[attr-defined]
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return _REAL_GROUP(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness, "_craft_and_score_group", step)
+    return calls
+
+
 def test_an_interrupted_group_resumes_from_its_saved_batches(
     checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -399,16 +419,7 @@ def test_an_interrupted_group_resumes_from_its_saved_batches(
     reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
     assert not (tmp_path / "whole" / BATCHES_FOLDER).exists()
 
-    real_group = harness._craft_and_score_group
-    calls: list[tuple[str, list[int]]] = []
-
-    def interrupted(*args: object, **kwargs: object) -> object:
-        calls.append((str(args[6]), list(args[4].numbers)))  # type: ignore[attr-defined]
-        if len(calls) == 6:  # fgsm's 3 batches, then pgd's first two
-            raise KeyboardInterrupt
-        return real_group(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    _group_calls(monkeypatch, stop_at=6)  # fgsm's 3 batches, then pgd's first two
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         evaluate(_config(checkpoints, **settings, out=str(out)))
@@ -416,17 +427,9 @@ def test_an_interrupted_group_resumes_from_its_saved_batches(
     assert saved == ["pgd-8.0-batches-0-0.safetensors", "pgd-8.0-batches-1-1.safetensors"]
     assert (out / PROGRESS_FILE).is_file()
 
-    calls.clear()
-    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
-    counted: list[list[int]] = []
-
-    def counting(*args: object, **kwargs: object) -> object:
-        counted.append(list(args[4].numbers))  # type: ignore[attr-defined]
-        return real_group(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(harness, "_craft_and_score_group", counting)
+    counted = _group_calls(monkeypatch)
     resumed = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
-    assert counted == [[2]]  # only pgd's last batch was computed
+    assert [numbers for _, numbers in counted] == [[2]]  # only pgd's last batch was computed
     assert resumed["work"]["saved_batches_read_back"] == 2
     assert _timeless(resumed) == _timeless(reference)
     assert not (out / BATCHES_FOLDER).exists() and not (out / PROGRESS_FILE).exists()
@@ -441,14 +444,6 @@ def test_saved_batches_are_checked_and_removed_without_resume(
     settings = {"n": 8, "batch_size": 4, "attacks": ["fgsm"], "eps": [8], "defenses": ["none"]}
     monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
     reference = evaluate(_config(checkpoints, **settings, out=str(tmp_path / "whole"))).to_dict()
-    real_group = harness._craft_and_score_group
-    calls: list[list[int]] = []
-
-    def interrupted(*args: object, **kwargs: object) -> object:
-        calls.append(list(args[4].numbers))  # type: ignore[attr-defined]
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_group(*args, **kwargs)  # type: ignore[arg-type]
 
     def run(resume: bool, force: bool = False) -> dict:
         calls.clear()
@@ -456,7 +451,7 @@ def test_saved_batches_are_checked_and_removed_without_resume(
         return evaluate(config).to_dict()
 
     out = tmp_path / "cut"
-    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    calls = _group_calls(monkeypatch, stop_at=2)
     with pytest.raises(KeyboardInterrupt):
         run(resume=False)
     (saved,) = (out / BATCHES_FOLDER).iterdir()
@@ -464,9 +459,9 @@ def test_saved_batches_are_checked_and_removed_without_resume(
     saved.write_bytes(saved.read_bytes()[:-9] + b"\x00" * 9)
     with pytest.raises(KeyboardInterrupt):
         run(resume=True)
-    assert calls == [[0], [1]]
+    assert [numbers for _, numbers in calls] == [[0], [1]]
     # --force starts over: the steps of the replaced run are removed before any is saved
-    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
+    monkeypatch.setattr(harness, "_craft_and_score_group", _REAL_GROUP)
     assert (out / BATCHES_FOLDER).exists()
     forced = run(resume=False, force=True)
     assert _timeless(forced) == _timeless(reference)
@@ -508,24 +503,15 @@ def test_a_run_resumed_on_other_kernels_names_every_machine(
 
     settings = {"n": 8, "batch_size": 4, "attacks": ["fgsm"], "eps": [8], "defenses": ["none"]}
     monkeypatch.setattr(harness, "_batches_per_step", lambda scorer, config: 1)
-    real_group = harness._craft_and_score_group
-    calls: list[int] = []
-
-    def interrupted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_group(*args, **kwargs)  # type: ignore[arg-type]
-
     out = tmp_path / "moved"
     monkeypatch.setattr(run, "environment", machine("AVX512"))
-    monkeypatch.setattr(harness, "_craft_and_score_group", interrupted)
+    _group_calls(monkeypatch, stop_at=2)
     with pytest.raises(KeyboardInterrupt):
         evaluate(_config(checkpoints, **settings, out=str(out)))
     warnings: list[str] = []
     monkeypatch.setattr(harness.logger, "warning", warnings.append)
     monkeypatch.setattr(run, "environment", machine("AVX2"))
-    monkeypatch.setattr(harness, "_craft_and_score_group", real_group)
+    monkeypatch.setattr(harness, "_craft_and_score_group", _REAL_GROUP)
     result = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
     assert [w for w in warnings if "other kernels" in w] == [
         "parts of this evaluation were computed with other kernels "

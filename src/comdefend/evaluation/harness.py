@@ -694,6 +694,10 @@ def _evaluate(
             failure = error
     group.agree(failure)
     batch_progress = _batch_progress(config, group, progress)
+
+    def elapsed_s() -> float:  # the run's time so far, summed over its resumes
+        return batch_progress.base_elapsed_s + time.time() - started
+
     restored = json.loads(
         group.broadcast_bytes(json.dumps(progress.keys() if progress else []).encode())
     )
@@ -733,14 +737,14 @@ def _evaluate(
             shard,
             CLEAN_KEY,
             _batches_per_step(scorer, config),
-            lambda: batch_progress.base_elapsed_s + time.time() - started,
+            elapsed_s,
             CleanRecord,
             _step_status("clean images", group.is_main and not config.progress, bool(config.out)),
         )
         clean_parts = group.gather_bytes(own_clean.to_bytes())
         all_clean = CleanRecord.merge([CleanRecord.from_bytes(b) for b in clean_parts])
         if progress is not None:
-            elapsed = progress.elapsed_s + time.time() - started
+            elapsed = elapsed_s()
             progress.save_clean(all_clean, elapsed)
             batch_progress.clear(CLEAN_KEY)
             if not config.progress:
@@ -806,7 +810,7 @@ def _evaluate(
                 shard,
                 group_key(attack, eps_label),
                 _batches_per_step(scorer, config),
-                lambda: batch_progress.base_elapsed_s + time.time() - started,
+                elapsed_s,
                 GroupRecord,
                 _step_status(
                     f"{attack} {_budget(eps_label)} (group {number} of {len(groups)})",
@@ -828,7 +832,7 @@ def _evaluate(
                     _fill_grid(grid, record, plan, ev, scorer)
                 finished = (group_cells, group_correct, row)
                 assert progress is not None
-                elapsed = progress.elapsed_s + time.time() - started
+                elapsed = elapsed_s()
                 progress.save_group(
                     attack,
                     eps_label,
@@ -882,7 +886,7 @@ def _evaluate(
             cells=cells,
             worst_case=worst_case(config.defenses, cells, correctness),
             detectors={"info": detectors.info, "results": detection} if config.detectors else {},
-            elapsed_s=round(progress.elapsed_s + time.time() - started, 3),
+            elapsed_s=round(elapsed_s(), 3),
             resumed_groups=progress.restored,
             processes=group.world_size,
             work={  # this run's images (a resume counts only what it computed)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load as load_tensors
 
 from comdefend.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from comdefend.data.datasets import tensors_sha256
@@ -582,7 +581,7 @@ class BatchProgress:
             if meta.get("group") != key or json.loads(meta["batches"]) != numbers:
                 return None
             record = kind.from_bytes(data)
-            if tensors_sha256(load_tensors(data)) != meta.get("tensors_sha256"):
+            if tensors_sha256(record.tensors()[0]) != meta.get("tensors_sha256"):
                 raise ValueError("its tensors do not match their checksum")
             computed_on = json.loads(meta.get("environment", "{}"))
         except (OSError, ValueError, KeyError, CheckpointError) as error:
@@ -599,7 +598,7 @@ class BatchProgress:
         """Save the record of the batches ``numbers`` of ``key`` (atomically)."""
         if self.folder is None:
             return
-        tensors = load_tensors(record.to_bytes())
+        tensors, _ = record.tensors()
         extra = {
             "kind": BATCH_KIND,
             "fingerprint_sha256": self.digest,

@@ -201,6 +201,11 @@ class GroupRecord:
     def to_bytes(self, extra: dict[str, str] | None = None) -> bytes:
         """safetensors bytes: the tensors, and the rest as JSON metadata (with ``extra``'s
         entries beside it, read back by :func:`header_metadata`)."""
+        tensors, meta = self.tensors()
+        return save_tensors(tensors, {**(extra or {}), "record": json.dumps(meta, default=str)})
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, description)``: what :meth:`to_bytes` writes (tensors copied)."""
         tensors: dict[str, torch.Tensor] = {"indices": self.indices.clone()}
         cells = []
         for number, cell in enumerate(self.cells):
@@ -228,7 +233,7 @@ class GroupRecord:
             "cells": cells,
             "detectors": list(self.detector_scores),
         }
-        return save_tensors(tensors, {**(extra or {}), "record": json.dumps(meta, default=str)})
+        return tensors, meta
 
     @staticmethod
     def from_bytes(data: bytes) -> GroupRecord:
