@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from comdefend.checkpoint import METADATA_KEY
 from comdefend.data.datasets import ImageSet
+from comdefend.data.images import to_pixels
 from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.progress import PROGRESS_FILE, EvaluationProgress, fingerprint
 from comdefend.evaluation.scoring import accuracy_stats
@@ -94,6 +95,37 @@ def test_a_saved_group_reads_back(tmp_path: Path) -> None:
     assert set(progress.grid) == {"clean", "purified"}
 
 
+def test_the_grid_is_saved_as_the_8_bit_levels_it_draws(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)
+    progress = EvaluationProgress(tmp_path, _fingerprint(), resume=False)
+    progress.save_group("fgsm", 4.0, [], {}, None, {"clean": images}, 1.0)
+    stored = load_file(tmp_path / PROGRESS_FILE)["grid/clean"]
+    assert stored.dtype == torch.uint8 and torch.equal(stored, to_pixels(images))
+    restored = EvaluationProgress(tmp_path, _fingerprint(), resume=True).grid["clean"]
+    assert restored.dtype == torch.float32 and restored.min() >= 0 and restored.max() <= 1
+    assert torch.equal(to_pixels(restored), to_pixels(images))  # the same picture
+    # saved again after a resume: the same levels, not rounded twice
+    again = EvaluationProgress(tmp_path, _fingerprint(), resume=True)
+    again.save_group("fgsm", 8.0, [], {}, None, again.grid, 2.0)
+    assert torch.equal(load_file(tmp_path / PROGRESS_FILE)["grid/clean"], stored)
+
+
+def test_a_grid_saved_in_float_by_an_older_version_reads_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import comdefend.evaluation.progress as module
+
+    images = torch.rand(2, 3, 8, 8)
+    monkeypatch.setattr(module, "to_pixels", lambda x: x.clone())  # the older writer
+    EvaluationProgress(tmp_path, _fingerprint(), resume=False).save_group(
+        "fgsm", 4.0, [], {}, None, {"clean": images}, 1.0
+    )
+    assert load_file(tmp_path / PROGRESS_FILE)["grid/clean"].dtype == torch.float32
+    restored = EvaluationProgress(tmp_path, _fingerprint(), resume=True).grid["clean"]
+    assert torch.equal(restored, images)
+
+
 def test_a_flipped_byte_in_a_tensor_is_refused(tmp_path: Path) -> None:
     path = _save(tmp_path)
     length, header = _header(path)
@@ -102,7 +134,7 @@ def test_a_flipped_byte_in_a_tensor_is_refused(tmp_path: Path) -> None:
     raw[8 + length + start] ^= 1  # True -> False in the second defense's first image
     path.write_bytes(bytes(raw))
     _refused(path, "checksum")
-    raw[-1] ^= 0x40  # and one in the grid's float pixels
+    raw[-1] ^= 0x40  # and one in the grid's pixels
     raw[8 + length + start] ^= 1
     path.write_bytes(bytes(raw))
     _refused(path, "checksum")

@@ -189,11 +189,26 @@ def image_channels_of(path: str | os.PathLike) -> int:
         raise InputError(f"cannot read image {path}: {error}") from error
 
 
-def to_uint8(x: torch.Tensor, quantization: str = "round") -> np.ndarray:
-    """``(C, H, W)`` in [0, 1] -> ``(H, W, C)`` uint8; ``floor`` mimics ``astype(uint8)``."""
+def to_pixels(x: torch.Tensor, quantization: str = "round") -> torch.Tensor:
+    """Images in [0, 1] (any shape) -> the uint8 levels an 8-bit file holds, on the CPU;
+    ``floor`` mimics ``astype(uint8)``.
+
+    ``to_pixels(x).float() / 255`` gives back images that quantize to the same levels:
+
+        >>> x = torch.tensor([0.0, 0.3, 0.50196, 1.2])
+        >>> to_pixels(x)
+        tensor([  0,  76, 128, 255], dtype=torch.uint8)
+        >>> torch.equal(to_pixels(to_pixels(x).float() / 255), to_pixels(x))
+        True
+    """
     scaled = x.detach().clamp(0, 1).mul(255).cpu()
     scaled = torch.floor(scaled) if quantization == "floor" else torch.round(scaled)
-    return scaled.to(torch.uint8).permute(1, 2, 0).numpy()
+    return scaled.to(torch.uint8)
+
+
+def to_uint8(x: torch.Tensor, quantization: str = "round") -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] -> ``(H, W, C)`` uint8 (:func:`to_pixels`)."""
+    return to_pixels(x, quantization).permute(1, 2, 0).numpy()
 
 
 def write_png(path: str | os.PathLike, x: torch.Tensor, quantization: str = "round") -> Path:

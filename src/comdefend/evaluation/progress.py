@@ -41,6 +41,7 @@ import torch
 
 from comdefend.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from comdefend.data.datasets import tensors_sha256
+from comdefend.data.images import to_pixels
 from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.records import CleanRecord, GroupRecord, header_metadata
 from comdefend.evaluation.scoring import accuracy_stats
@@ -185,8 +186,10 @@ class EvaluationProgress:
             raise self._damaged(f"tensors no group lists: {', '.join(stray[:3])}")
         for name in ("clean", "adversarial", "difference"):
             if f"grid/{name}" in tensors:
-                self.grid[name] = tensors[f"grid/{name}"]
-        purified = {s: tensors[f"grid/purified/{i}"] for i, s in enumerate(grid_specs)}
+                self.grid[name] = _grid_images(tensors[f"grid/{name}"])
+        purified = {
+            s: _grid_images(tensors[f"grid/purified/{i}"]) for i, s in enumerate(grid_specs)
+        }
         if purified:
             self.grid["purified"] = purified
         self.restored = len(self.groups)
@@ -339,12 +342,14 @@ class EvaluationProgress:
         assert self.path is not None
         self.grid = grid
         tensors = dict(self.correct)
+        # the picture's 8-bit levels, all it draws: a quarter of float32's bytes (an ImageNet
+        # grid is 8 MB instead of 33), and the same picture after a resume
         for name in ("clean", "adversarial", "difference"):
             if name in grid:
-                tensors[f"grid/{name}"] = grid[name].clone()
+                tensors[f"grid/{name}"] = to_pixels(grid[name])
         specs = list(grid.get("purified", {}))
         for i, spec in enumerate(specs):
-            tensors[f"grid/purified/{i}"] = grid["purified"][spec].clone()
+            tensors[f"grid/purified/{i}"] = to_pixels(grid["purified"][spec])
         clean = None
         if self.clean is not None:
             clean_tensors, clean = self.clean.tensors(CLEAN_PREFIX)
@@ -428,6 +433,11 @@ def kernel_change(saved: list[dict[str, Any]], current: list[dict[str, Any]]) ->
         f"this machine's ({', '.join(sorted(here))}): their numbers can differ slightly from a "
         'run on one machine; results.json lists every machine under "environments"'
     )
+
+
+def _grid_images(saved: torch.Tensor) -> torch.Tensor:
+    """A saved grid row as images in [0, 1]: 8-bit levels, or float from older files."""
+    return saved.float() / 255 if saved.dtype == torch.uint8 else saved
 
 
 def _metadata_sha256(metadata: dict[str, Any]) -> str:
