@@ -6,7 +6,8 @@
 #   OUT=/some/folder scripts/gpu_check.sh
 # Environment (all optional):
 #   GPU_CHECK_PARTS="cifar10 precision imagenet"   what to run (each part under its timeout;
-#                            a device call of 10 minutes fits one part); also "adaptive"
+#                            a device call of 10 minutes fits one part); also "adaptive" and
+#                            "imagenet-1000" (continues the CPU run carried in studies/)
 #   GPU_CHECK_N=10000        CIFAR-10 test images (8 for a quick check on the CPU)
 #   GPU_CHECK_ADAPTIVE_N=500 CIFAR-10 test images of the adaptive part (BPDA, relaxed, EOT)
 #   GPU_CHECK_PGD_STEPS=50   PGD steps of the adaptive part (2 for a quick check on the CPU)
@@ -27,8 +28,9 @@
 # Writes under $OUT (default gpu-check-out): logs/*.log, cifar10-test-N/ (results.json, report),
 # cifar10-adaptive-N/ (the adaptive part), precision.json (benchmarks/precision.py: fp32 / tf32 /
 # bf16 purification), imagenet-N/ (the Table 8 report; needs pip install ".[imagenet]"),
-# summary.json (seconds, images/s, exit codes). Exit code: the CIFAR-10 evaluation's (124 on
-# timeout), else the adaptive one's, else the ImageNet one's.
+# imagenet-1000/ (the carried run), summary.json (seconds, images/s, exit codes). Exit code: the
+# CIFAR-10 evaluation's (124 on timeout), else the adaptive one's, else the carried run's, else
+# the ImageNet one's.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -142,9 +144,32 @@ if has_part imagenet; then
   imagenet_status=$status imagenet_seconds=$seconds
 fi
 
+# The ImageNet-1000 evaluation started on a CPU (studies/README.md), continued here: its progress
+# (studies/imagenet-1000) is copied into $OUT/imagenet-1000 unless a rerun finds it there, and its
+# command goes on with --resume (the device is not a setting a resume must repeat; the run's
+# results.json then names both machines).
+CARRIED_REPORT="$OUT/imagenet-1000"
+carried_status=0 carried_seconds=0
+if has_part imagenet-1000; then
+  if [ ! -e "$CARRIED_REPORT/progress.safetensors" ] && [ -e studies/imagenet-1000/progress.safetensors ]; then
+    mkdir -p "$CARRIED_REPORT" && cp -r studies/imagenet-1000/. "$CARRIED_REPORT/"
+    say "continuing the ImageNet-1000 evaluation from studies/imagenet-1000"
+  fi
+  args=(evaluate --dataset imagenet --classifier efficientnet-lite0 --data-dir "$IMAGENET"
+    --defense none --defense jpeg:75 --defense "bits:5+median:2"
+    --defense comdefend:runs/official-rgb.safetensors --defense comdefend:comdefend-cifar10-authors
+    --attack fgsm,bim,mifgsm,deepfool,cw --eps 8,16 --threat-model oblivious
+    --attack-param deepfool.num_classes=10 --attack-param cw.steps=50
+    --attack-param cw.binary_search_steps=3 --attack-param cw.lr=0.05 --images 1000
+    --batch-size 10 --device "$DEVICE" --out "$CARRIED_REPORT" --resume)
+  run_evaluation "ImageNet-1000 evaluation" imagenet-1000 "${args[@]}"
+  carried_status=$status carried_seconds=$seconds
+fi
+
 python - "$PARTS" "$DEVICE" "$REPORT" "$N" "$cifar10_seconds" "$cifar10_status" \
   "$IMAGENET_REPORT" "$IMAGENET_N" "$imagenet_seconds" "$imagenet_status" \
-  "$ADAPTIVE_REPORT" "$ADAPTIVE_N" "$adaptive_seconds" "$adaptive_status" >"$OUT/summary.json" <<'PY'
+  "$ADAPTIVE_REPORT" "$ADAPTIVE_N" "$adaptive_seconds" "$adaptive_status" \
+  "$CARRIED_REPORT" 1000 "$carried_seconds" "$carried_status" >"$OUT/summary.json" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -171,9 +196,12 @@ if "imagenet" in parts:
     summary["imagenet"] = part(*sys.argv[7:11])
 if "adaptive" in parts:
     summary["adaptive"] = part(*sys.argv[11:15])
+if "imagenet-1000" in parts:
+    summary["imagenet-1000"] = part(*sys.argv[15:19])
 print(json.dumps(summary, indent=2))
 PY
 cat "$OUT/summary.json" | tee -a "$LOGS/gpu_check.log"
 [ "$cifar10_status" -ne 0 ] && exit "$cifar10_status"
 [ "$adaptive_status" -ne 0 ] && exit "$adaptive_status"
+[ "$carried_status" -ne 0 ] && exit "$carried_status"
 exit "$imagenet_status"

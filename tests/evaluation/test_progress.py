@@ -207,6 +207,32 @@ def test_shipped_models_resume_wherever_the_package_lies(tmp_path: Path) -> None
         EvaluationProgress(tmp_path, fingerprint(config, {"zoo:m": "cd"}, data), True)
 
 
+def test_a_run_goes_on_on_another_device_and_keeps_its_identity(tmp_path: Path) -> None:
+    from comdefend.evaluation.progress import fingerprint_sha256
+
+    # older versions put the device into the fingerprint: such a run started on a CPU
+    today = _fingerprint()
+    started = {**today, "config": {**today["config"], "device": "cpu"}}
+    EvaluationProgress(tmp_path, started, resume=False).save_group(
+        "fgsm", 4.0, [], {}, None, {}, 1.0
+    )
+    config = {"dataset": "imagenet", "defenses": DEFENSES, "n": 4, "device": "cuda"}
+    on_a_gpu = fingerprint(config, {}, {"test": _images().identity()})
+    assert on_a_gpu == today  # the device says where the numbers are computed, not what
+    resumed = EvaluationProgress(tmp_path, on_a_gpu, resume=True)
+    assert resumed.restored == 1
+    # the run keeps the fingerprint it started with: the batches it saved are still its own
+    assert fingerprint_sha256(resumed.fingerprint) == fingerprint_sha256(started)
+    resumed.save_group("fgsm", 8.0, [], {}, None, {}, 2.0)
+    again = EvaluationProgress(tmp_path, today, resume=True)
+    assert again.restored == 2 and again.fingerprint == started
+    # what is computed still has to match
+    with pytest.raises(UsageError, match="differing: n"):
+        EvaluationProgress(
+            tmp_path, fingerprint({**config, "n": 5}, {}, {"test": _images().identity()}), True
+        )
+
+
 def test_the_progress_file_is_named_when_it_cannot_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -357,7 +357,7 @@ def _batch_progress(
     in the progress file, with a warning if earlier parts of the run had other kernels."""
     from comdefend.training.run import environment
 
-    here = _environment(environment)
+    here = _environment(environment, group.device)
     machines = add_environments([], [json.loads(b) for b in group.gather_bytes(_json(here))])
     state = b""
     if group.is_main:
@@ -682,8 +682,7 @@ def _evaluate(
             progress = EvaluationProgress(
                 config.out,
                 fingerprint(
-                    # the device the numbers come from, not how it was asked for ("auto")
-                    {**asdict(config), "device": group.device.type},
+                    asdict(config),
                     _fingerprint_checkpoints(ev),
                     data,
                     classifier=ev.resolved.info.sha256,
@@ -871,7 +870,7 @@ def _evaluate(
             provenance=Provenance(
                 classifier=ev.resolved.info,
                 checkpoints=_checkpoint_hashes(config, ev),
-                environment=_environment(environment),
+                environment=_environment(environment, group.device),
                 environments=add_environments(
                     progress.environments, [e for c in work for e in c[3]]
                 ),
@@ -981,9 +980,20 @@ def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s:
     )
 
 
-def _environment(environment: Any) -> dict[str, Any]:
+def _environment(environment: Any, device: torch.device) -> dict[str, Any]:
+    """A process's machine as its run records it: the GPU only if it computes.
+
+    Example:
+        >>> machine = {"cpu_capability": "AVX2", "cpu_threads": 8, "cuda_device": "H100"}
+        >>> _environment(lambda: machine, torch.device("cpu"))
+        {'cpu_capability': 'AVX2'}
+    """
     info = dict(environment())
     info.pop("cpu_threads", None)  # varies between machines; not a setting of the run
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+    else:
+        info.pop("cuda_device", None)
     return info
 
 

@@ -49,10 +49,12 @@ from comdefend.evaluation.scoring import accuracy_stats
 PROGRESS_FILE = "progress.safetensors"
 PROGRESS_KIND = "evaluation-progress"
 CLEAN_PREFIX = "clean/"  # the names of the clean scores' tensors in a progress file
-#: Settings that do not change any number: left out of the fingerprint. ``data_dir`` only says
-#: where the images lie; what they are is the fingerprint's ``data`` part. ``classifier`` only
-#: says where the model lies; what it is is the fingerprint's ``classifier`` part (its sha256).
-UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir", "classifier")
+#: Settings that do not choose what is computed: left out of the fingerprint. ``data_dir`` only
+#: says where the images lie; what they are is the fingerprint's ``data`` part. ``classifier``
+#: only says where the model lies; what it is is the fingerprint's ``classifier`` part (its
+#: sha256). ``device`` only says which hardware computes: a run started on a CPU goes on on a
+#: GPU, as on a CPU of other kernels, with the warning of :func:`kernel_change`.
+UNFINGERPRINTED = ("out", "force", "resume", "progress", "data_dir", "classifier", "device")
 #: Metadata keys not covered by the metadata checksum (itself, and what save_checkpoint adds).
 _UNCHECKSUMMED = ("metadata_sha256", "format_version")
 
@@ -96,23 +98,30 @@ def fingerprint(
 _SHIPPED_FILE = re.compile(r"(?:^|[\\/])comdefend[\\/]zoo[\\/]weights[\\/]([^\\/]+)\.safetensors$")
 
 
-def _shipped_models_by_name(saved: Any) -> Any:
-    """``saved`` with its shipped models named ``zoo:NAME`` as today's fingerprints name them,
-    not by the path of the package that held them (so that a progress file written before,
-    or by an installation elsewhere, still resumes).
+def _as_today(saved: Any) -> Any:
+    """A fingerprint saved by an older version as today's :func:`fingerprint` writes it, so that
+    its progress file still resumes: its shipped models named ``zoo:NAME``, not by the path of
+    the package that held them, and without the settings that are no longer in a fingerprint
+    (``device``).
 
     Example:
-        >>> old = {"checkpoints": {"/venv/lib/comdefend/zoo/weights/m.safetensors": "ab"}}
-        >>> _shipped_models_by_name(old)
-        {'checkpoints': {'zoo:m': 'ab'}}
+        >>> old = {"config": {"n": 8, "device": "cpu"},
+        ...        "checkpoints": {"/venv/lib/comdefend/zoo/weights/m.safetensors": "ab"}}
+        >>> _as_today(old)
+        {'config': {'n': 8}, 'checkpoints': {'zoo:m': 'ab'}}
     """
-    if not isinstance(saved, dict) or not isinstance(saved.get("checkpoints"), dict):
+    if not isinstance(saved, dict):
         return saved
-    named = {}
-    for key, digest in saved["checkpoints"].items():
-        match = _SHIPPED_FILE.search(key)
-        named[f"zoo:{match.group(1)}" if match else key] = digest
-    return {**saved, "checkpoints": named}
+    today = dict(saved)
+    if isinstance(saved.get("config"), dict):
+        today["config"] = {k: v for k, v in saved["config"].items() if k not in UNFINGERPRINTED}
+    if isinstance(saved.get("checkpoints"), dict):
+        named = {}
+        for key, digest in saved["checkpoints"].items():
+            match = _SHIPPED_FILE.search(key)
+            named[f"zoo:{match.group(1)}" if match else key] = digest
+        today["checkpoints"] = named
+    return today
 
 
 def group_key(attack: str, eps: Any) -> str:
@@ -125,7 +134,8 @@ class EvaluationProgress:
 
     Args:
         folder: the report folder, or ``None`` (nothing is saved: no ``out`` given).
-        fingerprint: see :func:`fingerprint`.
+        fingerprint: see :func:`fingerprint`. A resumed run keeps the one it started with (as
+            ``self.fingerprint``): an older version's may name settings no longer in it.
         resume: read the groups an interrupted run in ``folder`` finished.
 
     Raises:
@@ -161,9 +171,11 @@ class EvaluationProgress:
             reason = str(cause).splitlines()[0] if cause else "not an evaluation progress file"
             raise self._damaged(f"unreadable: {reason}") from None
         self._check_checksums(tensors, metadata)
-        saved = _shipped_models_by_name(metadata.get("fingerprint"))
+        saved = _as_today(metadata.get("fingerprint"))
         if saved != fingerprint:
             raise UsageError(_refusal(self.path.parent, saved, fingerprint))
+        # the run keeps the fingerprint it started with: its batch files carry its digest
+        self.fingerprint = metadata["fingerprint"]
         try:
             self.groups = list(metadata["groups"])
             self.elapsed_s = float(metadata["elapsed_s"])
