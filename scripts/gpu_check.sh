@@ -7,7 +7,8 @@
 # Environment (all optional):
 #   GPU_CHECK_PARTS="cifar10 precision imagenet"   what to run (each part under its timeout;
 #                            a device call of 10 minutes fits one part); also "adaptive" and
-#                            "imagenet-1000" (continues the CPU run carried in studies/)
+#                            "imagenet-1000" (continues the CPU run carried in studies/) and
+#                            "fashion-adaptive" (BPDA on Fashion-MNIST)
 #   GPU_CHECK_N=10000        CIFAR-10 test images (8 for a quick check on the CPU)
 #   GPU_CHECK_ADAPTIVE_N=500 CIFAR-10 test images of the adaptive part (BPDA, relaxed, EOT)
 #   GPU_CHECK_PGD_STEPS=50   PGD steps of the adaptive part (2 for a quick check on the CPU)
@@ -16,6 +17,10 @@
 #   GPU_CHECK_IMAGENET_N=1000   ImageNet sample images (oblivious and bpda)
 #   GPU_CHECK_IMAGENET_DATA= folder of the ImageNet sample (default: the first of
 #                            ../shared/data/imagenet-sample and shared/data/imagenet-sample)
+#   GPU_CHECK_FASHION_N=1000 Fashion-MNIST test images of the fashion-adaptive part
+#   GPU_CHECK_FASHION_DATA=  folder of the Fashion-MNIST files (default: the first of
+#                            /usr/share/datasets/fashion-mnist and data/fashion-mnist; a GPU
+#                            machine without the Debian package needs the four .gz files there)
 #   GPU_CHECK_DEVICE=cuda    cuda, cuda:N or cpu
 #   GPU_CHECK_TIMEOUT=540    seconds for the evaluation before it is stopped (rerun: --resume
 #                            continues from the finished (attack, eps) groups)
@@ -28,9 +33,9 @@
 # Writes under $OUT (default gpu-check-out): logs/*.log, cifar10-test-N/ (results.json, report),
 # cifar10-adaptive-N/ (the adaptive part), precision.json (benchmarks/precision.py: fp32 / tf32 /
 # bf16 purification), imagenet-N/ (the Table 8 report; needs pip install ".[imagenet]"),
-# imagenet-1000/ (the carried run), summary.json (seconds, images/s, exit codes). Exit code: the
-# CIFAR-10 evaluation's (124 on timeout), else the adaptive one's, else the carried run's, else
-# the ImageNet one's.
+# imagenet-1000/ (the carried run), fashion-adaptive-N/, summary.json (seconds, images/s, exit
+# codes). Exit code: the CIFAR-10 evaluation's (124 on timeout), else the adaptive one's, else
+# the carried run's, else the Fashion-MNIST one's, else the ImageNet one's.
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -47,6 +52,8 @@ BATCH="${GPU_CHECK_BATCH:-}"
 DATA="${GPU_CHECK_DATA:-$(first_dir ../shared/data/cifar10 shared/data/cifar10)}"
 OFFICIAL="${GPU_CHECK_OFFICIAL:-$(first_dir ../shared/official shared/official)}"
 IMAGENET="${GPU_CHECK_IMAGENET_DATA:-$(first_dir ../shared/data/imagenet-sample shared/data/imagenet-sample)}"
+FASHION_N="${GPU_CHECK_FASHION_N:-1000}"
+FASHION="${GPU_CHECK_FASHION_DATA:-$(first_dir /usr/share/datasets/fashion-mnist data/fashion-mnist)}"
 has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 gpu_setup gpu_check gpu-check-out
 REPORT="$OUT/cifar10-test-$N"
@@ -166,10 +173,34 @@ if has_part imagenet-1000; then
   carried_status=$status carried_seconds=$seconds
 fi
 
+# Fashion-MNIST, adaptive: BPDA with PGD-50 and APGD-CE/DLR at 8 and 25/255 (the budgets of the
+# oblivious table) through every defense, the same command as the CPU plan in studies/README.md.
+FASHION_REPORT="$OUT/fashion-adaptive-$FASHION_N"
+fashion_status=0 fashion_seconds=0
+if has_part fashion-adaptive; then
+  if [ ! -f runs/official-fm.safetensors ]; then
+    say "importing the authors' grayscale checkpoint from $OFFICIAL"
+    timeout 300 "${CLI[@]}" import-official "$OFFICIAL/enc_mnist.npy" "$OFFICIAL/dec_mnist.npy" \
+      -o runs/official-fm.safetensors >"$LOGS/import-fm.log" 2>&1 || say "import failed (logs/import-fm.log)"
+  fi
+  args=(evaluate --dataset fashion-mnist --split test --data-dir "$FASHION" --classifier fashion-cnn
+    --defense none --defense jpeg:75 --defense "bits:3+median:2"
+    --defense comdefend:comdefend-fashion-mnist --defense comdefend:comdefend-fashion-mnist-stabilized
+    --defense comdefend:runs/official-fm.safetensors
+    --attack pgd,apgd-ce,apgd-dlr --eps 8,25 --threat-model bpda
+    --attack-param "pgd.steps=$PGD_STEPS" --attack-param "apgd-ce.steps=$APGD_STEPS"
+    --attack-param "apgd-dlr.steps=$APGD_STEPS" --attack-param pgd.stop_when_fooled=true
+    --attack-param apgd-ce.stop_when_fooled=true --attack-param apgd-dlr.stop_when_fooled=true
+    --images "$FASHION_N" --batch-size 50 --device "$DEVICE" --out "$FASHION_REPORT" --resume)
+  run_evaluation "Fashion-MNIST adaptive evaluation" fashion-adaptive "${args[@]}"
+  fashion_status=$status fashion_seconds=$seconds
+fi
+
 python - "$PARTS" "$DEVICE" "$REPORT" "$N" "$cifar10_seconds" "$cifar10_status" \
   "$IMAGENET_REPORT" "$IMAGENET_N" "$imagenet_seconds" "$imagenet_status" \
   "$ADAPTIVE_REPORT" "$ADAPTIVE_N" "$adaptive_seconds" "$adaptive_status" \
-  "$CARRIED_REPORT" 1000 "$carried_seconds" "$carried_status" >"$OUT/summary.json" <<'PY'
+  "$CARRIED_REPORT" 1000 "$carried_seconds" "$carried_status" \
+  "$FASHION_REPORT" "$FASHION_N" "$fashion_seconds" "$fashion_status" >"$OUT/summary.json" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -198,10 +229,13 @@ if "adaptive" in parts:
     summary["adaptive"] = part(*sys.argv[11:15])
 if "imagenet-1000" in parts:
     summary["imagenet-1000"] = part(*sys.argv[15:19])
+if "fashion-adaptive" in parts:
+    summary["fashion-adaptive"] = part(*sys.argv[19:23])
 print(json.dumps(summary, indent=2))
 PY
 cat "$OUT/summary.json" | tee -a "$LOGS/gpu_check.log"
 [ "$cifar10_status" -ne 0 ] && exit "$cifar10_status"
 [ "$adaptive_status" -ne 0 ] && exit "$adaptive_status"
 [ "$carried_status" -ne 0 ] && exit "$carried_status"
+[ "$fashion_status" -ne 0 ] && exit "$fashion_status"
 exit "$imagenet_status"
