@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -295,8 +296,7 @@ def _step_record(batches, numbers: list[int], correct: bool = True):  # noqa: AN
 
 def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path: Path) -> None:
     """Steps are keyed by their batch numbers: a resume with another number of processes takes
-    the ones it computes; another run's (another fingerprint), other step sizes and other groups
-    are not taken."""
+    the ones it computes; another run's (another fingerprint) and other groups are not taken."""
     from comdefend.evaluation.harness import _in_steps, _Shard
     from comdefend.evaluation.progress import (
         BATCHES_FOLDER,
@@ -335,8 +335,7 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
     assert store.environments == [{"cpu_capability": "AVX2"}]  # the machine of those steps
     assert torch.equal(second.indices, torch.arange(6, 10))
     assert second.cells[0].attack_settings == {"steps": 3}
-    # steps of two batches, another group, another run, or no --resume: computed again
-    _in_steps(store, compute, shard([0, 1, 2, 3]), key, 2, lambda: 0.0, GroupRecord)
+    # another group, another run, or no --resume: computed again
     _in_steps(store, compute, shard([0]), group_key("fgsm", 16.0), 1, lambda: 0.0, GroupRecord)
     _in_steps(
         BatchProgress(tmp_path, "other", True), compute, shard([1]), key, 1, float, GroupRecord
@@ -344,11 +343,61 @@ def test_saved_steps_serve_any_split_of_the_batches_and_only_their_run(tmp_path:
     _in_steps(
         BatchProgress(tmp_path, digest, False), compute, shard([3]), key, 1, float, GroupRecord
     )
-    assert computed == [[0, 1], [2, 3], [0], [1], [3]]
+    assert computed == [[0], [1], [3]]
     # the longest time a step of this run records
     assert store.elapsed_s() == 12.5
     assert BatchProgress(tmp_path, "other", resume=True).elapsed_s() == 0.0
+    assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4 + 1
     store.clear(group_key("fgsm", 16.0))
-    assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4 + 2
+    assert len(list((tmp_path / BATCHES_FOLDER).iterdir())) == 4
     store.clear(key)
     assert not (tmp_path / BATCHES_FOLDER).exists()
+
+
+def test_saved_steps_serve_any_step_size(tmp_path: Path) -> None:
+    """A GPU saves more batches per step than a CPU: a resume with another step size takes the
+    saved steps as they are and computes only the batches none of them holds."""
+    from comdefend.evaluation.harness import _in_steps, _Shard
+    from comdefend.evaluation.progress import BATCHES_FOLDER, BatchProgress, group_key
+    from comdefend.evaluation.records import GroupRecord
+    from comdefend.evaluation.seeding import Batches
+
+    batches = Batches(12, 2)  # batches 0-5
+    x = torch.rand(12, 1, 2, 2)
+    computed: list[list[int]] = []
+
+    def compute(part: _Shard):  # noqa: ANN202
+        computed.append(part.numbers)
+        return _step_record(batches, part.numbers)
+
+    def steps(folder: Path, size: int) -> GroupRecord:
+        numbers = list(range(6))
+        positions = batches.indices(numbers)
+        store = BatchProgress(folder, "run", resume=True)
+        shard = _Shard(batches, numbers, positions, x[positions])
+        return _in_steps(store, compute, shard, group_key("fgsm", 8.0), size, float, GroupRecord)
+
+    whole = steps(tmp_path / "whole", 6)
+    computed.clear()
+    # saved by steps of 1 (a CPU), resumed by steps of 4 (a GPU): nothing computed again
+    steps(tmp_path / "small", 1)
+    assert computed == [[0], [1], [2], [3], [4], [5]]
+    computed.clear()
+    resumed = steps(tmp_path / "small", 4)
+    assert computed == []
+    assert torch.equal(resumed.indices, whole.indices)
+    assert torch.equal(resumed.cells[0].scores.mse, whole.cells[0].scores.mse)
+    # steps of 4 saved, resumed by steps of 1: the step of four is taken whole
+    steps(tmp_path / "large", 4)
+    computed.clear()
+    steps(tmp_path / "large", 1)
+    assert computed == []
+    # only batch 2 saved: steps of 4 compute 0-1, take 2, compute 3-5
+    partial = tmp_path / "partial" / BATCHES_FOLDER
+    partial.mkdir(parents=True)
+    (name,) = [p.name for p in (tmp_path / "small" / BATCHES_FOLDER).iterdir() if "-2-2." in p.name]
+    shutil.copy(tmp_path / "small" / BATCHES_FOLDER / name, partial / name)
+    computed.clear()
+    mixed = steps(tmp_path / "partial", 4)
+    assert computed == [[0, 1], [3, 4, 5]]
+    assert torch.equal(mixed.cells[0].scores.mse, whole.cells[0].scores.mse)

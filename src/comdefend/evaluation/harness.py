@@ -62,6 +62,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -429,23 +430,33 @@ def _in_steps(
     status: Callable[[int, int], None] | None = None,
 ) -> _Record:
     """``compute`` over this process's images, ``batches_per_step`` batches at a time, each
-    step saved in ``store`` (and taken from it on resume): the record (a ``kind``) of the clean
-    pass or of a group without losing more than one step to an interruption. Seeds are per
-    batch, so the steps give the numbers of one call over the whole shard."""
+    step saved in ``store`` (and taken from it on resume, whatever step size saved it): the
+    record (a ``kind``) of the clean pass or of a group without losing more than one step to an
+    interruption. Seeds are per batch, so the steps give the numbers of one call over the whole
+    shard."""
     if not shard.numbers:
         return compute(shard)
+    saved = store.starts(key)
     parts = []
-    for start in range(0, len(shard.numbers), batches_per_step):
-        numbers = shard.numbers[start : start + batches_per_step]
-        record = store.load(key, numbers, kind)
-        if record is None:
+    done = 0
+    while done < len(shard.numbers):
+        remaining = shard.numbers[done:]
+        found = store.load_from(key, remaining, kind) if remaining[0] in saved else None
+        if found is not None:
+            record, numbers = found
+        else:
+            # up to the next batch that begins a saved step: that one is read back
+            numbers = remaining[:1] + list(
+                itertools.takewhile(lambda n: n not in saved, remaining[1:batches_per_step])
+            )
             where = torch.isin(shard.positions, shard.batches.indices(numbers))
             part = _Shard(shard.batches, numbers, shard.positions[where], shard.x[where])
             record = compute(part)
             store.save(key, numbers, record, elapsed_s())
         parts.append(record)
+        done += len(numbers)
         if status is not None:
-            status(start + len(numbers), len(shard.numbers))
+            status(done, len(shard.numbers))
     return kind.merge(parts)
 
 

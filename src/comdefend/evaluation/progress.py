@@ -553,11 +553,12 @@ class BatchProgress:
     A group of a large run takes hours (C&W on 1,000 ImageNet images, EOT on CIFAR-10): each
     process saves what it finished of the group after every few batches, in
     ``BATCHES_FOLDER`` of the report folder, so an interruption loses at most one step. A
-    resume takes a saved step only if the run's fingerprint (:func:`fingerprint_sha256`), the
-    group and the step's batch numbers are the same: every random choice is seeded per batch,
-    so a restored step holds what computing it again would give. A damaged or foreign file is
-    computed again, with a warning. Once the group is in the progress file its batch files are
-    removed.
+    resume takes a saved step only if the run's fingerprint (:func:`fingerprint_sha256`) and the
+    group are the same and its batches are next in the resuming process's share, whatever the
+    step size it was saved with (a GPU saves more batches per step than a CPU): every random
+    choice is seeded per batch, so a restored step holds what computing it again would give.
+    A damaged or foreign file is computed again, with a warning. Once the group is in the
+    progress file its batch files are removed.
 
     Args:
         folder: the report folder, or ``None`` (nothing is saved).
@@ -587,6 +588,31 @@ class BatchProgress:
     def _path(self, key: str, numbers: list[int]) -> Path:
         assert self.folder is not None
         return self.folder / f"{_step_name(key)}{numbers[0]}-{numbers[-1]}.safetensors"
+
+    def starts(self, key: str) -> set[int]:
+        """The first batch of every saved step of ``key``, whatever its length (none without
+        ``resume``)."""
+        if self.folder is None or not self.resume or not self.folder.is_dir():
+            return set()
+        prefix = _step_name(key)
+        first = (
+            p.name[len(prefix) :].split("-")[0] for p in self.folder.glob(f"{prefix}*.safetensors")
+        )
+        return {int(number) for number in first if number.isdigit()}
+
+    def load_from(
+        self, key: str, remaining: list[int], kind: type[_Record]
+    ) -> tuple[_Record, list[int]] | None:
+        """The longest saved step of ``key`` whose batches are the first of ``remaining``, and
+        those batches; ``None`` if there is none. A step saved with another step size (on
+        another device, or by another version) is taken as one of this run's own."""
+        for end in range(len(remaining), 0, -1):
+            numbers = remaining[:end]
+            if self._path(key, numbers).exists():
+                record = self.load(key, numbers, kind)
+                if record is not None:
+                    return record, numbers
+        return None
 
     def load(self, key: str, numbers: list[int], kind: type[_Record]) -> _Record | None:
         """The saved record (a ``kind``) of the batches ``numbers`` of ``key``, or ``None``."""
