@@ -608,10 +608,9 @@ class BatchProgress:
         another device, or by another version) is taken as one of this run's own."""
         for end in range(len(remaining), 0, -1):
             numbers = remaining[:end]
-            if self._path(key, numbers).exists():
-                record = self.load(key, numbers, kind)
-                if record is not None:
-                    return record, numbers
+            record = self.load(key, numbers, kind)  # None: no such step, or not this run's
+            if record is not None:
+                return record, numbers
         return None
 
     def load(self, key: str, numbers: list[int], kind: type[_Record]) -> _Record | None:
