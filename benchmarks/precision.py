@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from comdefend import ComDefend, load_dataset
 from comdefend.attacks import PGD
 from comdefend.metrics import mean_psnr
-from comdefend.models.precision import Precision, precision_context
+from comdefend.models.precision import Precision, cpu_bf16_missing, precision_context
 from comdefend.zoo import load_pretrained
 
 
@@ -45,6 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and (missing := cpu_bf16_missing()) is not None:
+        # emulated bfloat16 would measure the emulation (hundreds of times slower), not bf16
+        sys.exit(f"bf16 needs a CPU with AVX512-BF16 or AMX ({missing}): nothing to compare")
 
     model = ComDefend.from_checkpoint(args.model, map_location=device).eval()
     model.requires_grad_(False)

@@ -191,8 +191,8 @@ def purify(
     threads: int | None = threads_choice(),
     precision: str = typer.Option(
         "fp32",
-        help="fp32, tf32 (CUDA GPUs) or bf16: the purification's arithmetic (docs/PERFORMANCE.md "
-        "has its measured effect).",
+        help="fp32, tf32 (CUDA GPUs) or bf16 (CPUs with AVX512-BF16 or AMX, GPUs): the "
+        "purification's arithmetic (docs/PERFORMANCE.md has its measured effect).",
         callback=precision_option,
     ),
 ) -> None:

@@ -482,7 +482,9 @@ def test_parse_defense_errors(spec: str, message: str) -> None:
         parse_defense(spec)
 
 
-def test_parse_comdefend_checkpoint_with_options(tiny_comdefend: ComDefend, tmp_path: Path) -> None:
+def test_parse_comdefend_checkpoint_with_options(
+    tiny_comdefend: ComDefend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "tiny.safetensors"
     tiny_comdefend.save(path)
     defense = parse_defense(f"comdefend:{path}")
@@ -509,6 +511,12 @@ def test_parse_comdefend_checkpoint_with_options(tiny_comdefend: ComDefend, tmp_
     with pytest.raises(UsageError, match="binarizer"):
         parse_defense(f"comdefend:{path}@binarizer=soft")
 
+    from comdefend.models import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "cpu_bf16_missing", lambda: "no bfloat16 here")
+    with pytest.raises(UsageError, match="bf16 needs a CPU with AVX512-BF16 or AMX"):
+        parse_defense(f"comdefend:{path}@precision=bf16")
+    monkeypatch.setattr(precision_module, "cpu_bf16_missing", lambda: None)
     bf16 = parse_defense(f"comdefend:{path}@precision=BF16")
     assert isinstance(bf16, ComDefendDefense) and bf16.model.config.precision == "bf16"
     assert bf16.name == f"comdefend:{path}@precision=bf16" and bf16.params()["precision"] == "bf16"

@@ -216,8 +216,14 @@ def test_records_serialize_tensors_of_any_memory_layout() -> None:
     assert torch.equal(again.grid_adversarial, strided)
 
 
-def test_precision_reaches_every_comdefend_and_the_results(tmp_path: Path) -> None:
+def test_precision_reaches_every_comdefend_and_the_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from comdefend.evaluation.harness import EvaluationConfig, evaluate
+    from comdefend.models import precision as precision_module
+
+    # bf16 as on a CPU with bfloat16 arithmetic (elsewhere it runs emulated: same numbers)
+    monkeypatch.setattr(precision_module, "cpu_bf16_missing", lambda: None)
 
     purifier = "comdefend:zoo:comdefend-fashion-mnist"
     config = EvaluationConfig(
@@ -237,6 +243,10 @@ def test_precision_reaches_every_comdefend_and_the_results(tmp_path: Path) -> No
     )  # fmt: skip
     with pytest.raises(UsageError, match="asks for precision bf16 but the run's precision"):
         evaluate(conflict)
+    monkeypatch.setattr(precision_module, "cpu_bf16_missing", lambda: "no bfloat16 here")
+    with pytest.raises(UsageError, match="bf16 needs a CPU with AVX512-BF16 or AMX"):
+        evaluate(dataclasses.replace(config, out=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.slow
@@ -263,7 +273,7 @@ def test_evaluate_on_imagenet_end_to_end(
         "--classifier", "efficientnet-lite0", "--images", "2", "--image-size", "64",
         "--defense", "none", "--defense", "comdefend:zoo:comdefend-cifar10-authors@purify=patch",
         "--attack", "fgsm", "--eps", "8", "--threat-model", "oblivious,bpda",
-        "--precision", "bf16", "--no-progress", "--out", str(out),
+        "--precision", "fp32", "--no-progress", "--out", str(out),
     ]  # fmt: skip
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -272,7 +282,7 @@ def test_evaluate_on_imagenet_end_to_end(
     assert results["config"]["image_size"] == 64 and results["dataset"]["n"] == 2
     cells = {(c["defense"], c["threat_model"]): c for c in results["cells"]}
     defended = "comdefend:zoo:comdefend-cifar10-authors@purify=patch"
-    assert results["defenses"][1]["name"] == defended + ",precision=bf16"
+    assert results["config"]["precision"] == "fp32" and results["defenses"][1]["name"] == defended
     assert set(cells) == {(d, t) for d in ("none", defended) for t in ("oblivious", "bpda")}
     for (defense, threat_model), cell in cells.items():
         reused = defense == "none" and threat_model == "bpda"  # no defense: same as oblivious

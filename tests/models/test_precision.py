@@ -7,7 +7,8 @@ import torch
 
 from comdefend import ComDefend, ComDefendConfig
 from comdefend.errors import UsageError
-from comdefend.models.precision import check_precision, precision_context
+from comdefend.models import precision as precision_module
+from comdefend.models.precision import check_precision, cpu_bf16_missing, precision_context
 
 
 @pytest.fixture()
@@ -47,11 +48,46 @@ def test_precision_is_checked_where_it_is_given() -> None:
     assert check_precision(" BF16 ") == "bf16"
     with pytest.raises(UsageError, match="one of fp32, tf32, bf16"):
         ComDefendConfig(precision="fp16")
-    with pytest.raises(UsageError, match="tf32 needs a CUDA GPU.*use fp32 or bf16"):
+    other = "fp32 or bf16" if cpu_bf16_missing() is None else "fp32"
+    with pytest.raises(UsageError, match=f"tf32 needs a CUDA GPU.*use {other}$"):
         check_precision("tf32", "cpu")
     model = ComDefend(ComDefendConfig(preset="normal", precision="tf32")).eval()
     with pytest.raises(UsageError, match="tf32 needs a CUDA GPU"):
         model.purify(torch.rand(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision_module, "_probe", lambda namespace, name: native)
+    assert (cpu_bf16_missing() is None) is native
+    if native:
+        assert check_precision("bf16", "cpu") == "bf16"
+        with pytest.raises(UsageError, match="tf32 needs a CUDA GPU.*use fp32 or bf16$"):
+            check_precision("tf32", "cpu")
+    else:
+        with pytest.raises(UsageError, match="bf16 needs a CPU with AVX512-BF16 or AMX.*use fp32$"):
+            check_precision("bf16", torch.device("cpu"))
+        with pytest.raises(UsageError, match="tf32 needs a CUDA GPU.*use fp32$"):
+            check_precision("tf32", "cpu")
+    assert check_precision("bf16") == "bf16"  # no device: only the name is checked
+    assert check_precision("bf16", "meta") == "bf16"  # not a CPU: not this probe's question
+    # the pass itself still runs it (emulated: the same numbers, slowly)
+    with precision_context("bf16", torch.device("cpu")):
+        y = torch.nn.functional.conv2d(torch.rand(1, 3, 4, 4), torch.rand(2, 3, 3, 3))
+    assert y.dtype == torch.bfloat16
+
+
+def test_the_probe_reads_onednn_off_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "aarch64")
+    asked: list[str] = []
+    monkeypatch.setattr(
+        precision_module, "_probe", lambda namespace, name: asked.append(name) or False
+    )
+    assert cpu_bf16_missing() == "oneDNN has no bfloat16 kernels for this CPU"
+    assert asked == ["_is_mkldnn_bf16_supported"]
 
 
 def test_fp32_context_changes_nothing_on_the_cpu() -> None:

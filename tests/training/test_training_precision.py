@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from comdefend.checkpoint import read_metadata
 from comdefend.errors import UsageError
+from comdefend.models import precision as precision_module
 from comdefend.training import engine
 from comdefend.training import trainer as trainer_module
 from comdefend.training.engine import TrainingPrecision, precision_unavailable
@@ -97,8 +98,8 @@ def test_precisions_the_cpu_cannot_run_are_refused_before_any_file(
 
 
 def test_bf16_is_refused_on_a_cpu_without_bf16_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(engine, "_probe", lambda namespace, name: False)
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision_module, "_probe", lambda namespace, name: False)
     with pytest.raises(UsageError, match="bf16 is not available on cpu.*neither AVX512-BF16"):
         TrainingPrecision("bf16", CPU)
 

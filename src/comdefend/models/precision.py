@@ -9,7 +9,10 @@
 - ``bf16``: convolutions in bfloat16 through :func:`torch.autocast` (CPUs with AVX512-BF16 or
   AMX, and CUDA GPUs); the code's threshold decision is taken on bfloat16 logits, so bits whose
   logit is close to 0 can flip. ``benchmarks/precision.py`` measures how many, and the effect on
-  PSNR and robust accuracy (docs/PERFORMANCE.md).
+  PSNR and robust accuracy (docs/PERFORMANCE.md). An x86 CPU without AVX512-BF16 or AMX has no
+  bfloat16 arithmetic: torch emulates it, hundreds of times slower than fp32, so the checks of
+  the command line and of defense specs (:func:`check_precision` with a device) refuse it there.
+  :func:`precision_context` itself still runs it (the emulation gives the same numbers).
 
 Example:
     >>> import torch
@@ -17,6 +20,8 @@ Example:
     ...     y = torch.nn.functional.conv2d(torch.rand(1, 3, 8, 8), torch.rand(4, 3, 3, 3))
     >>> y.dtype
     torch.bfloat16
+    >>> check_precision("fp32", torch.device("cpu"))
+    'fp32'
     >>> check_precision("fp16")
     Traceback (most recent call last):
     ...
@@ -25,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -37,23 +43,74 @@ Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
 
-def check_precision(precision: object, device: torch.device | str | None = None) -> Precision:
-    """``precision`` checked (and lower-cased); ``tf32`` is refused on a device without it."""
+def _probe(namespace: object, name: str) -> bool:
+    """A hardware probe of torch's (private, so absent in some versions: False then)."""
+    try:
+        return bool(getattr(namespace, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_missing() -> str | None:
+    """Why this CPU has no native bfloat16 arithmetic (None: it has).
+
+    On x86 that takes AVX512-BF16 or AMX; without them oneDNN emulates bfloat16 in float32,
+    which is slower than float32 itself (a ComDefend pass measured hundreds of times slower).
+    On other architectures oneDNN says whether it has bfloat16 kernels.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        native = _probe(torch.cpu, "_is_avx512_bf16_supported") or _probe(
+            torch.cpu, "_is_amx_tile_supported"
+        )
+        return None if native else "this CPU has neither AVX512-BF16 nor AMX"
+    onednn_bf16 = _probe(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    if torch.backends.mkldnn.is_available() and onednn_bf16:
+        return None
+    return "oneDNN has no bfloat16 kernels for this CPU"
+
+
+def _checked_name(precision: object) -> Precision:
     text = precision.strip().lower() if isinstance(precision, str) else precision
     if text not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if text == "tf32" and device is not None and torch.device(device).type != "cuda":
-        raise UsageError(
-            "precision tf32 needs a CUDA GPU (Ampere or later); on the "
-            f"{torch.device(device).type} use fp32 or bf16"
-        )
     return text  # type: ignore[return-value]
+
+
+def _tf32_refusal(device: torch.device) -> str:
+    other = "fp32" if cpu_bf16_missing() is not None else "fp32 or bf16"
+    return f"precision tf32 needs a CUDA GPU (Ampere or later); on the {device.type} use {other}"
+
+
+def check_precision(precision: object, device: torch.device | str | None = None) -> Precision:
+    """``precision`` checked (and lower-cased).
+
+    With a ``device``, a precision that device cannot run at its speed is refused: ``tf32``
+    off CUDA, ``bf16`` on a CPU without native bfloat16 (:func:`cpu_bf16_missing`).
+    """
+    text = _checked_name(precision)
+    if device is None:
+        return text
+    device = torch.device(device)
+    if text == "tf32" and device.type != "cuda":
+        raise UsageError(_tf32_refusal(device))
+    if text == "bf16" and device.type == "cpu" and (reason := cpu_bf16_missing()) is not None:
+        raise UsageError(
+            f"precision bf16 needs a CPU with AVX512-BF16 or AMX ({reason}: torch would "
+            "emulate bfloat16, hundreds of times slower than fp32); use fp32"
+        )
+    return text
 
 
 @contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Run the enclosed pass at ``precision`` on ``device`` (see the module's description)."""
-    precision = check_precision(precision, device)
+    """Run the enclosed pass at ``precision`` on ``device`` (see the module's description).
+
+    Unlike :func:`check_precision` it runs an emulated ``bf16`` on a CPU without bfloat16
+    arithmetic: the numbers are the same, only slow. ``tf32`` off CUDA is refused.
+    """
+    precision = _checked_name(precision)
+    if precision == "tf32" and device.type != "cuda":
+        raise UsageError(_tf32_refusal(device))
     if device.type == "cuda":
         conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]
         matmul = torch.backends.cuda.matmul
@@ -76,4 +133,4 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-__all__ = ["PRECISIONS", "Precision", "check_precision", "precision_context"]
+__all__ = ["PRECISIONS", "Precision", "check_precision", "cpu_bf16_missing", "precision_context"]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import platform
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -65,7 +64,7 @@ from comdefend.checkpoint import read_metadata
 from comdefend.console import logger, progress_bar
 from comdefend.distributed import Launch, exchange, join_process_group, launch_environment
 from comdefend.errors import ComDefendError, UsageError
-from comdefend.models.precision import precision_context
+from comdefend.models.precision import cpu_bf16_missing, precision_context
 from comdefend.training.run import RunDirectory, environment, resolve_device
 from comdefend.training.stabilizers import MAX_ROLLBACKS, Stabilization
 from comdefend.validation import set_threads
@@ -209,28 +208,11 @@ def check_training_precision(precision: object) -> str:
     return str(text)
 
 
-def _probe(namespace: object, name: str) -> bool:
-    """A hardware probe of torch's (private, so absent in some versions: False then)."""
-    try:
-        return bool(getattr(namespace, name)())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _cpu_lacks(precision: str) -> str | None:
     if precision == "tf32":
         return "TF32 exists only on CUDA GPUs (Ampere or later)"
     if precision == "bf16":
-        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-            # Without AVX512-BF16 or AMX, oneDNN emulates bfloat16: slower than fp32.
-            native = _probe(torch.cpu, "_is_avx512_bf16_supported") or _probe(
-                torch.cpu, "_is_amx_tile_supported"
-            )
-            return None if native else "this CPU has neither AVX512-BF16 nor AMX"
-        onednn_bf16 = _probe(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
-        if torch.backends.mkldnn.is_available() and onednn_bf16:
-            return None
-        return "oneDNN has no bfloat16 kernels for this CPU"
+        return cpu_bf16_missing()
     if precision == "fp16":
         # It runs, but the backward pass of a float16 convolution takes a reference kernel:
         # one step of the plain model (batch 4, 32x32, 1 thread, torch 2.13, a CPU with
