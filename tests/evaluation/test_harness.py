@@ -516,7 +516,8 @@ def test_a_run_resumed_on_other_kernels_names_every_machine(
     result = evaluate(_config(checkpoints, **settings, out=str(out), resume=True)).to_dict()
     assert [w for w in warnings if "other kernels" in w] == [
         "parts of this evaluation were computed with other kernels "
-        f"(torch {torch.__version__} AVX512) than this machine's (torch {torch.__version__} AVX2):"
+        f"(torch {torch.__version__} cpu AVX512) than this machine's (torch {torch.__version__} "
+        "cpu AVX2):"
         " their numbers can differ slightly from a run on one machine; results.json lists every "
         'machine under "environments"'
     ]

@@ -45,6 +45,7 @@ from comdefend.data.images import to_pixels
 from comdefend.errors import CheckpointError, UsageError
 from comdefend.evaluation.records import CleanRecord, GroupRecord, header_metadata
 from comdefend.evaluation.scoring import accuracy_stats
+from comdefend.training.run import kernels
 
 PROGRESS_FILE = "progress.safetensors"
 PROGRESS_KIND = "evaluation-progress"
@@ -399,10 +400,6 @@ class EvaluationProgress:
             self.path.unlink(missing_ok=True)
 
 
-#: The parts of an environment that change float results: torch's kernels.
-KERNEL_KEYS = ("torch", "cpu_capability", "cuda_device")
-
-
 def add_environments(
     known: list[dict[str, Any]], new: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -428,16 +425,17 @@ def kernel_change(saved: list[dict[str, Any]], current: list[dict[str, Any]]) ->
         >>> avx512 = {"torch": "2.13.0", "cpu_capability": "AVX512"}
         >>> kernel_change([avx512], [avx512]) is None
         True
-        >>> kernel_change([avx512], [{**avx512, "cpu_capability": "AVX2"}])[:80]
-        'parts of this evaluation were computed with other kernels (torch 2.13.0 AVX512) '
+        >>> kernel_change([avx512], [{**avx512, "cpu_capability": "AVX2"}])[:84]
+        'parts of this evaluation were computed with other kernels (torch 2.13.0 cpu AVX512) '
     """
 
-    def kernels(environment: dict[str, Any]) -> str:
-        named = {**environment, "torch": f"torch {environment.get('torch')}"}
-        return " ".join(str(named[k]) for k in KERNEL_KEYS if environment.get(k))
+    def described(environment: dict[str, Any]) -> str:
+        # an evaluation's environment names a GPU only when it computed on it
+        computed = kernels(environment, on_cuda="cuda_device" in environment)
+        return " ".join(x for x in (f"torch {environment.get('torch')}", computed) if x)
 
-    here = {kernels(e) for e in current}
-    other = sorted({kernels(e) for e in saved} - here)
+    here = {described(e) for e in current}
+    other = sorted({described(e) for e in saved} - here)
     if not other:
         return None
     return (

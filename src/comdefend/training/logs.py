@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .engine import is_collapse
+from .run import kernels
 from .trainer import COLLAPSE_DB
 
 
@@ -104,11 +105,7 @@ def session_kernels(record: dict[str, Any]) -> str | None:
     env = record.get("env")
     if not isinstance(env, dict):
         return None
-    if str(record.get("device", "")).startswith("cuda"):
-        name = env.get("cuda_device")
-        return f"cuda {name}" if name else None
-    capability = env.get("cpu_capability")
-    return f"cpu {capability}" if capability else None
+    return kernels(env, on_cuda=str(record.get("device", "")).startswith("cuda"))
 
 
 def log_file(path: str | os.PathLike[str]) -> Path:

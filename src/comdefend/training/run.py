@@ -276,3 +276,22 @@ def environment() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
+
+
+def kernels(environment: dict[str, Any], on_cuda: bool) -> str | None:
+    """The kernels that computed on ``environment`` (the record of :func:`environment`): the
+    GPU's name when ``on_cuda``, else the CPU's capability; None when the record does not say.
+    Float results agree bit for bit only between computations of the same kernels (and torch).
+
+    Example:
+        >>> machine = {"torch": "2.13.0", "cpu_capability": "AVX2", "cuda_device": "H100"}
+        >>> kernels(machine, on_cuda=False), kernels(machine, on_cuda=True)
+        ('cpu AVX2', 'cuda H100')
+        >>> kernels({}, on_cuda=False) is None
+        True
+    """
+    if on_cuda:
+        name = environment.get("cuda_device")
+        return f"cuda {name}" if name else None
+    capability = environment.get("cpu_capability")
+    return f"cpu {capability}" if capability else None
