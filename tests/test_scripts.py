@@ -295,7 +295,7 @@ def test_gpu_residual_study_script_trains_measures_and_resumes_on_the_cpu(
         "STUDY_EVAL_EVERY": "1",
         "STUDY_CLEAN_EVERY": "2",
         "STUDY_N": "8",
-        "STUDY_IMAGE_SIZE": "160",
+        "STUDY_IMAGE_SIZE": "96",  # the smallest crop whose fooling set is not empty
         "STUDY_EVAL_IMAGES": "4",
         "STUDY_DEVICE": "cpu",
         "STUDY_THREADS": "1",
