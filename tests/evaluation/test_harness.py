@@ -470,24 +470,38 @@ def test_saved_batches_are_checked_and_removed_without_resume(
 
 
 def test_a_long_group_logs_where_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a progress bar, a group of hours says every few minutes how far it got."""
+    """Without a progress bar, a group of hours says every few minutes how far it got, and how
+    long the rest should take at the pace of the batches computed so far."""
     import comdefend.evaluation.harness as harness
 
+    clock = [1000.0]
+    monkeypatch.setattr(harness.time, "monotonic", lambda: clock[0])
     lines: list[str] = []
     monkeypatch.setattr(harness.logger, "info", lines.append)
     monkeypatch.setattr(harness, "STATUS_EVERY_S", 0.0)
     cw = f"cw {harness._budget(8.0)} (group 9 of 9)"
-    harness._step_status(cw, enabled=True)(20, 50)
-    harness._step_status(f"deepfool {harness._budget('min-norm')}", True, saved=False)(1, 5)
-    harness._step_status(cw, enabled=True)(50, 50)  # the group's own line follows
-    harness._step_status(cw, enabled=False)(20, 50)  # a progress bar shows it
+    status = harness._step_status(cw, enabled=True)
+    clock[0] += 1200.0  # 20 batches read back from a resume, then 10 computed in 20 minutes
+    status(30, 50, 10)
+    deepfool = harness._step_status(f"deepfool {harness._budget('min-norm')}", True, saved=False)
+    clock[0] += 30.0
+    deepfool(1, 5, 1)
+    harness._step_status(cw, enabled=True)(20, 50, 0)  # only read back so far: no pace yet
+    harness._step_status(cw, enabled=True)(50, 50, 50)  # the group's own line follows
+    harness._step_status(cw, enabled=False)(20, 50, 20)  # a progress bar shows it
     assert lines == [
+        "cw at 8/255 (group 9 of 9): 30 of 50 batches of this process, about 40 min left "
+        "(saved; --resume continues)",
+        "deepfool (minimum norm): 1 of 5 batches of this process, about 2 min left",
         "cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)",
-        "deepfool (minimum norm): 1 of 5 batches of this process",
     ]
     monkeypatch.setattr(harness, "STATUS_EVERY_S", 600.0)
-    harness._step_status(cw, enabled=True)(20, 50)  # too soon after the start
-    assert len(lines) == 2
+    harness._step_status(cw, enabled=True)(20, 50, 20)  # too soon after the start
+    assert len(lines) == 3
+    clock[0] += 700.0
+    status(49, 50, 29)  # 1,900 s for 29 batches: one more takes about a minute
+    assert lines[-1].endswith("49 of 50 batches of this process, about 1 min left (saved; "
+                              "--resume continues)")  # fmt: skip
 
 
 def test_a_run_resumed_on_other_kernels_names_every_machine(

@@ -427,7 +427,7 @@ def _in_steps(
     batches_per_step: int,
     elapsed_s: Callable[[], float],
     kind: type[_Record],
-    status: Callable[[int, int], None] | None = None,
+    status: Callable[[int, int, int], None] | None = None,
 ) -> _Record:
     """``compute`` over this process's images, ``batches_per_step`` batches at a time, each
     step saved in ``store`` (and taken from it on resume, whatever step size saved it): the
@@ -438,7 +438,7 @@ def _in_steps(
         return compute(shard)
     saved = store.starts(key)
     parts = []
-    done = 0
+    done = computed = 0
     while done < len(shard.numbers):
         remaining = shard.numbers[done:]
         found = store.load_from(key, remaining, kind) if remaining[0] in saved else None
@@ -453,10 +453,11 @@ def _in_steps(
             part = _Shard(shard.batches, numbers, shard.positions[where], shard.x[where])
             record = compute(part)
             store.save(key, numbers, record, elapsed_s())
+            computed += len(numbers)
         parts.append(record)
         done += len(numbers)
         if status is not None:
-            status(done, len(shard.numbers))
+            status(done, len(shard.numbers), computed)
     return kind.merge(parts)
 
 
@@ -950,20 +951,28 @@ def _uneven_split_note(images: int, batch_size: int, processes: int) -> str | No
 STATUS_EVERY_S = 600.0
 
 
-def _step_status(label: str, enabled: bool, saved: bool = True) -> Callable[[int, int], None]:
-    """A callback ``(batches done, batches)`` that logs where this process is in the clean pass
-    or a group (``label``), at most every ``STATUS_EVERY_S`` seconds: the log of a background
-    run shows that a group of hours is moving. Example of a line:
-    ``cw at 8/255 (group 9 of 9): 20 of 50 batches of this process (saved; --resume continues)``
+def _step_status(label: str, enabled: bool, saved: bool = True) -> Callable[[int, int, int], None]:
+    """A callback ``(batches done, batches, batches computed here)`` that logs where this
+    process is in the clean pass or a group (``label``), at most every ``STATUS_EVERY_S``
+    seconds, with the time the rest should take at the pace of the batches computed so far
+    (batches read back from a resume cost nothing and do not count): the log of a background
+    run shows that a group of hours is moving, and when it should end. Example of a line:
+    ``cw at 8/255 (group 9 of 9): 20 of 50 batches of this process, about 1 h 5 min left
+    (saved; --resume continues)``
     """
     kept = " (saved; --resume continues)" if saved else ""
-    last = time.monotonic()
+    start = last = time.monotonic()
 
-    def status(done: int, batches: int) -> None:
+    def status(done: int, batches: int, computed: int) -> None:
         nonlocal last
-        if enabled and done < batches and time.monotonic() - last >= STATUS_EVERY_S:
-            last = time.monotonic()
-            logger.info(f"{label}: {done} of {batches} batches of this process{kept}")
+        now = time.monotonic()
+        if enabled and done < batches and now - last >= STATUS_EVERY_S:
+            last = now
+            left = ""
+            if computed > 0:
+                rest = (now - start) / computed * (batches - done)
+                left = f", about {_duration(rest)} left" if rest >= 60 else ", under 1 min left"
+            logger.info(f"{label}: {done} of {batches} batches of this process{left}{kept}")
 
     return status
 
@@ -972,10 +981,14 @@ def _budget(eps_label: Any) -> str:
     return "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` to the minute, e.g. ``1 h 7 min``."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
 def _spent(elapsed_s: float) -> str:
-    minutes = round(elapsed_s / 60)
-    spent = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
-    return f"{spent} of evaluation"
+    return f"{_duration(elapsed_s)} of evaluation"
 
 
 def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
