@@ -32,7 +32,7 @@ def environment(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     """``environment(WORLD_SIZE="2", ...)``: exactly these torchrun variables are set."""
 
     def set_variables(**values: str) -> None:
-        for name in (*TORCHRUN, "COMDEFEND_DIST_TIMEOUT"):
+        for name in (*TORCHRUN, "LOCAL_WORLD_SIZE", "COMDEFEND_DIST_TIMEOUT"):
             monkeypatch.delenv(name, raising=False)
         for name, value in values.items():
             monkeypatch.setenv(name, value)
@@ -79,6 +79,38 @@ def test_without_torchrun_or_with_one_process(environment) -> None:
         processes = launched_processes()
         assert (processes.rank, processes.world_size, processes.distributed) == (0, 1, False)
         assert ProcessGroup.from_environment(torch.device("cpu")).world_size == 1
+
+
+def test_processes_on_this_machine(environment) -> None:
+    """LOCAL_WORLD_SIZE (torchrun's processes on this machine, which share its memory); a
+    launcher without it, or with a value out of range, counts every process as local."""
+    from comdefend.distributed import launch_environment
+
+    for local, expected in (("2", 2), ("1", 1), (None, 4), ("9", 4), ("x", 4)):
+        values = {**FULL, "WORLD_SIZE": "4"}
+        if local is not None:
+            values["LOCAL_WORLD_SIZE"] = local
+        environment(**values)
+        assert launch_environment().local_world_size == expected, local
+    environment()
+    assert launch_environment().local_world_size == 1
+
+
+def test_eot_keeps_its_draws_within_this_process_share_of_memory(
+    environment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EOT keeps every draw's graph only within half the free memory over the processes of
+    this machine; a broken torchrun environment counts as one process."""
+    from comdefend.defenses import adaptive
+
+    monkeypatch.setattr(adaptive, "_free_memory_bytes", lambda device: 1000)
+    cpu = torch.device("cpu")
+    environment()
+    assert adaptive._keeps_all_draws(4, 125, cpu) and not adaptive._keeps_all_draws(4, 126, cpu)
+    environment(**FULL, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    assert adaptive._keeps_all_draws(2, 125, cpu) and not adaptive._keeps_all_draws(2, 126, cpu)
+    environment(WORLD_SIZE="2")  # not a job this package could join
+    assert adaptive._keeps_all_draws(4, 125, cpu)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ and wait for the others the same time.
 
 Example:
     >>> launch_environment({})
-    Launch(rank=0, world_size=1, local_rank=0)
+    Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
     >>> try:
     ...     launch_environment({"WORLD_SIZE": "2"})
     ... except UsageError as error:
@@ -69,11 +69,13 @@ class Launch:
         rank: this process's number, 0 to ``world_size - 1`` (0 writes the files).
         world_size: number of processes.
         local_rank: this process's number on its machine (its GPU).
+        local_world_size: processes on this machine (they share its memory).
     """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -119,7 +121,10 @@ def launch_environment(environ: Mapping[str, str] | None = None) -> Launch:
     port = _whole_number(environ["MASTER_PORT"])
     if port is None or not 0 < port < 65536:
         raise UsageError(f"MASTER_PORT={environ['MASTER_PORT']!r} is not a port number: {_HOW}")
-    return Launch(rank, world_size, local_rank)
+    # torchrun sets it; another launcher may not: then every process may be on this machine
+    local = _whole_number(environ.get("LOCAL_WORLD_SIZE", ""))
+    local_world_size = local if local is not None and 1 <= local <= world_size else world_size
+    return Launch(rank, world_size, local_rank, local_world_size)
 
 
 def timeout_seconds(environ: Mapping[str, str] | None = None) -> float:

@@ -22,7 +22,6 @@ Threat models (:data:`THREAT_MODELS`), i.e. what the attacker differentiates thr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -33,6 +32,7 @@ from torch import nn
 from comdefend.defenses.base import Defense
 from comdefend.defenses.comdefend_defense import ComDefendDefense
 from comdefend.defenses.purifiers import Compose, Identity
+from comdefend.distributed import launch_environment
 from comdefend.errors import UsageError
 from comdefend.registry import Registry
 
@@ -283,7 +283,10 @@ def _keeps_all_draws(samples: int, one_draw_bytes: int, device: torch.device) ->
     free = _free_memory_bytes(device)
     if free is None:
         return False
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    try:  # the processes of a torchrun job on this machine share its memory
+        processes = launch_environment().local_world_size
+    except UsageError:  # not a torchrun job this package could join: assume one process
+        processes = 1
     return samples * one_draw_bytes <= AUTO_RECOMPUTE_SHARE * free / processes
 
 
