@@ -14,13 +14,15 @@ full-mode tile         ``COMDEFEND_MAX_TILE``             2048
 authors' .npy (bytes)  ``COMDEFEND_MAX_OFFICIAL_BYTES``   256 MiB
 classifier classes     ``COMDEFEND_MAX_CLASSES``          100000
 crop size (pixels)     ``COMDEFEND_MAX_IMAGE_SIZE``       1024
+pixels of image files  ``COMDEFEND_MAX_IMAGE_PIXELS``     64000000
 =====================  =================================  =========
 
 The crop size (``--image-size``, ImageNet's center crop) is above every usual ImageNet
 evaluation resolution (224 to 600, 800 for the largest EfficientNets): at 1024 one image takes
 3 MB as uint8 and 12.6 MB as float, so 1,000 images already take 15 GB; 9,000 took 11 GB for a
-single image. The pixel count of an image file has its own limit, shared by every image reader:
-:func:`comdefend.data.images.max_image_pixels`.
+single image. The pixel count that an image file's header declares is checked by every image
+reader before it decodes (:func:`comdefend.data.images.max_image_pixels`, a guard against
+decompression bombs). A value may group its digits with underscores (``64_000_000``).
 
 Example:
     >>> check_int("patch_size", 32, 1, limit="patch_size")
@@ -47,6 +49,7 @@ LIMITS: dict[str, tuple[str, int]] = {
     "official_bytes": ("COMDEFEND_MAX_OFFICIAL_BYTES", 256 * 1024 * 1024),
     "num_classes": ("COMDEFEND_MAX_CLASSES", 100_000),
     "image_size": ("COMDEFEND_MAX_IMAGE_SIZE", 1024),
+    "image_pixels": ("COMDEFEND_MAX_IMAGE_PIXELS", 64_000_000),
 }
 
 
@@ -57,7 +60,7 @@ def limit(name: str) -> int:
     if not text:
         return default
     try:
-        value = int(text)
+        value = int(text.replace("_", ""))
     except ValueError:
         raise UsageError(f"${variable} must be a positive integer, got {text!r}") from None
     if value < 1:

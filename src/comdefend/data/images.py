@@ -11,37 +11,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from comdefend import limits
 from comdefend.checkpoint import atomic_write
-from comdefend.errors import InputError, UsageError
+from comdefend.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 #: Images above this many pixels are refused before their pixels are decoded (a small file can
 #: declare a huge size: a decompression bomb). Override with ``max_pixels`` or the environment
 #: variable named by :data:`MAX_PIXELS_ENV`.
-DEFAULT_MAX_PIXELS = 64_000_000
-MAX_PIXELS_ENV = "COMDEFEND_MAX_IMAGE_PIXELS"
+MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS = limits.LIMITS["image_pixels"]
 
 # Modes whose pixels are one gray value (with or without alpha).
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def max_image_pixels() -> int:
-    """The pixel-count limit: ``$COMDEFEND_MAX_IMAGE_PIXELS`` if set, else 64,000,000.
+    """The pixel-count limit: ``$COMDEFEND_MAX_IMAGE_PIXELS`` if set, else 64,000,000
+    (:func:`comdefend.limits.limit`, like every other size limit).
 
     Raises:
         UsageError: the environment variable is not a positive integer.
     """
-    text = os.environ.get(MAX_PIXELS_ENV)
-    if text is None or not text.strip():
-        return DEFAULT_MAX_PIXELS
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UsageError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}")
-    return value
+    return limits.limit("image_pixels")
 
 
 def _too_large(file: Path, width: int, height: int, limit: int) -> InputError:
