@@ -156,11 +156,13 @@ def test_size_limits_have_an_override(tmp_path: Path, monkeypatch: pytest.Monkey
     model.save(tmp_path / "m.safetensors")
     with pytest.raises(UsageError, match=r"raise it with \$COMDEFEND_MAX_PATCH_SIZE"):
         ComDefend.from_checkpoint(tmp_path / "m.safetensors", patch_size=100_000)  # a flag
-    monkeypatch.setenv("COMDEFEND_MAX_PATCH_SIZE", "2048")
+    monkeypatch.setenv("COMDEFEND_MAX_PATCH_SIZE", "2_048")  # digits may be grouped
     assert (
         ComDefend.from_checkpoint(tmp_path / "m.safetensors", patch_size=2048).config.patch_size
         == 2048
     )
+    with pytest.raises(UsageError, match="above the limit of 2048"):
+        ComDefendConfig(patch_size=2049)
     monkeypatch.setenv("COMDEFEND_MAX_PATCH_SIZE", "lots")
     with pytest.raises(UsageError, match="must be a positive integer"):
         ComDefendConfig(patch_size=64)

@@ -113,8 +113,11 @@ def test_pixel_limit_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(InputError, match="10x10 = 100 pixels, more than the limit of 99"):
         read_image(tmp_path / "small.png")
     assert read_image(tmp_path / "small.png", max_pixels=100).shape == (1, 10, 10)
-    monkeypatch.setenv(MAX_PIXELS_ENV, "100")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1_00")
     assert read_image(tmp_path / "small.png").shape == (1, 10, 10)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "0")
+    with pytest.raises(UsageError, match=f"{MAX_PIXELS_ENV} must be a positive integer"):
+        read_image(tmp_path / "small.png")
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(UsageError, match=MAX_PIXELS_ENV):
         read_image(tmp_path / "small.png")
