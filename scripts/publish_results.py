@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from comdefend.console import duration
 from comdefend.evaluation.report import machines, render_markdown
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +56,7 @@ def wall_time(elapsed_s: float, resumed: bool) -> str:
         >>> wall_time(3097.4, False), wall_time(16638, True)
         ('52 min (elapsed_s 3,097; one run, no resume)', '4 h 37 min (elapsed_s 16,638, summed over the run and its resumes)')
     """  # noqa: E501
-    minutes = round(elapsed_s / 60)
-    spent = f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+    spent = duration(elapsed_s)
     how = "summed over the run and its resumes" if resumed else "one run, no resume"
     separator = ", " if resumed else "; "
     return f"{spent} (elapsed_s {round(elapsed_s):,}{separator}{how})"

@@ -29,6 +29,17 @@ T = TypeVar("T")
 _quiet = False
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` to the minute, as the status lines and result pages write it.
+
+    Example:
+        >>> duration(4000.0), duration(90.0), duration(20.0)
+        ('1 h 7 min', '2 min', '0 min')
+    """
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
 def is_quiet() -> bool:
     """True after ``configure(quiet=True)`` (``comdefend --quiet``)."""
     return _quiet

@@ -72,7 +72,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from comdefend.console import logger
+from comdefend.console import duration, logger
 from comdefend.data.datasets import DATASETS, ImageSet
 from comdefend.defenses import (
     ComDefendDefense,
@@ -971,7 +971,7 @@ def _step_status(label: str, enabled: bool, saved: bool = True) -> Callable[[int
             left = ""
             if computed > 0:
                 rest = (now - start) / computed * (batches - done)
-                left = f", about {_duration(rest)} left" if rest >= 60 else ", under 1 min left"
+                left = f", about {duration(rest)} left" if rest >= 60 else ", under 1 min left"
             logger.info(f"{label}: {done} of {batches} batches of this process{left}{kept}")
 
     return status
@@ -981,14 +981,8 @@ def _budget(eps_label: Any) -> str:
     return "(minimum norm)" if isinstance(eps_label, str) else f"at {eps_label:g}/255"
 
 
-def _duration(seconds: float) -> str:
-    """``seconds`` to the minute, e.g. ``1 h 7 min``."""
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
-
-
 def _spent(elapsed_s: float) -> str:
-    return f"{_duration(elapsed_s)} of evaluation"
+    return f"{duration(elapsed_s)} of evaluation"
 
 
 def _saved_line(attack: str, eps_label: Any, number: int, total: int, elapsed_s: float) -> str:
