@@ -222,7 +222,7 @@ def test_precision_reaches_every_comdefend_and_the_results(
     from comdefend.evaluation.harness import EvaluationConfig, evaluate
     from comdefend.models import precision as precision_module
 
-    # bf16 as on a CPU with bfloat16 arithmetic (elsewhere it runs emulated: same numbers)
+    # bf16 as on a CPU with bfloat16 arithmetic (elsewhere the tiny run is emulated)
     monkeypatch.setattr(precision_module, "cpu_bf16_missing", lambda: None)
 
     purifier = "comdefend:zoo:comdefend-fashion-mnist"

@@ -74,7 +74,7 @@ def test_bf16_is_refused_where_the_cpu_would_emulate_it(
             check_precision("tf32", "cpu")
     assert check_precision("bf16") == "bf16"  # no device: only the name is checked
     assert check_precision("bf16", "meta") == "bf16"  # not a CPU: not this probe's question
-    # the pass itself still runs it (emulated: the same numbers, slowly)
+    # the pass itself still runs it (emulated where the CPU lacks bfloat16: slowly)
     with precision_context("bf16", torch.device("cpu")):
         y = torch.nn.functional.conv2d(torch.rand(1, 3, 4, 4), torch.rand(2, 3, 3, 3))
     assert y.dtype == torch.bfloat16

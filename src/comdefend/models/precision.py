@@ -12,7 +12,7 @@
   PSNR and robust accuracy (docs/PERFORMANCE.md). An x86 CPU without AVX512-BF16 or AMX has no
   bfloat16 arithmetic: torch emulates it, hundreds of times slower than fp32, so the checks of
   the command line and of defense specs (:func:`check_precision` with a device) refuse it there.
-  :func:`precision_context` itself still runs it (the emulation gives the same numbers).
+  :func:`precision_context` itself still runs it, in the emulation.
 
 Example:
     >>> import torch
@@ -105,8 +105,8 @@ def check_precision(precision: object, device: torch.device | str | None = None)
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     """Run the enclosed pass at ``precision`` on ``device`` (see the module's description).
 
-    Unlike :func:`check_precision` it runs an emulated ``bf16`` on a CPU without bfloat16
-    arithmetic: the numbers are the same, only slow. ``tf32`` off CUDA is refused.
+    Unlike :func:`check_precision` it runs ``bf16`` on a CPU without bfloat16 arithmetic too,
+    in torch's (slow) emulation. ``tf32`` off CUDA is refused.
     """
     precision = _checked_name(precision)
     if precision == "tf32" and device.type != "cuda":
