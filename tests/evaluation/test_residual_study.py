@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -652,3 +655,76 @@ def test_carrying_a_study_without_its_unmeasured_snapshots(
     other = carry.save(study, tmp_path / "other", snapshots={4})
     assert not any("snapshots" in name for name in other)
     assert {"runs/plain/log.jsonl", "runs/plain/checkpoint.safetensors"} <= set(without)
+
+
+def _made_set(classifier: torch.nn.Module, config: ResidualStudyConfig):  # noqa: ANN202
+    from comdefend.evaluation.residual_study import make_adversarial_set
+
+    data = load_dataset("fashion-mnist", "test", config.data_dir, max_images=config.n)
+    adv, _ = make_adversarial_set(classifier, data, config, torch.device("cpu"))
+    return adv
+
+
+def test_the_fooling_set_is_8bit_images_within_the_budget_that_fool_the_classifier(
+    classifier_path: Path, tmp_path: Path
+) -> None:
+    from comdefend.evaluation.residual_study import FOOLING_SET_METHOD
+    from comdefend.models.classifiers import load_classifier
+
+    config = _config(classifier_path, tmp_path / "x", n=64, attack_steps=5, attack_eps=12.5)
+    classifier = load_classifier(classifier_path)
+    adv = _made_set(classifier, config)
+    assert len(adv) > 5 and adv.method == FOOLING_SET_METHOD
+    assert adv.adversarial.dtype == torch.float32
+    levels = torch.round(adv.adversarial.double() * 255)
+    assert torch.equal((levels / 255).float(), adv.adversarial)  # 8-bit levels, as float32
+    assert (levels - torch.round(adv.clean.double() * 255)).abs().max() == 12  # floor(12.5)
+    assert next(classifier.parameters()).dtype == torch.float32  # the caller's model untouched
+    with torch.no_grad():  # every kept image fools the classifier, also in float32
+        assert not bool((classifier(adv.adversarial).argmax(1) == adv.labels).any())
+        assert bool((classifier(adv.clean).argmax(1) == adv.labels).all())
+
+
+_MAKE_SET = """
+import hashlib, sys, torch
+from comdefend.data.datasets import load_dataset
+from comdefend.evaluation.residual_study import (
+    ResidualStudyConfig, fooling_attack, make_adversarial_set)
+from comdefend.models.classifiers import load_classifier
+torch.set_num_threads(1)
+classifier = load_classifier("resnet20-cifar10").requires_grad_(False)
+data = load_dataset("cifar10", "sample").head(48)
+config = ResidualStudyConfig(classifier="resnet20-cifar10", out="unused", n=48)
+if sys.argv[1] == "float32":  # the earlier way: float32 tensors as BIM returned them
+    made = fooling_attack(classifier, config)(data.float_images(), data.labels)
+else:
+    made = make_adversarial_set(classifier, data, config, torch.device("cpu"))[0].adversarial
+print(hashlib.sha256(made.numpy().tobytes()).hexdigest())
+"""
+#: torch's, oneDNN's and MKL's plainest kernels, as a CPU without SIMD extensions runs them.
+_PLAIN_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+}
+
+
+def _set_digest(method: str, plain_kernels: bool) -> str:
+    env = {key: value for key, value in os.environ.items() if key not in _PLAIN_KERNELS}
+    if plain_kernels:
+        env.update(_PLAIN_KERNELS)
+    done = subprocess.run(
+        [sys.executable, "-c", _MAKE_SET, method],
+        env=env, capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    return done.stdout.split()[-1]
+
+
+@pytest.mark.slow
+def test_other_kernels_make_the_same_fooling_set() -> None:
+    """The fooling set is the same whatever kernels compute it (here this CPU's own and the
+    plainest ones, as another machine would): BIM in float64, rounded to 8-bit levels. The
+    earlier float32 way gives two different sets on the same machine."""
+    if _set_digest("float32", False) == _set_digest("float32", True):
+        pytest.skip("this machine's kernels and the plainest ones made the same float32 set")
+    assert _set_digest("float64", False) == _set_digest("float64", True)

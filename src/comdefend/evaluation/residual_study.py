@@ -29,8 +29,9 @@ where each point is saved as soon as it is measured (none is lost, none is measu
 
 Outputs in ``OUT`` (all written atomically):
 
-* ``fooling_set.safetensors``: the cached fooling set, the exact float32 tensors BIM returned,
-  with their test-set indices and labels, and a checksum. Its identity (dataset, crop, ``n``,
+* ``fooling_set.safetensors``: the cached fooling set, made so that every machine makes the
+  same one (:data:`FOOLING_SET_METHOD`: BIM in float64, rounded to 8-bit levels), with the
+  test-set indices and labels, and a checksum. Its identity (dataset, crop, ``n``,
   the sha256 of the attacked images themselves, the classifier's sha256, the attack) must match
   for it to be reused; the clean images are re-read from the dataset by index.
 * ``points/<preset>.json``: the measured points
@@ -50,9 +51,11 @@ Usage from Python::
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
@@ -95,6 +98,22 @@ ADVERSARIAL_FILE = "fooling_set.safetensors"
 #: differing in 2.6% of their values on one CPU), and a speed setting must not change the test
 #: set. 16 is what every study made so far used.
 FOOLING_SET_BATCH = 16
+#: How the fooling set is made, recorded in its cache: BIM in float64 (classifier and images),
+#: every attacked image rounded to 8-bit levels inside the budget, and "correct" and "fooled"
+#: decided in float64. BIM steps along the sign of the gradient, and in float32 the rounding of
+#: one CPU's kernels flips a few signs that the next steps amplify: three CPUs (two of them with
+#: AVX-512) made three different float32 sets of the same 100 ImageNet images, and on one CPU
+#: its AVX-512 and its AVX2 kernels gave float32 sets differing in 58% of their 8-bit levels.
+#: Made this way, EfficientNet-Lite0's set (32 images) and ResNet-20's (48 CIFAR-10 images)
+#: came out identical with the AVX-512, the AVX2 and the plainest kernels, so a study's points
+#: can be measured wherever its snapshots are. Not every classifier allows it: one that max-pools
+#: flat regions (fashion-cnn on Fashion-MNIST's black backgrounds) breaks ties between equal
+#: values by its kernels' order, and its set still depends on the machine. A cached set that
+#: records no method was made the earlier way (float32 tensors as BIM returned them) and is
+#: read as such.
+FOOLING_SET_METHOD = "bim-float64-8bit"
+#: The method of a cached set that records none.
+LEGACY_FOOLING_SET_METHOD = "bim-float32"
 #: BIM is deterministic: the fooling set is made, and recorded, with this seed whatever the
 #: study's ``--seed``, so that studies at other seeds share one fooling set.
 FOOLING_SET_ATTACK_SEED = 0
@@ -294,6 +313,7 @@ class AdversarialSet:
     labels: torch.Tensor
     indices: torch.Tensor
     stats: dict[str, Any]
+    method: str = FOOLING_SET_METHOD
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -337,21 +357,24 @@ def make_adversarial_set(
 
     Returns the set and the attack's settings.
     """
-    attack = fooling_attack(classifier, config)
+    exact = copy.deepcopy(classifier).double()  # the caller's classifier stays float32
+    attack = fooling_attack(exact, config)
     head = data.head(config.n)
     clean = head.float_images()
     labels = head.labels
-    correct = defended_correct(None, classifier, clean, labels, FOOLING_SET_BATCH)
+    clean64 = clean.double()
+    correct = defended_correct(None, exact, clean64, labels, FOOLING_SET_BATCH)
     kept = torch.nonzero(correct).flatten()
     adversarial = torch.zeros((0, *clean.shape[1:]), dtype=torch.float32)
     fooled = torch.zeros(0, dtype=torch.bool)
     if kept.numel():
         chunks = [
-            attack(clean[index].to(device), labels[index].to(device)).cpu()
+            attack(clean64[index].to(device), labels[index].to(device)).cpu()
             for index in kept.split(FOOLING_SET_BATCH)
         ]
-        adversarial = torch.cat(chunks)
-        fooled = ~defended_correct(None, classifier, adversarial, labels[kept], FOOLING_SET_BATCH)
+        levels = to_levels(torch.cat(chunks), clean64[kept], config.attack_eps)
+        fooled = ~defended_correct(None, exact, levels / 255, labels[kept], FOOLING_SET_BATCH)
+        adversarial = (levels / 255).float()
     chosen = kept[fooled]
     stats = {
         "attacked_images": len(head),
@@ -367,6 +390,23 @@ def make_adversarial_set(
     return result, attack.settings()
 
 
+def to_levels(adversarial: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
+    """Adversarial images rounded to 8-bit levels (float64 0-255), each pixel kept within
+    ``eps`` (in units of 1/255) of its clean 8-bit value and within [0, 255].
+
+    Example:
+        >>> clean = torch.tensor([0.0, 100.0, 255.0]) / 255
+        >>> to_levels(clean + torch.tensor([3.4, -7.6, 0.2]) / 255, clean, 7.65).tolist()
+        [3.0, 93.0, 255.0]
+        >>> to_levels(clean + torch.tensor([9.0, 7.8, -9.0]) / 255, clean, 7.65).tolist()
+        [7.0, 107.0, 248.0]
+    """
+    base = torch.round(clean.double() * 255)
+    budget = math.floor(eps + 1e-9)
+    levels = torch.round(adversarial.double() * 255)
+    return torch.minimum(torch.maximum(levels, base - budget), base + budget).clamp(0, 255)
+
+
 def adversarial_identity(
     config: ResidualStudyConfig, classifier_sha: str, attack: dict[str, Any], images_sha: str
 ) -> dict[str, Any]:
@@ -380,6 +420,7 @@ def adversarial_identity(
         "images_sha256": images_sha,
         "classifier_sha256": classifier_sha,
         "attack": attack,
+        "method": FOOLING_SET_METHOD,
     }
 
 
@@ -416,6 +457,8 @@ def load_adversarial_set(path: Path, data: ImageSet, identity: dict[str, Any]) -
         tensors, metadata = load_checkpoint(path, ADVERSARIAL_KIND)
     except CheckpointError as error:
         raise UsageError(f"{error}; {damaged}") from None
+    if "method" not in metadata:  # made before the method was recorded: float32, as returned
+        identity = {key: value for key, value in identity.items() if key != "method"}
     differing = sorted(key for key in identity if metadata.get(key) != identity[key])
     if differing:
         details = ", ".join(
@@ -444,7 +487,12 @@ def load_adversarial_set(path: Path, data: ImageSet, identity: dict[str, Any]) -
     ):
         raise UsageError(f"{path} does not match the labels of the {data.name} test split")
     return AdversarialSet(
-        data.float_images(indices), adversarial, labels, indices, metadata["stats"]
+        data.float_images(indices),
+        adversarial,
+        labels,
+        indices,
+        metadata["stats"],
+        str(metadata.get("method", LEGACY_FOOLING_SET_METHOD)),
     )
 
 
@@ -838,6 +886,7 @@ def collect_results(
         "adversarial_set": {
             "file": ADVERSARIAL_FILE,
             **measurer.adv.stats,
+            "method": measurer.adv.method,
             "sha256": measurer.identity["fooling_set_sha256"],
         },
         "presets": {},
