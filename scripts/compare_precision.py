@@ -13,8 +13,9 @@ study lacks is skipped with a note). Up to ``--until``, the script compares:
 * the held-out PSNR curves of the training logs: for every pair of runs of a preset, the mean
   and the largest absolute difference over the evaluations both logged, and whether the pair
   differs in precision only, in seed only, or in both;
-* the accuracy after defending at ``--until``, from the study's points files (all of them
-  measured on one fooling set: runs measured on different ones are refused).
+* the accuracy after defending at ``--until``, from the study's points files: two runs' end
+  accuracies are compared only when both were measured on one fooling set (a pair of
+  precisions at one seed measured on two sets is reported as missing).
 
 The key summary, per preset: the mean |PSNR difference| between the precisions at the same
 seed against the mean |PSNR difference| between the seeds at the same precision, both over the
@@ -59,10 +60,7 @@ README_FILE = "README.md"
 #: How many iterations of the --until grid the README's tables show.
 GRID_POINTS = 5
 #: Identity keys that must agree for end accuracies to be compared, and what they name.
-SHARED_IDENTITY = (
-    ("fooling_set_sha256", "fooling sets"),
-    ("classifier_sha256", "classifiers"),
-)
+SHARED_IDENTITY = (("classifier_sha256", "classifiers"),)
 PRECISION_COLORS = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
 SEED_STYLES = ("-", "--", ":", "-.")
 
@@ -91,6 +89,11 @@ class Run:
         return self.preset, self.precision, self.seed, self.control
 
     @property
+    def fooling_set(self) -> str | None:
+        """sha256 of the fooling set this run's points were measured on (None: no points)."""
+        return None if self.identity is None else self.identity.get("fooling_set_sha256")
+
+    @property
     def label(self) -> str:
         label = f"{self.precision} seed {self.seed}"
         return f"{label} ({self.kernels or 'hardware not recorded'})" if self.control else label
@@ -110,6 +113,7 @@ class Run:
             "last_measured_iteration": self.last_measured,
             "kernels": self.kernels,
             "hardware_control": self.control,
+            "fooling_set_sha256": self.fooling_set,
         }
 
 
@@ -249,8 +253,9 @@ def differs(a: Run, b: Run) -> str | None:
 
 
 def end_difference(a: Run, b: Run) -> dict[str, Any] | None:
-    """Accuracy after defending at the end, a minus b, and whether the 95% intervals overlap."""
-    if a.end is None or b.end is None:
+    """Accuracy after defending at the end, a minus b, and whether the 95% intervals overlap;
+    None unless both are measured on one fooling set."""
+    if a.end is None or b.end is None or a.fooling_set != b.fooling_set:
         return None
     low_a, high_a = a.end["accuracy_after_defense_interval"]
     low_b, high_b = b.end["accuracy_after_defense_interval"]
@@ -353,6 +358,13 @@ def missing(
                 )
                 lacking.append(
                     f"{name}: accuracy after defending at {until:,} not measured ({measured})"
+                )
+        for a, b in itertools.combinations(mine, 2):
+            if differs(a, b) == "precision" and a.end and b.end and a.fooling_set != b.fooling_set:
+                lacking.append(
+                    f"{preset} {a.label} and {b.label}: end accuracies on different fooling "
+                    f"sets ({str(a.fooling_set)[:12]}, {str(b.fooling_set)[:12]}): measure both "
+                    "on one"
                 )
         kinds = {differs(a, b) for a, b in itertools.combinations(mine, 2)}
         if "precision" not in kinds:
@@ -579,7 +591,14 @@ def readme(results: dict[str, Any]) -> str:
     until = results["until"]
     provenance = results["provenance"]
     studies = ", ".join(f"`{study}`" for study in results["studies"])
-    fooling = results["fooling_set_sha256"]
+    sets = results["fooling_sets"]
+    fooling = ""
+    if len(sets) == 1:
+        fooling = f" (fooling set `{next(iter(sets))[:12]}`)"
+    elif sets:
+        fooling = " (fooling sets " + "; ".join(
+            f"`{sha[:12]}`: {', '.join(where)}" for sha, where in sets.items()
+        ) + "; end accuracies are compared within one set only)"
     lines = [
         "# Training precision: bf16 autocast against fp32",
         "",
@@ -587,7 +606,7 @@ def readme(results: dict[str, Any]) -> str:
         f"`comdefend residual-study` ({studies}) at each precision and seed, compared up to "
         f"iteration {until:,}: the held-out PSNR curve of every training log, and the "
         f"accuracy after defending at {until:,} from the studies' measured points"
-        + ("" if fooling is None else f" (fooling set `{fooling[:12]}`)")
+        + fooling
         + ". A precision effect smaller than the seed-to-seed spread is within what another "
         "seed changes.",
         "",
@@ -681,7 +700,10 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             run.control,
         )
     )
-    fooling = {run.identity.get("fooling_set_sha256") for run in runs if run.identity}
+    fooling: dict[str, list[str]] = {}
+    for run in runs:
+        if run.fooling_set is not None:
+            fooling.setdefault(run.fooling_set, []).append(f"{run.study}/{run.preset}")
     comparisons = {}
     for name in presets:
         comparison = compare_preset([run for run in runs if run.preset == name])
@@ -695,7 +717,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "studies": [study.name for study in args.studies],
         "hardware_controls": [study.name for study in args.hardware_control],
         "design": [{"precision": precision, "seed": seed} for precision, seed in design],
-        "fooling_set_sha256": next(iter(fooling)) if fooling else None,
+        "fooling_sets": fooling,
         "runs": [run.to_dict() for run in runs],
         "comparisons": comparisons,
         "missing": missing(runs, presets, design, args.until),
