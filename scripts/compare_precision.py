@@ -596,9 +596,11 @@ def readme(results: dict[str, Any]) -> str:
     if len(sets) == 1:
         fooling = f" (fooling set `{next(iter(sets))[:12]}`)"
     elif sets:
-        fooling = " (fooling sets " + "; ".join(
-            f"`{sha[:12]}`: {', '.join(where)}" for sha, where in sets.items()
-        ) + "; end accuracies are compared within one set only)"
+        fooling = (
+            " (fooling sets "
+            + "; ".join(f"`{sha[:12]}`: {', '.join(where)}" for sha, where in sets.items())
+            + "; end accuracies are compared within one set only)"
+        )
     lines = [
         "# Training precision: bf16 autocast against fp32",
         "",
