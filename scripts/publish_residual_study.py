@@ -29,6 +29,7 @@ import torch
 import comdefend
 from comdefend.evaluation.residual_study import (
     CLEAN_PLOT_FILE,
+    LEGACY_FOOLING_SET_METHOD,
     PLOT_FILE,
     POINTS_CSV,
     POINTS_FOLDER,
@@ -120,6 +121,35 @@ def compare_with_plain(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def state_text(results: dict[str, Any]) -> str:
+    """Whether the study is complete and, if not, whether its points can still be added to: a
+    fooling set made the earlier way (float32, no ``method`` recorded) is made again only on
+    the machine that made it, so elsewhere the study cannot go on measuring.
+
+    Example:
+        >>> state_text({"complete": True, "adversarial_set": {}})
+        'The study is complete.'
+        >>> state_text({"complete": False, "adversarial_set": {"method": "bim-float64-8bit"}})[:38]
+        '**The study is not complete.** Continu'
+    """
+    if results["complete"]:
+        return "The study is complete."
+    method = results["adversarial_set"].get("method", LEGACY_FOOLING_SET_METHOD)
+    if method == LEGACY_FOOLING_SET_METHOD:
+        return (
+            "**The study is not complete, and its points cannot be added to.** Its fooling set "
+            "was made the earlier way (BIM in float32), which only the machine that made it "
+            "makes again bit for bit, and the points files refuse any other set. Its runs can "
+            "still be trained further and their snapshots measured in a new study folder, on a "
+            "fooling set that every machine makes alike (BIM in float64, rounded to 8-bit "
+            "levels)."
+        )
+    return (
+        "**The study is not complete.** Continue it with the command below (it resumes: no "
+        "point is measured twice and no training iteration is redone)."
+    )
+
+
 def readme(results: dict[str, Any], provenance: dict[str, Any], notes: str | None) -> str:
     settings = results["settings"]
     adv = results["adversarial_set"]
@@ -164,15 +194,7 @@ def readme(results: dict[str, Any], provenance: dict[str, Any], notes: str | Non
             + (f"{last['heldout_psnr_db']:.2f}" if last and last["heldout_psnr_db"] else "n/a")
             + f" | {entry['first_psnr_collapse'] or 'none'} |"
         )
-    lines += [
-        "",
-        "The study is complete." if results["complete"] else
-        "**The study is not complete.** Continue it with the command below (it resumes: no "
-        "point is measured twice and no training iteration is redone).",
-        "",
-        "## Residual presets against the plain model",
-        "",
-    ]  # fmt: skip
+    lines += ["", state_text(results), "", "## Residual presets against the plain model", ""]
     rows = compare_with_plain(results)
     if rows:
         lines += [

@@ -728,3 +728,16 @@ def test_other_kernels_make_the_same_fooling_set() -> None:
     if _set_digest("float32", False) == _set_digest("float32", True):
         pytest.skip("this machine's kernels and the plainest ones made the same float32 set")
     assert _set_digest("float64", False) == _set_digest("float64", True)
+
+
+def test_the_published_page_says_whether_the_study_can_go_on(experiment: Path) -> None:
+    """scripts/publish_residual_study.py: an unfinished study on a fooling set every machine
+    makes is continued with its command; one on a set made the earlier way cannot be."""
+    publish = load_module(Path(__file__).parents[2] / "scripts" / "publish_residual_study.py")
+    results = json.loads((experiment / "results.json").read_text())
+    assert results["adversarial_set"]["method"] == "bim-float64-8bit"
+    assert publish.state_text(results) == "The study is complete."
+    results["complete"] = False
+    assert "Continue it with the command below" in publish.state_text(results)
+    del results["adversarial_set"]["method"]  # a results.json written before methods
+    assert "its points cannot be added to" in publish.state_text(results)
