@@ -277,6 +277,7 @@ def compare_pair(a: Run, b: Run) -> dict[str, Any]:
         "mean_abs_psnr_difference_db": fmean(gaps) if gaps else None,
         "max_abs_psnr_difference_db": max(gaps) if gaps else None,
         "end_accuracy": end_difference(a, b),
+        "fooling_sets_differ": bool(a.end and b.end and a.fooling_set != b.fooling_set),
     }
 
 
@@ -523,7 +524,7 @@ def preset_section(name: str, results: dict[str, Any]) -> list[str]:
             end = pair["end_accuracy"]
             to = "" if pair["up_to"] is None else f" ({pair['up_to']:,})"
             end_text = (
-                "n/a"
+                ("n/a (two fooling sets)" if pair.get("fooling_sets_differ") else "n/a")
                 if end is None
                 else f"{end['difference']:+.3f} ({'yes' if end['intervals_overlap'] else 'no'})"
             )

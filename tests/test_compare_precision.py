@@ -420,7 +420,8 @@ def test_end_accuracies_on_different_fooling_sets_are_not_compared(
     assert set(results["fooling_sets"]) == {FOOLING, "99" * 32}
     (pair,) = results["comparisons"]["plain"]["pairs"]
     assert pair["differs_in"] == "precision" and pair["common_evaluations"] > 0
-    assert pair["end_accuracy"] is None
+    assert pair["end_accuracy"] is None and pair["fooling_sets_differ"] is True
     assert any("end accuracies on different fooling sets" in m for m in results["missing"])
     readme = (out / "README.md").read_text()
     assert f"`{FOOLING[:12]}`: study-fp32-s0/plain" in readme
+    assert "| n/a (two fooling sets) |" in readme
