@@ -252,6 +252,11 @@ def differs(a: Run, b: Run) -> str | None:
     return "seed" if a.precision == b.precision else "both"
 
 
+def on_two_sets(a: Run, b: Run) -> bool:
+    """Both runs are measured at the end, on two different fooling sets."""
+    return bool(a.end and b.end and a.fooling_set != b.fooling_set)
+
+
 def end_difference(a: Run, b: Run) -> dict[str, Any] | None:
     """Accuracy after defending at the end, a minus b, and whether the 95% intervals overlap;
     None unless both are measured on one fooling set."""
@@ -277,7 +282,7 @@ def compare_pair(a: Run, b: Run) -> dict[str, Any]:
         "mean_abs_psnr_difference_db": fmean(gaps) if gaps else None,
         "max_abs_psnr_difference_db": max(gaps) if gaps else None,
         "end_accuracy": end_difference(a, b),
-        "fooling_sets_differ": bool(a.end and b.end and a.fooling_set != b.fooling_set),
+        "fooling_sets_differ": on_two_sets(a, b),
     }
 
 
@@ -361,7 +366,7 @@ def missing(
                     f"{name}: accuracy after defending at {until:,} not measured ({measured})"
                 )
         for a, b in itertools.combinations(mine, 2):
-            if differs(a, b) == "precision" and a.end and b.end and a.fooling_set != b.fooling_set:
+            if differs(a, b) == "precision" and on_two_sets(a, b):
                 lacking.append(
                     f"{preset} {a.label} and {b.label}: end accuracies on different fooling "
                     f"sets ({str(a.fooling_set)[:12]}, {str(b.fooling_set)[:12]}): measure both "

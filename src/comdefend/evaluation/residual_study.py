@@ -373,8 +373,9 @@ def make_adversarial_set(
             for index in kept.split(FOOLING_SET_BATCH)
         ]
         levels = to_levels(torch.cat(chunks), clean64[kept], config.attack_eps)
-        fooled = ~defended_correct(None, exact, levels / 255, labels[kept], FOOLING_SET_BATCH)
-        adversarial = (levels / 255).float()
+        images = levels / 255
+        fooled = ~defended_correct(None, exact, images, labels[kept], FOOLING_SET_BATCH)
+        adversarial = images.float()
     chosen = kept[fooled]
     stats = {
         "attacked_images": len(head),
